@@ -1,0 +1,194 @@
+"""The orchestrator: config -> model, text, noise, per-request state -> denoising loop -> video + report.
+
+`generate` runs on every rank of the mesh. All ranks hold the full latents and run the scheduler step
+identically; the DiT inside shards the tokens over `sp` and the CFG branches over `cfg`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from attention import VSAMetadataCache
+from models import WanConfig, WanTransformer, build_wan_on_meta, load_wan_weights_, materialize_random_
+from parallel import ParallelMesh, warmup_collectives
+from runtime.conditioning import TinyLatentDecoder, TinyTextEncoder, draw_initial_noise
+from runtime.config import RANDOM_WEIGHT_PRESETS, GenerateConfig
+from runtime.output import check_output_path, write_json_atomic, write_latents_atomic, write_video_atomic
+from runtime.plan import AttentionPlan, build_attention_plan
+from runtime.request import build_request_state
+from runtime.scheduler import build_scheduler
+
+LATENT_CHANNELS = 16
+VAE_STRIDE = (4, 8, 8)  # Wan VAE: 4x temporal (after the first frame), 8x spatial
+FPS = 16
+log = logging.getLogger("tessera")
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    latents: torch.Tensor  # [B, 16, F, H/8, W/8] float32, final (before decoding)
+    report: dict
+
+
+def latent_shape(cfg: GenerateConfig) -> tuple[int, int, int]:
+    return (cfg.num_frames - 1) // VAE_STRIDE[0] + 1, cfg.height // VAE_STRIDE[1], cfg.width // VAE_STRIDE[2]
+
+
+def token_grid(cfg: GenerateConfig, model_cfg: WanConfig) -> tuple[int, int, int]:
+    f, h, w = latent_shape(cfg)
+    pt, ph, pw = model_cfg.patch_size
+    return f // pt, h // ph, w // pw
+
+
+def prepare(cfg: GenerateConfig, arch: dict, mesh: ParallelMesh) -> tuple[WanConfig, AttentionPlan]:
+    """Everything checkable before weights load: model config, attention plan, output path."""
+    model_cfg = WanConfig(**arch)
+    dtype = getattr(torch, cfg.model.dtype)
+    plan = build_attention_plan(
+        cfg.attention,
+        num_layers=model_cfg.num_layers,
+        num_steps=cfg.num_steps,
+        grid_thw=token_grid(cfg, model_cfg),
+        head_dim=model_cfg.attention_head_dim,
+        dtype=dtype,
+        device=mesh.device,
+    )
+    if plan.uses_vsa and not model_cfg.gate_compress:
+        # VSA blocks carry to_gate_compress; zero-initialised when the checkpoint lacks it.
+        model_cfg = dataclasses.replace(model_cfg, gate_compress=True)
+    if cfg.model.preset not in RANDOM_WEIGHT_PRESETS:
+        raise ValueError(
+            f"model.preset={cfg.model.preset} needs the UMT5 text encoder and the Wan VAE, which this build does "
+            f"not ship yet. Use model.preset=wan-tiny (optionally with model.path=<tiny checkpoint>)."
+        )
+    if mesh.rank == 0:
+        check_output_path(cfg.output.path, cfg.output.overwrite)
+    return model_cfg, plan
+
+
+def build_model(cfg: GenerateConfig, model_cfg: WanConfig, device: torch.device) -> tuple[WanTransformer, dict]:
+    dtype = getattr(torch, cfg.model.dtype)
+    model = build_wan_on_meta(model_cfg)
+    if cfg.model.path is None:
+        materialize_random_(model, seed=cfg.seed, device=device, dtype=dtype)
+        load_info = {"weights": "random", "seed": cfg.seed}
+    else:
+        report = load_wan_weights_(model, cfg.model.path, device=device, dtype=dtype)
+        load_info = {"weights": cfg.model.path, "zero_initialised": list(report.zero_initialised)}
+    return model.eval(), load_info
+
+
+@torch.inference_mode()
+def generate(cfg: GenerateConfig, arch: dict, mesh: ParallelMesh) -> GenerateResult:
+    """Run one request on this rank; rank 0 writes the video, the JSON report and optionally the latents."""
+    t_start = time.perf_counter()
+    model_cfg, plan = prepare(cfg, arch, mesh)
+    device, is_main = mesh.device, mesh.rank == 0
+    _reset_peak_memory(device)
+
+    model, load_info = build_model(cfg, model_cfg, device)
+    dtype = next(model.parameters()).dtype
+    text_encoder = TinyTextEncoder(model_cfg.text_dim, seed=cfg.seed)
+    use_cfg = cfg.guidance_scale != 1.0
+    prompts = [cfg.prompt, cfg.negative_prompt] if use_cfg else [cfg.prompt]
+    text = text_encoder.encode(prompts).to(device=device, dtype=dtype)
+    del text_encoder
+    if cfg.parallel.cfg == 2:
+        text = text[mesh.cfg_rank : mesh.cfg_rank + 1]  # rank 0 of the cfg axis: cond, rank 1: uncond
+
+    f, h, w = latent_shape(cfg)
+    latents = draw_initial_noise(1, cfg.num_frames, cfg.height, cfg.width, cfg.seed, LATENT_CHANNELS).to(device)
+    scheduler = build_scheduler(cfg.scheduler, cfg.num_steps, cfg.flow_shift)
+    state = build_request_state(model, plan, token_grid(cfg, model_cfg), mesh, VSAMetadataCache())
+    warmup_collectives(mesh)
+    t_loop = time.perf_counter()
+
+    step_seconds = []
+    batch = text.shape[0]
+    for step in tqdm(range(cfg.num_steps), desc="denoising", disable=not is_main, leave=False):
+        t0 = time.perf_counter()
+        timestep = scheduler.timesteps[step].expand(batch).to(device)
+        model_in = latents.to(dtype).expand(batch, -1, -1, -1, -1)
+        pred = model(model_in, timestep, text, ctx=state.context_for_step(step)).float()
+        if use_cfg:
+            cond, uncond = _cfg_branches(pred, mesh)
+            pred = uncond + cfg.guidance_scale * (cond - uncond)
+        latents = scheduler.step(pred, step, latents)
+        step_seconds.append(_elapsed_synced(t0, device))
+    loop_seconds = time.perf_counter() - t_loop
+
+    report = {
+        "config": asdict(cfg),
+        "architecture": asdict(model_cfg),
+        "world_size": mesh.world_size,
+        "sp": mesh.sp_size,
+        "cfg": mesh.cfg_size,
+        "device": str(device),
+        "weights": load_info,
+        "token_grid": list(state.grid_thw),
+        "num_tokens": state.seq_plan.seq_len,
+        "attention": {
+            "backend": plan.backend,
+            "reason": plan.reason,
+            "backend_per_block": [list(blocks) for blocks in plan.blocks_per_step],
+            "sparsity_per_step": list(plan.sparsity_per_step),
+        },
+        "step_seconds": step_seconds,
+        "denoise_seconds": loop_seconds,
+    }
+    if is_main:
+        _write_outputs(cfg, latents, report, t_start, device, (f, h, w))
+    return GenerateResult(latents=latents, report=report)
+
+
+def _cfg_branches(pred: torch.Tensor, mesh: ParallelMesh) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond, uncond) noise predictions: from the batch (cfg=1) or one exchange over the cfg axis (cfg=2)."""
+    if mesh.cfg_size == 1:
+        return pred[0:1], pred[1:2]
+    gathered = [torch.empty_like(pred) for _ in range(mesh.cfg_size)]
+    dist.all_gather(gathered, pred.contiguous(), group=mesh.cfg_group)
+    return gathered[0], gathered[1]
+
+
+def _write_outputs(cfg, latents, report, t_start, device, latent_fhw) -> None:
+    decoder = TinyLatentDecoder(seed=cfg.seed)
+    frames = decoder.decode(latents)[0]
+    out = Path(cfg.output.path)
+    report["total_seconds"] = time.perf_counter() - t_start
+    report["peak_memory_bytes"] = _peak_memory(device)
+    report["latent_shape"] = list(latents.shape)
+    report["video"] = {"path": str(out), "frames": int(frames.shape[0]), "height": int(frames.shape[1]),
+                       "width": int(frames.shape[2]), "fps": FPS}
+    write_video_atomic(out, frames.cpu().numpy(), fps=FPS, overwrite=cfg.output.overwrite)
+    if cfg.output.save_latents:
+        write_latents_atomic(out.with_suffix(".latents.safetensors"), latents.float().cpu())
+    write_json_atomic(out.with_suffix(".json"), report, overwrite=True)
+    log.info("wrote %s (%d frames, %.1f s total)", out, frames.shape[0], report["total_seconds"])
+
+
+def _elapsed_synced(t0: float, device: torch.device) -> float:
+    """Seconds since t0; forces a device sync (once per step) so step times are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
