@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 PRESETS = ("wan-tiny", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
@@ -92,6 +93,11 @@ class GenerateConfig:
             raise ValueError(
                 f"model.path is missing: preset {self.model.preset!r} needs a local checkpoint. "
                 f"Set model.path=/path/to/checkpoint, or use model.preset=wan-tiny (random weights)."
+            )
+        if self.model.path is not None and not Path(self.model.path).exists():
+            raise ValueError(
+                f"model.path={self.model.path} does not exist. Point model.path at a local checkpoint "
+                f"(a diffusers directory, a directory of .safetensors files, or one .safetensors file)."
             )
         self._validate_parallel(world_size)
         self._validate_attention()
