@@ -1,0 +1,169 @@
+"""One Wan DiT forward on one GPU: time, attention share, layout share, peak memory; dense vs VSA.
+
+    python bench/dit_forward.py --preset 1.3b --out bench_dit.json [--diffusers] [--sparsity 0.9]
+
+Random bf16 weights, B=1, latents for 480x832x81 (1.3B) or 720x1280x81 (14B). The attention share comes
+from CUDA events around every self-attention call inside the real forward; the layout share times the
+token permutation into and out of tile order plus the RoPE-table permutation at the same shapes.
+With --diffusers, diffusers' WanTransformer3DModel (SDPA, cuDNN backend) runs the same forward with the
+same weights as the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from attention import VSAMetadataCache  # noqa: E402
+from models import WanConfig, build_wan_on_meta, materialize_random_  # noqa: E402
+from parallel import build_mesh  # noqa: E402
+from runtime import AttentionConfig, build_attention_plan  # noqa: E402
+from runtime.request import build_request_state  # noqa: E402
+
+SHAPES = {
+    "1.3b": dict(heads=12, layers=30, ffn=8960, frames=81, height=480, width=832),
+    "14b": dict(heads=40, layers=40, ffn=13824, frames=81, height=720, width=1280),
+}
+
+
+class _TimedAttention:
+    """Wraps a SelfAttention callable and records CUDA events around each call (no host sync)."""
+
+    def __init__(self, inner, events: list):
+        self.inner, self.events, self.uses_gate = inner, events, inner.uses_gate
+
+    def __call__(self, q, k, v, gate):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = self.inner(q, k, v, gate)
+        end.record()
+        self.events.append((start, end))
+        return out
+
+
+def cuda_time_ms(fn, warmup: int = 2, iters: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def bench_ours(model, cfg: WanConfig, shape: dict, backend: str, sparsity: float, inputs) -> dict:
+    device = torch.device("cuda")
+    latents, timestep, text = inputs
+    grid = (latents.shape[2], latents.shape[3] // 2, latents.shape[4] // 2)
+    plan = build_attention_plan(
+        AttentionConfig(backend=backend, sparsity=sparsity), num_layers=cfg.num_layers, num_steps=1,
+        grid_thw=grid, head_dim=cfg.attention_head_dim, dtype=torch.bfloat16, device=device,
+    )
+    mesh = build_mesh(cfg=1, sp=1, device=device)
+    state = build_request_state(model, plan, grid, mesh, VSAMetadataCache())
+    ctx = state.context_for_step(0)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    forward_ms = cuda_time_ms(lambda: model(latents, timestep, text, ctx=ctx))
+    peak = torch.cuda.max_memory_allocated()
+
+    events: list = []
+    timed = dataclasses.replace(ctx, attn=tuple(_TimedAttention(a, events) for a in ctx.attn))
+    model(latents, timestep, text, ctx=timed)
+    torch.cuda.synchronize()
+    attention_ms = sum(s.elapsed_time(e) for s, e in events)
+
+    layout_ms = 0.0
+    if ctx.token_order is not None:
+        num_tokens = ctx.token_order.numel()
+        x = torch.randn(1, num_tokens, cfg.num_attention_heads * cfg.attention_head_dim, device=device,
+                        dtype=torch.bfloat16)
+        y = torch.randn(1, num_tokens, 64, device=device, dtype=torch.bfloat16)  # proj_out channels
+        layout_ms = cuda_time_ms(lambda: (x[:, ctx.token_order], y[:, ctx.token_order_inverse]), 2, 10)
+    return {
+        "backend": backend, "sparsity": sparsity if backend == "vsa" else None,
+        "forward_ms": forward_ms, "attention_ms": attention_ms, "attention_share": attention_ms / forward_ms,
+        "layout_ms": layout_ms, "layout_share": layout_ms / forward_ms, "peak_gib": peak / 2**30,
+    }
+
+
+def bench_diffusers(model, cfg: WanConfig, inputs) -> dict:
+    from diffusers import WanTransformer3DModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    ref = WanTransformer3DModel(
+        patch_size=cfg.patch_size, num_attention_heads=cfg.num_attention_heads,
+        attention_head_dim=cfg.attention_head_dim, in_channels=16, out_channels=16, text_dim=cfg.text_dim,
+        freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=cfg.eps,
+    ).to(device="cuda", dtype=torch.bfloat16).eval()
+    ours = {k: v for k, v in model.state_dict().items() if "to_gate_compress" not in k}
+    ref.load_state_dict(ours, strict=True)
+    latents, timestep, text = inputs
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        out_ref = ref(latents, timestep, text, return_dict=False)[0]
+        ms = cuda_time_ms(lambda: ref(latents, timestep, text, return_dict=False))
+    return {"forward_ms": ms, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "out": out_ref}
+
+
+@torch.inference_mode()
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", choices=sorted(SHAPES), default="1.3b")
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.9])
+    parser.add_argument("--diffusers", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    shape = SHAPES[args.preset]
+    cfg = WanConfig(
+        patch_size=(1, 2, 2), num_attention_heads=shape["heads"], attention_head_dim=128, in_channels=16,
+        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=shape["ffn"], num_layers=shape["layers"],
+        gate_compress=True,
+    )
+    device = torch.device("cuda")
+    model = build_wan_on_meta(cfg)
+    materialize_random_(model, seed=0, device=device, dtype=torch.bfloat16)
+    model.eval()
+    gen = torch.Generator("cpu").manual_seed(0)
+    f = (shape["frames"] - 1) // 4 + 1
+    latents = torch.randn(1, 16, f, shape["height"] // 8, shape["width"] // 8, generator=gen).to(device, torch.bfloat16)
+    text = torch.randn(1, 512, 4096, generator=gen).to(device, torch.bfloat16)
+    timestep = torch.tensor([500.0], device=device)
+    inputs = (latents, timestep, text)
+
+    results = {"preset": args.preset, "shape": shape, "gpu": torch.cuda.get_device_name(), "runs": []}
+    results["runs"].append(bench_ours(model, cfg, shape, "dense", 0.0, inputs))
+    for sparsity in args.sparsity:
+        results["runs"].append(bench_ours(model, cfg, shape, "vsa", sparsity, inputs))
+    dense_ms = results["runs"][0]["forward_ms"]
+    for run in results["runs"]:
+        run["speedup_vs_our_dense"] = dense_ms / run["forward_ms"]
+        print(json.dumps(run))
+    if args.diffusers:
+        ours_out = model(*inputs, ctx=None)
+        ref = bench_diffusers(model, cfg, inputs)
+        err = ((ours_out.float() - ref.pop("out").float()).norm() / ours_out.float().norm()).item()
+        ref["rel_err_vs_ours_dense"] = err
+        ref["our_dense_speedup"] = ref["forward_ms"] / dense_ms
+        results["diffusers"] = ref
+        print(json.dumps({"diffusers": ref}))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
