@@ -1,0 +1,146 @@
+"""VSA metadata, tile/untile and the metadata cache, checked against slow python-loop index tables."""
+
+import math
+import time
+
+import pytest
+import torch
+
+from attention import VSAMetadataCache, build_vsa_metadata, tile, untile, vsa_topk
+
+
+def _slow_tiles(grid, tile_size):
+    """Raster token indices of each tile: tiles in raster order of tile coords, tokens raster inside."""
+    (T, H, W), (a, b, c) = grid, tile_size
+    tiles = []
+    for tt in range(math.ceil(T / a)):
+        for th in range(math.ceil(H / b)):
+            for tw in range(math.ceil(W / c)):
+                tiles.append(
+                    [
+                        (t * H + h) * W + w
+                        for t in range(tt * a, min(T, tt * a + a))
+                        for h in range(th * b, min(H, th * b + b))
+                        for w in range(tw * c, min(W, tw * c + c))
+                    ]
+                )
+    return tiles
+
+
+def _slow_tables(grid, tile_size):
+    tiles = _slow_tiles(grid, tile_size)
+    volume = math.prod(tile_size)
+    forward = [r for toks in tiles for r in toks]
+    reverse = [0] * len(forward)
+    for p, r in enumerate(forward):
+        reverse[r] = p  # raster -> tile-order position
+    non_pad = [i * volume + j for i, toks in enumerate(tiles) for j in range(len(toks))]
+    combined = [non_pad[reverse[r]] for r in range(len(forward))]  # the two-step index, slowly
+    return tiles, forward, reverse, non_pad, combined
+
+
+@pytest.mark.parametrize(
+    "grid, tile_size",
+    [
+        ((5, 7, 9), (4, 4, 4)),
+        ((4, 4, 4), (4, 4, 4)),
+        ((8, 9, 13), (4, 4, 4)),
+        ((21, 30, 52), (4, 4, 4)),
+        ((5, 7, 9), (2, 3, 4)),
+        ((4, 1, 6), (1, 1, 4)),
+    ],
+)
+def test_indices_match_slow_tables(grid, tile_size):
+    m = build_vsa_metadata(grid, 0.5, "cpu", tile=tile_size)
+    tiles, forward, reverse, non_pad, combined = _slow_tables(grid, tile_size)
+    assert m.grid == grid and m.tile_size == tile_size
+    assert m.num_tiles == len(tiles) == math.prod(m.num_tiles_per_axis)
+    assert m.total_seq_length == math.prod(grid)
+    assert m.tile_partition_indices.dtype == torch.int64
+    assert m.tile_partition_indices.tolist() == forward
+    assert m.reverse_tile_partition_indices.tolist() == reverse
+    assert m.non_pad_index.tolist() == non_pad
+    assert m.untile_combined_index.tolist() == combined
+    sizes = [len(t) for t in tiles]
+    assert m.variable_block_sizes.dtype == torch.int32 and m.variable_block_sizes.tolist() == sizes
+    assert m.tile_offsets.dtype == torch.int32
+    assert m.tile_offsets.tolist() == [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    assert m.token_tile_ids.tolist() == [i for i, toks in enumerate(tiles) for _ in toks]
+
+
+def test_tile_untile_reuses_buffer_and_keeps_pads_zero():
+    grid = (5, 7, 9)
+    m = build_vsa_metadata(grid, 0.5, "cpu")
+    *_, combined = _slow_tables(grid, (4, 4, 4))
+    S, padded_len = math.prod(grid), m.num_tiles * 64
+    pad_mask = torch.ones(padded_len, dtype=torch.bool)
+    pad_mask[torch.tensor(combined)] = False
+    assert m.tile_buf is None and int(pad_mask.sum()) == padded_len - S
+
+    data_ptr = None
+    for seed in range(3):  # several calls with new data: same storage, correct contents every time
+        x = torch.randn(2, 3, S, 8, generator=torch.Generator().manual_seed(seed)) + 0.5
+        buf = tile(x, m)
+        assert buf is m.tile_buf and buf.shape == (2, 3, padded_len, 8)
+        data_ptr = data_ptr or buf.data_ptr()
+        assert buf.data_ptr() == data_ptr
+        assert torch.equal(buf[:, :, torch.tensor(combined)], x)
+        assert torch.count_nonzero(buf[:, :, pad_mask]) == 0
+        assert torch.equal(untile(buf, m), x)
+
+    x16 = torch.randn(2, 3, S, 8).bfloat16()  # dtype change -> new buffer
+    buf16 = tile(x16, m)
+    assert buf16.dtype == torch.bfloat16 and buf16 is m.tile_buf and buf16.data_ptr() != data_ptr
+    assert torch.equal(untile(buf16, m), x16) and torch.count_nonzero(buf16[:, :, pad_mask]) == 0
+
+    x2 = torch.randn(S, 4)  # shape change (no batch dims) -> new buffer
+    buf2 = tile(x2, m)
+    assert buf2.shape == (padded_len, 4) and torch.equal(untile(buf2, m), x2)
+
+
+@pytest.mark.parametrize("grid", [(3, 8, 8), (8, 2, 8), (8, 8, 3), (1, 1, 1)])
+def test_grid_smaller_than_one_tile_raises(grid):
+    with pytest.raises(ValueError, match="attention.backend=dense"):
+        build_vsa_metadata(grid, 0.9, "cpu")
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5, float("nan")])
+def test_invalid_sparsity_names_the_key(sparsity):
+    with pytest.raises(ValueError, match="attention.sparsity"):
+        build_vsa_metadata((8, 8, 8), sparsity, "cpu")
+    with pytest.raises(TypeError, match="attention.sparsity"):
+        build_vsa_metadata((8, 8, 8), True, "cpu")
+
+
+def test_topk_is_exact_integer_arithmetic():
+    assert vsa_topk(0.95, 1440) == 72
+    assert vsa_topk(0.9, 624) == 63
+    assert vsa_topk(0.0, 624) == 624
+    assert vsa_topk(0, 7) == 7
+    assert vsa_topk(0.999999, 1440) == 1
+    assert vsa_topk(0.5, 1) == 1
+    for percent in range(100):  # agrees with integer-only ceil((100 - p) * n / 100)
+        for n in (1, 7, 624, 1440):
+            assert vsa_topk(percent / 100, n) == max(1, -(-(100 - percent) * n // 100))
+    m = build_vsa_metadata((21, 45, 80), 0.95, "cpu")
+    assert (m.num_tiles, m.topk, m.sparsity) == (1440, 72, 0.95)
+
+
+def test_large_grid_builds_fast():
+    build_vsa_metadata((4, 4, 4), 0.9, "cpu")  # warm up torch's first-call overheads
+    start = time.perf_counter()
+    m = build_vsa_metadata((21, 45, 80), 0.9, "cpu")
+    assert time.perf_counter() - start < 1.0
+    assert m.total_seq_length == 75_600
+    assert torch.equal(m.tile_partition_indices[m.reverse_tile_partition_indices], torch.arange(75_600))
+
+
+def test_cache_is_keyed_by_grid_sparsity_device_tile():
+    cache = VSAMetadataCache()
+    a = cache.get((5, 7, 9), 0.9, "cpu")
+    assert cache.get((5, 7, 9), 0.9, torch.device("cpu")) is a
+    assert cache.get((5, 7, 9), 0.5, "cpu") is not a
+    assert cache.get((5, 7, 10), 0.9, "cpu") is not a
+    assert cache.get((5, 7, 9), 0.9, "cpu", tile=(2, 4, 4)) is not a
+    assert len(cache) == 4 and a.device == torch.device("cpu")
+    assert VSAMetadataCache().get((5, 7, 9), 0.9, "cpu") is not a  # no hidden global state
