@@ -1,0 +1,182 @@
+"""Conditioning around the DiT: text-encoder and latent-decoder interfaces, tiny stand-ins, initial noise.
+
+The real UMT5 encoder and Wan VAE plug in later behind `TextEncoder` / `LatentDecoder`. The tiny versions
+serve the `wan-tiny` preset: deterministic (CPU generators, same output on every rank), no weights to load.
+`draw_initial_noise` reproduces diffusers' `WanPipeline.prepare_latents` bit for bit for the same seed.
+Shape legend: B batch, L text tokens, C channels, F latent frames, H/W latent height/width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LatentDecoder",
+    "TextEncoder",
+    "TinyLatentDecoder",
+    "TinyTextEncoder",
+    "WAN21_LATENT_RGB_BIAS",
+    "WAN21_LATENT_RGB_FACTORS",
+    "draw_initial_noise",
+    "latent_shape",
+    "num_video_frames",
+]
+
+VAE_TEMPORAL_STRIDE = 4  # Wan VAE: first frame alone, then 4 frames per latent frame
+VAE_SPATIAL_STRIDE = 8
+
+# Linear latent -> RGB preview of Wan2.1 (16 channels, normalised latent space), from ComfyUI's
+# comfy/latent_formats.py `Wan21.latent_rgb_factors` / `latent_rgb_factors_bias`: rgb ~ in [-1, 1].
+WAN21_LATENT_RGB_FACTORS: tuple[tuple[float, float, float], ...] = (
+    (-0.1299, -0.1692, 0.2932),
+    (0.0671, 0.0406, 0.0442),
+    (0.3568, 0.2548, 0.1747),
+    (0.0372, 0.2344, 0.1420),
+    (0.0313, 0.0189, -0.0328),
+    (0.0296, -0.0956, -0.0665),
+    (-0.3477, -0.4059, -0.2925),
+    (0.0166, 0.1902, 0.1975),
+    (-0.0412, 0.0267, -0.1364),
+    (-0.1293, 0.0740, 0.1636),
+    (0.0680, 0.3019, 0.1128),
+    (0.0032, 0.0581, 0.0639),
+    (-0.1251, 0.0927, 0.1699),
+    (0.0060, -0.0633, 0.0005),
+    (0.3477, 0.2275, 0.2950),
+    (0.1984, 0.0913, 0.1861),
+)
+WAN21_LATENT_RGB_BIAS: tuple[float, float, float] = (-0.1835, -0.0868, -0.3360)
+
+
+class TextEncoder(Protocol):
+    """Prompt encoder: `encode` -> [B, max_length, text_dim] on the encoder's device (fp32 or model dtype).
+
+    Positions past each prompt's token count are zero (as Wan's UMT5 path does); the DiT cross-attends to all
+    `max_length` positions without a mask.
+    """
+
+    text_dim: int
+    max_length: int
+
+    def encode(self, prompts: Sequence[str]) -> Tensor: ...
+
+
+class LatentDecoder(Protocol):
+    """Latents [B, C, F, H, W] (normalised, as the sampler produces them) -> frames uint8 [B, T, 8H, 8W, 3].
+
+    T = (F - 1) * 4 + 1; returned on the latents' device.
+    """
+
+    def decode(self, latents_BCFHW: Tensor) -> Tensor: ...
+
+
+def num_video_frames(num_latent_frames: int) -> int:
+    """Pixel frames decoded from `num_latent_frames` latent frames: (F - 1) * 4 + 1."""
+    return (num_latent_frames - 1) * VAE_TEMPORAL_STRIDE + 1
+
+
+def latent_shape(num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """(F, H/8, W/8) latent grid of a video; F = (num_frames - 1) // 4 + 1 as in WanPipeline."""
+    return (
+        (num_frames - 1) // VAE_TEMPORAL_STRIDE + 1,
+        height // VAE_SPATIAL_STRIDE,
+        width // VAE_SPATIAL_STRIDE,
+    )
+
+
+class TinyTextEncoder:
+    """Deterministic byte-level stand-in for UMT5 (wan-tiny preset); not a language model.
+
+    Token p of a prompt = table[utf8_byte_p] + pos[p] for p < min(len(bytes), max_length), zero beyond;
+    an empty prompt gives all zeros. `table` [256, text_dim] and `pos` [max_length, text_dim] come from a
+    CPU `torch.Generator` seeded with `seed`, so every rank and device gets the same embeddings.
+    """
+
+    def __init__(
+        self, text_dim: int, max_length: int = 32, seed: int = 0, device: torch.device | str = "cpu"
+    ) -> None:
+        if text_dim < 1 or max_length < 1:
+            raise ValueError(f"text_dim={text_dim} and max_length={max_length} must be >= 1")
+        self.text_dim = text_dim
+        self.max_length = max_length
+        self.device = torch.device(device)
+        gen = torch.Generator("cpu").manual_seed(seed)
+        self._table = torch.randn(256, text_dim, generator=gen, dtype=torch.float32)
+        self._pos = 0.1 * torch.randn(max_length, text_dim, generator=gen, dtype=torch.float32)
+
+    def encode(self, prompts: Sequence[str]) -> Tensor:
+        """prompts: B strings -> float32 [B, max_length, text_dim] on `self.device`."""
+        if isinstance(prompts, str):
+            raise TypeError("encode expects a list of prompts, got a single str: wrap it as [prompt]")
+        out_BLC = torch.zeros(len(prompts), self.max_length, self.text_dim, dtype=torch.float32)
+        for b, prompt in enumerate(prompts):
+            ids = list(prompt.encode("utf-8")[: self.max_length])
+            if ids:
+                n = len(ids)
+                out_BLC[b, :n] = self._table[torch.tensor(ids, dtype=torch.long)] + self._pos[:n]
+        return out_BLC.to(self.device)
+
+
+class TinyLatentDecoder:
+    """Preview decoder, NOT a VAE: a per-pixel linear 16 -> 3 map, nearest-neighbour upsampling, uint8.
+
+    seed None: Wan2.1's published latent->RGB preview factors (meaningful for real checkpoints);
+    seed int: a seeded random projection (unit gain), for random-weight models. rgb -> clamp((rgb+1)/2) * 255.
+    Temporal upsampling mirrors the Wan VAE's frame count: latent frame 0 -> 1 frame, every later one -> 4.
+    """
+
+    def __init__(self, seed: int | None = None, latent_channels: int = 16) -> None:
+        self.latent_channels = latent_channels
+        if seed is None:
+            if latent_channels != len(WAN21_LATENT_RGB_FACTORS):
+                raise ValueError(f"the Wan2.1 preview factors need 16 latent channels, got {latent_channels}")
+            self._weight_CK = torch.tensor(WAN21_LATENT_RGB_FACTORS, dtype=torch.float32)
+            self._bias_K = torch.tensor(WAN21_LATENT_RGB_BIAS, dtype=torch.float32)
+        else:
+            gen = torch.Generator("cpu").manual_seed(seed)
+            # 1/sqrt(C): unit-variance latents map to unit-variance colours.
+            self._weight_CK = torch.randn(latent_channels, 3, generator=gen) / latent_channels**0.5
+            self._bias_K = torch.zeros(3)
+
+    def decode(self, latents_BCFHW: Tensor) -> Tensor:
+        """latents [B, C, F, H, W] (any float dtype) -> uint8 [B, (F-1)*4+1, 8H, 8W, 3] on the same device."""
+        if latents_BCFHW.ndim != 5 or latents_BCFHW.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"latents must be [B, {self.latent_channels}, F, H, W], got {tuple(latents_BCFHW.shape)}"
+            )
+        device = latents_BCFHW.device
+        weight_CK, bias_K = self._weight_CK.to(device), self._bias_K.to(device)
+        # Project at latent resolution: nearest upsampling commutes with per-pixel maps.
+        rgb_BFHWK = torch.einsum("bcfhw,ck->bfhwk", latents_BCFHW.float(), weight_CK) + bias_K
+        pixels = ((rgb_BFHWK + 1) * 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
+        num_latent_frames = pixels.shape[1]
+        repeats = torch.full((num_latent_frames,), VAE_TEMPORAL_STRIDE, device=device)
+        repeats[0] = 1
+        pixels = pixels.repeat_interleave(repeats, dim=1, output_size=num_video_frames(num_latent_frames))
+        pixels = pixels.repeat_interleave(VAE_SPATIAL_STRIDE, dim=2).repeat_interleave(
+            VAE_SPATIAL_STRIDE, dim=3
+        )
+        return pixels.contiguous()
+
+
+def draw_initial_noise(
+    batch: int, num_frames: int, height: int, width: int, seed: int, latent_channels: int = 16
+) -> Tensor:
+    """Initial latents exactly as WanPipeline draws them with `generator=Generator("cpu").manual_seed(seed)`.
+
+    Returns float32 [batch, latent_channels, (num_frames - 1)//4 + 1, height//8, width//8] on the CPU
+    (move it to the device afterwards; drawing on the CPU keeps every rank and platform identical).
+    """
+    for key, value in (("batch", batch), ("num_frames", num_frames), ("height", height), ("width", width)):
+        if value < 1:
+            raise ValueError(f"{key}={value} must be >= 1")
+    f, h, w = latent_shape(num_frames, height, width)
+    if h < 1 or w < 1:
+        raise ValueError(f"height={height} and width={width} must be at least {VAE_SPATIAL_STRIDE}")
+    gen = torch.Generator("cpu").manual_seed(seed)
+    # randn_tensor(shape, generator=cpu_gen, dtype=float32) with one generator = one torch.randn on the CPU.
+    return torch.randn((batch, latent_channels, f, h, w), generator=gen, dtype=torch.float32)

@@ -1,0 +1,182 @@
+"""Atomic output writers: video (mp4 via imageio + ffmpeg), JSON report, latents (safetensors).
+
+Every writer writes a hidden temp file next to the target ('.<stem>.tmp-XXXX<suffix>') and renames it into
+place, so a crash or error never leaves a partial or corrupt file; the temp file is removed on any error.
+`check_output_path` validates the destination before the expensive work starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "VIDEO_SUFFIXES",
+    "check_output_path",
+    "write_json_atomic",
+    "write_latents_atomic",
+    "write_video_atomic",
+]
+
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov")  # containers that hold libx264 / yuv420p
+
+
+def _nearest_existing_dir(parent: Path) -> Path:
+    probe = parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
+def check_output_path(path: str | os.PathLike[str], overwrite: bool, *, key: str = "output.path") -> Path:
+    """Validate a destination before any expensive work; returns it as a Path.
+
+    Raises ValueError naming `output.path` when the suffix is not a video container, the path is a directory
+    or its directory is not writable (missing parent directories are fine: writers create them), and naming
+    `output.overwrite` when the file exists and `overwrite` is False. Pass `key` to check side files.
+    """
+    out = Path(path)
+    if key == "output.path" and out.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(
+            f"{key}={str(path)!r} must end in one of {list(VIDEO_SUFFIXES)} (H.264 in that container)"
+        )
+    if out.is_dir():
+        raise ValueError(f"{key}={str(path)!r} is a directory: give a file name, e.g. {out / 'video.mp4'}")
+    existing = _nearest_existing_dir(out.parent if str(out.parent) else Path("."))
+    if not existing.is_dir():
+        raise ValueError(
+            f"{key}={str(path)!r}: {existing} is not a directory; choose another output location"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"{key}={str(path)!r}: directory {existing} is not writable; choose a writable location"
+        )
+    if out.exists() and not overwrite:
+        raise ValueError(
+            f"{key}={str(path)!r} already exists: set output.overwrite=true to replace it, or choose another "
+            "path"
+        )
+    return out
+
+
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise FileExistsError(
+            f"{out} already exists and was left untouched: set output.overwrite=true to replace it"
+        )
+
+
+@contextlib.contextmanager
+def _atomic_target(path: str | os.PathLike[str], overwrite: bool) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success fsync it and move it into place, on error delete it."""
+    out = Path(path)
+    _refuse_existing(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.tmp-", suffix=out.suffix, dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, out)
+        else:
+            _link_no_clobber(tmp, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _link_no_clobber(tmp: Path, out: Path) -> None:
+    # os.link fails if `out` appeared meanwhile (another run): never clobber without overwrite.
+    try:
+        os.link(tmp, out)
+    except FileExistsError:
+        raise FileExistsError(
+            f"{out} appeared while writing and was left untouched: set output.overwrite=true to replace it"
+        ) from None
+    except OSError:  # filesystem without hard links: re-check, then rename
+        _refuse_existing(out, False)
+        os.replace(tmp, out)
+
+
+def _as_frames(frames: Any) -> np.ndarray:
+    if isinstance(frames, torch.Tensor):
+        if frames.dtype != torch.uint8:
+            raise ValueError(f"video frames must be uint8, got {frames.dtype}")
+        frames = frames.detach().cpu().numpy()
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8:
+        raise ValueError(f"video frames must be uint8, got {frames.dtype}")
+    if frames.ndim != 4 or frames.shape[-1] != 3 or min(frames.shape) < 1:
+        raise ValueError(f"video frames must be [num_frames, H, W, 3] (RGB), got shape {frames.shape}")
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    if pad_h or pad_w:
+        # yuv420p needs even sizes: replicate the last row / column.
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    return np.ascontiguousarray(frames)
+
+
+def write_video_atomic(
+    path: str | os.PathLike[str], frames_FHW3_uint8: Any, fps: int = 16, overwrite: bool = False
+) -> Path:
+    """Encode RGB frames (uint8 [num_frames, H, W, 3], numpy or torch) as H.264/yuv420p at `fps`, atomically.
+
+    Odd H or W is padded by one replicated row/column (yuv420p needs even sizes). Raises FileExistsError
+    (naming output.overwrite=true) if the file exists and `overwrite` is False; that file stays untouched.
+    """
+    frames = _as_frames(frames_FHW3_uint8)
+    return _write_atomic(path, overwrite, lambda tmp: _encode_video(tmp, frames, fps))
+
+
+def _encode_video(tmp: Path, frames: np.ndarray, fps: int) -> None:
+    import imageio.v2 as imageio
+
+    writer = imageio.get_writer(
+        tmp,
+        format="FFMPEG",
+        mode="I",
+        fps=fps,
+        codec="libx264",
+        pixelformat="yuv420p",
+        macro_block_size=1,  # sizes are already even; never let imageio resize
+        ffmpeg_log_level="error",
+    )
+    try:
+        for frame in frames:
+            writer.append_data(frame)
+    finally:
+        writer.close()
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any, overwrite: bool = False) -> Path:
+    """Write `obj` as indented JSON (non-JSON values such as paths, dtypes, devices become strings)."""
+    text = json.dumps(obj, indent=2, default=str) + "\n"
+
+    def _write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+
+    return _write_atomic(path, overwrite, _write)
+
+
+def write_latents_atomic(path: str | os.PathLike[str], latents: torch.Tensor, overwrite: bool = True) -> Path:
+    """Save latents [B, C, F, H, W] as a safetensors file holding one float32 tensor named "latents"."""
+    from safetensors.torch import save_file
+
+    tensor = latents.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    return _write_atomic(path, overwrite, lambda tmp: save_file({"latents": tensor}, str(tmp)))
+
+
+def _write_atomic(path: str | os.PathLike[str], overwrite: bool, write: Callable[[Path], None]) -> Path:
+    with _atomic_target(path, overwrite) as tmp:
+        write(tmp)
+    return Path(path)

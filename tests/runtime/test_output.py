@@ -1,0 +1,150 @@
+"""Atomic writers: real mp4 round trip, refusal of existing files, no leftovers on failure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import runtime.output as output
+from runtime.output import check_output_path, write_json_atomic, write_latents_atomic, write_video_atomic
+
+imageio = pytest.importorskip("imageio.v2")
+
+
+def _frames(num_frames: int = 5, height: int = 64, width: int = 64) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, size=(1, height, width, 3), dtype=np.uint8)
+    # Smooth-ish content plus a per-frame brightness ramp, so frames differ.
+    ramp = (np.arange(num_frames, dtype=np.int32) * 20).reshape(-1, 1, 1, 1)
+    return ((base.astype(np.int32) // 2 + ramp) % 256).astype(np.uint8)
+
+
+def _read_video(path: Path) -> np.ndarray:
+    reader = imageio.get_reader(path, format="FFMPEG")
+    try:
+        return np.stack([frame for frame in reader])
+    finally:
+        reader.close()
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if ".tmp-" in p.name)
+
+
+def test_video_round_trip(tmp_path: Path) -> None:
+    frames = _frames(9, 64, 48)
+    out = write_video_atomic(tmp_path / "clip.mp4", torch.from_numpy(frames), fps=16)
+    assert out == tmp_path / "clip.mp4" and out.stat().st_size > 0
+    back = _read_video(out)
+    assert back.shape == frames.shape
+    assert np.abs(back.astype(np.int32).mean((1, 2, 3)) - frames.astype(np.int32).mean((1, 2, 3))).max() < 8
+    assert _leftovers(tmp_path) == []
+
+
+def test_odd_sizes_are_padded(tmp_path: Path) -> None:
+    back = _read_video(write_video_atomic(tmp_path / "odd.mp4", _frames(3, 33, 17)))
+    assert back.shape == (3, 34, 18, 3)
+
+
+def test_existing_file_refused_then_overwritten(tmp_path: Path) -> None:
+    target = tmp_path / "v.mp4"
+    target.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match="output.overwrite=true"):
+        write_video_atomic(target, _frames())
+    assert target.read_bytes() == b"keep me" and _leftovers(tmp_path) == []
+    write_video_atomic(target, _frames(), overwrite=True)
+    assert _read_video(target).shape == (5, 64, 64, 3)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((2, 8, 8, 3), np.float32),
+        np.zeros((2, 8, 8), np.uint8),
+        torch.zeros(2, 8, 8, 3),
+        np.zeros((0, 8, 8, 3), np.uint8),
+    ],
+)
+def test_bad_frames_leave_nothing(tmp_path: Path, bad: object) -> None:
+    with pytest.raises(ValueError, match="frames"):
+        write_video_atomic(tmp_path / "bad.mp4", bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_mid_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "crash.mp4"
+    seen: list[Path] = []
+
+    def failing_encode(tmp: Path, frames: np.ndarray, fps: int) -> None:
+        seen.append(tmp)
+        assert tmp.parent == tmp_path and tmp.name.startswith(".crash.tmp-") and tmp.suffix == ".mp4"
+        real_encode(tmp, frames[:2], fps)  # a real partial file exists now
+        assert tmp.stat().st_size > 0
+        raise RuntimeError("disk full")
+
+    real_encode = output._encode_video
+    monkeypatch.setattr(output, "_encode_video", failing_encode)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_video_atomic(target, _frames())
+    assert seen and list(tmp_path.iterdir()) == []
+
+
+def test_existing_file_survives_failed_overwrite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "v.mp4"
+    target.write_bytes(b"old")
+
+    def failing_encode(tmp: Path, frames: np.ndarray, fps: int) -> None:
+        raise OSError("encoder died")
+
+    monkeypatch.setattr(output, "_encode_video", failing_encode)
+    with pytest.raises(OSError, match="encoder died"):
+        write_video_atomic(target, _frames(), overwrite=True)
+    assert target.read_bytes() == b"old" and _leftovers(tmp_path) == []
+
+
+def test_json_round_trip(tmp_path: Path) -> None:
+    report = {"steps": [0.1, 0.2], "device": torch.device("cpu"), "path": tmp_path, "name": "x"}
+    path = write_json_atomic(tmp_path / "r.json", report)
+    loaded = json.loads(path.read_text())
+    assert loaded == {"steps": [0.1, 0.2], "device": "cpu", "path": str(tmp_path), "name": "x"}
+    with pytest.raises(FileExistsError, match="output.overwrite=true"):
+        write_json_atomic(path, {"other": 1})
+    write_json_atomic(path, {"other": 1}, overwrite=True)
+    assert json.loads(path.read_text()) == {"other": 1}
+    with pytest.raises(TypeError):
+        write_json_atomic(tmp_path / "bad.json", {1j: 2})  # complex keys are not JSON
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_latents_round_trip(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    latents = torch.randn(1, 16, 2, 3, 5, dtype=torch.float64)
+    path = write_latents_atomic(tmp_path / "sub" / "x.latents.safetensors", latents)
+    loaded = load_file(str(path))
+    assert list(loaded) == ["latents"] and loaded["latents"].dtype == torch.float32
+    assert torch.equal(loaded["latents"], latents.float())
+    with pytest.raises(FileExistsError):
+        write_latents_atomic(path, latents, overwrite=False)
+
+
+def test_check_output_path(tmp_path: Path) -> None:
+    assert check_output_path(tmp_path / "a.mp4", overwrite=False) == tmp_path / "a.mp4"
+    assert check_output_path(tmp_path / "new" / "dir" / "a.mp4", overwrite=False)  # parents get created
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    with pytest.raises(ValueError, match="output.overwrite"):
+        check_output_path(tmp_path / "a.mp4", overwrite=False)
+    check_output_path(tmp_path / "a.mp4", overwrite=True)
+    with pytest.raises(ValueError, match="output.path"):
+        check_output_path(tmp_path / "a.txt", overwrite=True)
+    (tmp_path / "d.mp4").mkdir()
+    with pytest.raises(ValueError, match="output.path.*directory"):
+        check_output_path(tmp_path / "d.mp4", overwrite=True)
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(ValueError, match="output.path.*not a directory"):
+        check_output_path(tmp_path / "file" / "a.mp4", overwrite=False)
+    assert (tmp_path / "a.mp4").read_bytes() == b"x"
