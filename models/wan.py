@@ -1,0 +1,512 @@
+"""Wan2.1 text-to-video DiT, numerically matching diffusers' ``WanTransformer3DModel`` (T2V only).
+
+Parameter names follow the diffusers layout, so its state dicts load strictly. The attention kernel,
+the token order and the sequence shard/gather are injected per request through ``WanForwardContext``;
+the model itself never communicates. Reference numbers (presets live in ``configs/models/*.yaml``):
+  Wan2.1-T2V-1.3B: 12 heads x 128 (dim 1536), 30 layers, ffn_dim 8960, text_dim 4096, freq_dim 256.
+  Wan2.1-T2V-14B:  40 heads x 128 (dim 5120), 40 layers, ffn_dim 13824, text_dim 4096, freq_dim 256.
+
+Legend: B batch, C channels, F latent frames, H/W latent height/width, S video tokens, L text tokens,
+N heads, D head dim; ``local_*`` is this rank's contiguous shard of the token sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attention.dense import DenseAttention
+
+# Parameters diffusers keeps in fp32 whatever the model dtype (its `_keep_in_fp32_modules`, matched
+# against the dotted name's components). Mirrored so bf16 numerics match a diffusers bf16 load.
+_KEEP_IN_FP32 = ("time_embedder", "scale_shift_table", "norm2")
+
+
+def wan_param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """dtype of parameter ``name`` in a model of ``dtype`` (fp32 for diffusers' keep-in-fp32 modules)."""
+    return torch.float32 if any(part in _KEEP_IN_FP32 for part in name.split(".")) else dtype
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+# diffusers config keys that are accepted only at their T2V value (None): I2V / Wan2.2 features.
+_UNSUPPORTED_WHEN_SET = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WanConfig:
+    """Wan2.1 DiT hyper-parameters; field names are diffusers' ``WanTransformer3DModel`` config keys."""
+
+    num_attention_heads: int
+    attention_head_dim: int
+    ffn_dim: int
+    num_layers: int
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    cross_attn_norm: bool = True
+    qk_norm: str = "rms_norm_across_heads"
+    eps: float = 1e-6
+    rope_max_seq_len: int = 1024
+    gate_compress: bool = False
+
+    def __post_init__(self) -> None:
+        patch = tuple(self.patch_size)
+        if len(patch) != 3 or not all(isinstance(p, int) and p > 0 for p in patch):
+            raise ValueError(
+                f"WanConfig.patch_size must be 3 positive ints (t, h, w), got {self.patch_size!r}"
+            )
+        object.__setattr__(self, "patch_size", patch)
+        for name in (
+            "num_attention_heads",
+            "attention_head_dim",
+            "ffn_dim",
+            "num_layers",
+            "in_channels",
+            "out_channels",
+            "text_dim",
+            "freq_dim",
+            "rope_max_seq_len",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"WanConfig.{name} must be a positive int, got {value!r}")
+        for name in ("cross_attn_norm", "gate_compress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"WanConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.attention_head_dim % 2 or self.attention_head_dim < 6:
+            # RoPE rotates pairs and splits D over (t, h, w): needs an even D with every part non-empty.
+            raise ValueError(
+                f"WanConfig.attention_head_dim must be even and >= 6 (RoPE pairs over t/h/w), "
+                f"got {self.attention_head_dim}"
+            )
+        if self.freq_dim % 2:
+            raise ValueError(f"WanConfig.freq_dim must be even (cos/sin halves), got {self.freq_dim}")
+        if self.qk_norm != "rms_norm_across_heads":
+            raise ValueError(
+                f"WanConfig.qk_norm must be 'rms_norm_across_heads' (Wan2.1), got {self.qk_norm!r}"
+            )
+        if not (isinstance(self.eps, float) and self.eps > 0):
+            raise ValueError(f"WanConfig.eps must be a positive float, got {self.eps!r}")
+
+    @property
+    def dim(self) -> int:
+        """Model width: ``num_attention_heads * attention_head_dim``."""
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def rope_dims(self) -> tuple[int, int, int]:
+        """Head-dim channels rotated by the (t, h, w) positions; diffusers' split (44/42/42 for D=128)."""
+        hw = 2 * (self.attention_head_dim // 6)
+        return self.attention_head_dim - 2 * hw, hw, hw
+
+    @classmethod
+    def from_diffusers_config(cls, config: Mapping[str, Any], **overrides: Any) -> WanConfig:
+        """Build from a diffusers ``config.json`` dict; unknown keys are ignored, I2V keys must be unset."""
+        for key in _UNSUPPORTED_WHEN_SET:
+            if config.get(key) is not None:
+                raise ValueError(
+                    f"diffusers config key {key!r}={config[key]!r} is an image-to-video feature; "
+                    "Tessera supports Wan2.1 T2V only (the key must be null)"
+                )
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in config.items() if k in names}
+        if kwargs.get("out_channels") is None:  # diffusers: `out_channels or in_channels`
+            kwargs["out_channels"] = kwargs.get("in_channels", 16)
+        if "patch_size" in kwargs:
+            kwargs["patch_size"] = tuple(kwargs["patch_size"])
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Injected per-request context
+# --------------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class SelfAttention(Protocol):
+    """Self-attention over this rank's token shard: ``attn(q, k, v, gate) -> out``, all [B, S_local, N, D].
+
+    The model passes ``gate_BSND`` (from ``attn1.to_gate_compress``) only when ``uses_gate`` is True and
+    the block has that layer, else None. The output has the dtype of ``q``.
+    """
+
+    uses_gate: bool
+
+    def __call__(
+        self,
+        q_BSND: torch.Tensor,
+        k_BSND: torch.Tensor,
+        v_BSND: torch.Tensor,
+        gate_BSND: torch.Tensor | None,
+    ) -> torch.Tensor: ...
+
+
+class _LocalSelfAttention:
+    """Adapts a one-device [B, N, S, D] backend (e.g. ``attention.DenseAttention``) to ``SelfAttention``."""
+
+    def __init__(self, backend: Callable[..., torch.Tensor], uses_gate: bool = False) -> None:
+        self.backend = backend
+        self.uses_gate = uses_gate
+
+    def __call__(self, q_BSND, k_BSND, v_BSND, gate_BSND):
+        gate_BNSD = None if gate_BSND is None else gate_BSND.transpose(1, 2)
+        out_BNSD = self.backend(
+            q_BSND.transpose(1, 2), k_BSND.transpose(1, 2), v_BSND.transpose(1, 2), gate_BNSD
+        )
+        return out_BNSD.transpose(1, 2)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@dataclass(frozen=True, kw_only=True)
+class WanForwardContext:
+    """Everything a forward needs beyond the weights, built once per request by the runtime.
+
+    token_order: [S] processing position -> raster token index (None = raster order).
+    token_order_inverse: [S] raster token index -> processing position (None = raster order).
+    shard / gather: full sequence [B, S, C] <-> this rank's contiguous shard [B, S_local, C] (dim 1);
+        gather is a collective when sp > 1. Identity on one device.
+    rope: (cos, sin) from ``WanTransformer.rope_tables``, already permuted by token_order and sharded.
+    attn: one SelfAttention per block.
+    """
+
+    rope: tuple[torch.Tensor, torch.Tensor]
+    attn: Sequence[SelfAttention]
+    token_order: torch.Tensor | None = None
+    token_order_inverse: torch.Tensor | None = None
+    shard: Callable[[torch.Tensor], torch.Tensor] = field(default=_identity)
+    gather: Callable[[torch.Tensor], torch.Tensor] = field(default=_identity)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------
+
+
+class _FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32, returned in the input dtype (diffusers' FP32LayerNorm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+def timestep_embedding(timestep_B: torch.Tensor, freq_dim: int) -> torch.Tensor:
+    """Sinusoidal embedding [B, freq_dim] fp32, cos half first (diffusers Timesteps, flip_sin_to_cos)."""
+    half = freq_dim // 2
+    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=timestep_B.device) / half
+    angle_BC = timestep_B[:, None].float() * torch.exp(exponent)[None, :]
+    return torch.cat([torch.cos(angle_BC), torch.sin(angle_BC)], dim=-1)
+
+
+def apply_rotary(x_BSND: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of [B, S, N, D] by ``cos/sin`` [S, D/2] (fp32); returns x's dtype."""
+    x1, x2 = x_BSND.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    # fp32 tables promote the products to fp32, as in diffusers, before rounding to the activation dtype.
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).to(x_BSND.dtype)
+
+
+class _TimestepEmbedder(nn.Module):
+    def __init__(self, in_dim: int, dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class _TextEmbedder(nn.Module):
+    def __init__(self, in_dim: int, dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+
+
+class _ConditionEmbedder(nn.Module):
+    def __init__(self, config: WanConfig) -> None:
+        super().__init__()
+        self.freq_dim = config.freq_dim
+        self.time_embedder = _TimestepEmbedder(config.freq_dim, config.dim)
+        self.time_proj = nn.Linear(config.dim, 6 * config.dim)
+        self.text_embedder = _TextEmbedder(config.text_dim, config.dim)
+
+    def forward(self, timestep_B: torch.Tensor, text_BLC: torch.Tensor):
+        """-> temb [B, C], modulation [B, 6, C], text [B, L, C]."""
+        freqs = timestep_embedding(timestep_B, self.freq_dim).to(self.time_embedder.linear_1.weight.dtype)
+        temb_BC = self.time_embedder(freqs).type_as(text_BLC)
+        modulation_B6C = self.time_proj(F.silu(temb_BC)).unflatten(1, (6, -1))
+        return temb_BC, modulation_B6C, self.text_embedder(text_BLC)
+
+
+class _FeedForward(nn.Module):
+    """diffusers FeedForward(activation_fn="gelu-approximate"): ``net.0.proj`` -> GELU(tanh) -> ``net.2``."""
+
+    def __init__(self, dim: int, ffn_dim: int) -> None:
+        super().__init__()
+        proj = nn.Module()
+        proj.proj = nn.Linear(dim, ffn_dim)
+        self.net = nn.ModuleList([proj, nn.Identity(), nn.Linear(ffn_dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+
+
+class WanAttention(nn.Module):
+    """Projections of one attention layer (diffusers ``WanAttention`` names); q/k RMSNorm over all heads."""
+
+    def __init__(self, config: WanConfig, gate_compress: bool = False) -> None:
+        super().__init__()
+        dim = config.dim
+        self.num_heads = config.num_attention_heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.norm_q = nn.RMSNorm(dim, eps=config.eps)
+        self.norm_k = nn.RMSNorm(dim, eps=config.eps)
+        self.to_gate_compress = nn.Linear(dim, dim) if gate_compress else None
+
+    def self_attention(
+        self, x_BSC: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: SelfAttention
+    ) -> torch.Tensor:
+        heads = (self.num_heads, -1)
+        q_BSND = apply_rotary(self.norm_q(self.to_q(x_BSC)).unflatten(2, heads), *rope)
+        k_BSND = apply_rotary(self.norm_k(self.to_k(x_BSC)).unflatten(2, heads), *rope)
+        v_BSND = self.to_v(x_BSC).unflatten(2, heads)
+        gate_BSND = None
+        if attn.uses_gate and self.to_gate_compress is not None:
+            gate_BSND = self.to_gate_compress(x_BSC).unflatten(2, heads)
+        out_BSND = attn(q_BSND, k_BSND, v_BSND, gate_BSND)
+        return self.to_out[0](out_BSND.flatten(2).type_as(q_BSND))
+
+    def cross_attention(self, x_BSC: torch.Tensor, text_BLC: torch.Tensor) -> torch.Tensor:
+        heads = (self.num_heads, -1)
+        q_BNSD = self.norm_q(self.to_q(x_BSC)).unflatten(2, heads).transpose(1, 2)
+        k_BNLD = self.norm_k(self.to_k(text_BLC)).unflatten(2, heads).transpose(1, 2)
+        v_BNLD = self.to_v(text_BLC).unflatten(2, heads).transpose(1, 2)
+        out_BNSD = F.scaled_dot_product_attention(q_BNSD, k_BNLD, v_BNLD)
+        return self.to_out[0](out_BNSD.transpose(1, 2).flatten(2).type_as(q_BNSD))
+
+
+class WanBlock(nn.Module):
+    """One DiT block: modulated self-attention, cross-attention to text, modulated FFN."""
+
+    def __init__(self, config: WanConfig) -> None:
+        super().__init__()
+        dim = config.dim
+        self.norm1 = _FP32LayerNorm(dim, config.eps, elementwise_affine=False)
+        self.attn1 = WanAttention(config, gate_compress=config.gate_compress)
+        self.norm2 = (
+            _FP32LayerNorm(dim, config.eps, elementwise_affine=True) if config.cross_attn_norm else None
+        )
+        self.attn2 = WanAttention(config)
+        self.norm3 = _FP32LayerNorm(dim, config.eps, elementwise_affine=False)
+        self.ffn = _FeedForward(dim, config.ffn_dim)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(
+        self,
+        x_BSC: torch.Tensor,
+        text_BLC: torch.Tensor,
+        modulation_B6C: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attn: SelfAttention,
+    ) -> torch.Tensor:
+        # Modulation in fp32: each of the six is [B, 1, C].
+        shift, scale, gate, c_shift, c_scale, c_gate = (
+            self.scale_shift_table + modulation_B6C.float()
+        ).chunk(6, 1)
+
+        # 1. Self-attention (the only op that mixes tokens; the injected `attn` handles SP).
+        h_BSC = (self.norm1(x_BSC.float()) * (1 + scale) + shift).type_as(x_BSC)
+        out_BSC = self.attn1.self_attention(h_BSC, rope, attn)
+        x_BSC = (x_BSC.float() + out_BSC * gate).type_as(x_BSC)
+
+        # 2. Cross-attention to the (unsharded) text tokens, no RoPE, no mask.
+        h_BSC = x_BSC if self.norm2 is None else self.norm2(x_BSC.float()).type_as(x_BSC)
+        x_BSC = x_BSC + self.attn2.cross_attention(h_BSC, text_BLC)
+
+        # 3. Feed-forward.
+        h_BSC = (self.norm3(x_BSC.float()) * (1 + c_scale) + c_shift).type_as(x_BSC)
+        out_BSC = self.ffn(h_BSC)
+        return (x_BSC.float() + out_BSC.float() * c_gate).type_as(x_BSC)
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+
+
+class WanTransformer(nn.Module):
+    """Wan2.1 T2V DiT. ``forward(latents [B, C_in, F, H, W], timestep [B], text [B, L, text_dim])``."""
+
+    def __init__(self, config: WanConfig) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.dim
+        self.patch_embedding = nn.Conv3d(config.in_channels, dim, config.patch_size, stride=config.patch_size)
+        self.condition_embedder = _ConditionEmbedder(config)
+        self.blocks = nn.ModuleList([WanBlock(config) for _ in range(config.num_layers)])
+        self.norm_out = _FP32LayerNorm(dim, config.eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(dim, config.out_channels * math.prod(config.patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self._dense = _LocalSelfAttention(DenseAttention())
+
+    def grid_thw(self, latent_shape_FHW: Sequence[int]) -> tuple[int, int, int]:
+        """Token grid (T, Hh, Ww) after patchify for latent (F, H, W)."""
+        f, h, w = latent_shape_FHW
+        p_t, p_h, p_w = self.config.patch_size
+        return f // p_t, h // p_h, w // p_w
+
+    def rope_tables(
+        self, grid_thw: Sequence[int], device: torch.device | str, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE (cos, sin), each [S, D/2] in raster token order; entry i rotates head-dim pair (2i, 2i+1).
+
+        Angles as diffusers: float64 ``pos / theta**(2j/d)`` per axis (d = 44/42/42 for D=128, theta 1e4),
+        rounded to ``dtype`` (keep fp32 to match diffusers). Compute once per request; permute and shard
+        along dim 0 for a ``WanForwardContext``.
+        """
+        grid = tuple(int(n) for n in grid_thw)
+        if len(grid) != 3 or min(grid) <= 0 or max(grid) > self.config.rope_max_seq_len:
+            raise ValueError(
+                f"grid_thw must be 3 positive sizes <= rope_max_seq_len="
+                f"{self.config.rope_max_seq_len}, got {grid}"
+            )
+        angles = []
+        for axis, (n, d) in enumerate(zip(grid, self.config.rope_dims, strict=True)):
+            inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d))
+            angle = torch.outer(torch.arange(n, dtype=torch.float64, device=device), inv_freq)
+            shape = [1, 1, 1, d // 2]
+            shape[axis] = n
+            angles.append(angle.view(shape).expand(*grid, d // 2))
+        angle_SD = torch.cat(angles, dim=-1).reshape(math.prod(grid), -1)
+        return angle_SD.cos().to(dtype), angle_SD.sin().to(dtype)
+
+    def forward(
+        self,
+        hidden_states_BCFHW: torch.Tensor,
+        timestep_B: torch.Tensor,
+        encoder_hidden_states_BLC: torch.Tensor,
+        *,
+        ctx: WanForwardContext | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow/noise [B, out_channels, F, H, W] in the model dtype.
+
+        ctx None: one device, raster order, dense SDPA. Otherwise tokens are permuted by
+        ``ctx.token_order``, sharded with ``ctx.shard``, attended with ``ctx.attn[i]``, and brought back
+        with ``ctx.gather`` and ``ctx.token_order_inverse``.
+        """
+        dtype = self.patch_embedding.weight.dtype
+        batch, _, frames, height, width = hidden_states_BCFHW.shape
+        grid = self.grid_thw((frames, height, width))
+
+        # 1. Patch embedding -> raster tokens [B, S, C], then processing order and this rank's shard.
+        x_BCTHW = self.patch_embedding(hidden_states_BCFHW.to(dtype))
+        x_BSC = x_BCTHW.flatten(2).transpose(1, 2)
+        if ctx is None:
+            rope = self.rope_tables(grid, x_BSC.device)
+            attns: Sequence[SelfAttention] = [self._dense] * len(self.blocks)
+            local_x_BSC = x_BSC.contiguous()
+        else:
+            rope, attns = ctx.rope, ctx.attn
+            if ctx.token_order is not None:
+                x_BSC = x_BSC[:, ctx.token_order]
+            local_x_BSC = ctx.shard(x_BSC).contiguous()
+
+        # 2. Conditions: timestep -> temb and six modulation vectors per block; text -> model width.
+        text_BLC = encoder_hidden_states_BLC.to(self.condition_embedder.text_embedder.linear_1.weight.dtype)
+        temb_BC, modulation_B6C, text_BLC = self.condition_embedder(timestep_B, text_BLC)
+
+        # 3. Blocks, on the local token shard.
+        for block, attn in zip(self.blocks, attns, strict=True):
+            local_x_BSC = block(local_x_BSC, text_BLC, modulation_B6C, rope, attn)
+
+        # 4. Output norm and projection (token-local, so before the gather: fewer channels to move).
+        shift, scale = (self.scale_shift_table + temb_BC.unsqueeze(1)).chunk(2, dim=1)
+        local_x_BSC = (self.norm_out(local_x_BSC.float()) * (1 + scale) + shift).type_as(local_x_BSC)
+        local_out_BSP = self.proj_out(local_x_BSC)
+
+        # 5. Back to the full sequence in raster order.
+        out_BSP = local_out_BSP
+        if ctx is not None:
+            out_BSP = ctx.gather(local_out_BSP)
+            if ctx.token_order_inverse is not None:
+                out_BSP = out_BSP[:, ctx.token_order_inverse]
+
+        # 6. Unpatchify [B, T*Hh*Ww, pt*ph*pw*C] -> [B, C, F, H, W].
+        p_t, p_h, p_w = self.config.patch_size
+        out = out_BSP.reshape(batch, *grid, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Construction
+# --------------------------------------------------------------------------------------------------
+
+
+def build_wan_on_meta(config: WanConfig) -> WanTransformer:
+    """The model with every parameter on the meta device (no memory); fill it with
+    ``materialize_random_`` or ``models.loading.load_wan_weights_``."""
+    with torch.device("meta"):
+        return WanTransformer(config)
+
+
+def _param_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def set_parameter_(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Replace parameter ``name`` (dotted) by ``tensor`` (no grad), e.g. a meta parameter by real storage."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+
+
+@torch.no_grad()
+def materialize_random_(
+    model: WanTransformer, seed: int, device: torch.device | str, dtype: torch.dtype = torch.bfloat16
+) -> WanTransformer:
+    """Fill every parameter with deterministic random values, identical on every rank and device.
+
+    Each parameter draws from its own CPU generator seeded by (seed, name), so the result does not
+    depend on the parameter order. Matrices/convs and biases ~ N(0, 0.02); norm weights 1 + N(0, 0.02);
+    ``scale_shift_table`` ~ N(0, 1/dim) as in diffusers; ``to_gate_compress`` zero (no coarse VSA branch).
+    Stored in ``dtype`` (fp32 for diffusers' keep-in-fp32 parameters) on ``device``.
+    """
+    for name, param in list(model.named_parameters()):
+        gen = torch.Generator("cpu").manual_seed(_param_seed(seed, name))
+        value = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+        if "to_gate_compress" in name:
+            value.zero_()
+        elif name.endswith("scale_shift_table"):
+            value /= param.shape[-1] ** 0.5
+        elif param.ndim == 1 and name.endswith(".weight"):
+            value = 1.0 + 0.02 * value
+        else:
+            value *= 0.02
+        set_parameter_(model, name, value.to(device=device, dtype=wan_param_dtype(name, dtype)))
+    return model

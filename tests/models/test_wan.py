@@ -1,0 +1,200 @@
+"""models.wan against diffusers' WanTransformer3DModel, and the token-order / context contract."""
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from attention.dense import DenseAttention
+from models.wan import (
+    WanConfig,
+    WanForwardContext,
+    WanTransformer,
+    build_wan_on_meta,
+    materialize_random_,
+    wan_param_dtype,
+)
+
+TINY = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=16,
+    in_channels=4,
+    out_channels=4,
+    text_dim=24,
+    freq_dim=32,
+    ffn_dim=64,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
+
+
+def _randomize_(model: torch.nn.Module, seed: int) -> None:
+    """O(1)-scale random weights (larger than materialize_random_'s) so every path moves the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=gen)
+            if "to_gate_compress" in name:
+                p.zero_()
+            elif p.ndim >= 2 and "scale_shift_table" not in name:
+                p.copy_(r / p[0].numel() ** 0.5)
+            elif p.ndim == 1 and name.endswith("weight"):
+                p.copy_(1 + 0.2 * r)
+            else:
+                p.copy_(0.2 * r)
+
+
+def _pair(gate_compress: bool = False, dtype=torch.float32):
+    ours = materialize_random_(
+        build_wan_on_meta(WanConfig(**TINY, gate_compress=gate_compress)), 0, "cpu", torch.float32
+    )
+    _randomize_(ours, 1)
+    ref = WanTransformer3DModel(**TINY)
+    state = {k: v for k, v in ours.state_dict().items() if "to_gate_compress" not in k}
+    ref.load_state_dict(state, strict=True)
+    if dtype != torch.float32:
+        for model in (ours, ref):
+            for name, p in model.named_parameters():
+                p.data = p.data.to(wan_param_dtype(name, dtype))
+    return ours.eval(), ref.eval()
+
+
+def _inputs(batch=2, frames=3, height=6, width=10, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, frames, height, width, generator=gen)
+    t = torch.tensor([999.0, 321.5])[:batch]
+    text = torch.randn(batch, 7, 24, generator=gen)
+    return x, t, text
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+class _BSND:
+    """Test adapter: single-device [B, N, S, D] backend -> model's [B, S, N, D] protocol."""
+
+    def __init__(self, uses_gate=False):
+        self.uses_gate = uses_gate
+        self.gates = []
+
+    def __call__(self, q, k, v, gate):
+        self.gates.append(gate)
+        out = DenseAttention()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        return out if gate is None else out + gate
+
+
+@pytest.mark.parametrize("gate_compress", [False, True])
+def test_matches_diffusers_fp32(gate_compress):
+    ours, ref = _pair(gate_compress)
+    x, t, text = _inputs()
+    with torch.no_grad():
+        expected = ref(x, t, text, return_dict=False)[0]
+        got = ours(x, t, text)
+    assert got.shape == expected.shape == (2, 4, 3, 6, 10)
+    assert _rel(got, expected) <= 1e-5
+    # The two batch entries differ (different timesteps and inputs), so the check is not vacuous.
+    assert _rel(got[0], got[1]) > 1e-2
+
+
+def test_matches_diffusers_bf16_with_fp32_modules():
+    ours, ref = _pair(dtype=torch.bfloat16)
+    assert ours.scale_shift_table.dtype == torch.float32
+    assert ours.blocks[0].norm2.weight.dtype == torch.float32
+    assert ours.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    x, t, text = _inputs()
+    with torch.no_grad():
+        expected = ref(x.bfloat16(), t, text.bfloat16(), return_dict=False)[0]
+        got = ours(x, t, text)
+    assert got.dtype == torch.bfloat16
+    assert _rel(got, expected) <= 1e-3  # bitwise equal on CPU today
+
+
+def test_config_from_diffusers_and_rope_split():
+    ref = WanTransformer3DModel(**TINY)
+    cfg = WanConfig.from_diffusers_config(dict(ref.config))
+    assert cfg == WanConfig(**TINY)
+    assert WanConfig(
+        num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30
+    ).rope_dims == (44, 42, 42)
+    assert cfg.rope_dims == (ref.rope.t_dim, ref.rope.h_dim, ref.rope.w_dim)
+    with pytest.raises(ValueError, match="image_dim"):
+        WanConfig.from_diffusers_config({**TINY, "image_dim": 1280})
+    with pytest.raises(ValueError, match="attention_head_dim"):
+        WanConfig(**{**TINY, "attention_head_dim": 15})
+    with pytest.raises(ValueError, match="num_layers"):
+        WanConfig(**{**TINY, "num_layers": 0})
+
+
+def test_rope_tables_match_diffusers():
+    ours, ref = _pair()
+    cos, sin = ours.rope_tables((3, 3, 5), "cpu")
+    ref_cos, ref_sin = ref.rope(torch.zeros(1, 4, 3, 6, 10))
+    assert cos.shape == (45, 8)
+    torch.testing.assert_close(cos, ref_cos[0, :, 0, 0::2], rtol=0, atol=0)
+    torch.testing.assert_close(sin, ref_sin[0, :, 0, 1::2], rtol=0, atol=0)
+
+
+def test_permuted_token_order_equals_raster():
+    ours, _ = _pair()
+    x, t, text = _inputs()
+    grid = ours.grid_thw(x.shape[2:])
+    cos, sin = ours.rope_tables(grid, "cpu")
+    order = torch.randperm(cos.shape[0], generator=torch.Generator().manual_seed(3))
+    ctx = WanForwardContext(
+        rope=(cos[order], sin[order]),
+        attn=[_BSND()] * 2,
+        token_order=order,
+        token_order_inverse=order.argsort(),
+    )
+    with torch.no_grad():
+        expected = ours(x, t, text)
+        got = ours(x, t, text, ctx=ctx)
+        # Control: a wrong rope permutation must break the equality.
+        bad = WanForwardContext(
+            rope=(cos, sin), attn=ctx.attn, token_order=order, token_order_inverse=order.argsort()
+        )
+        wrong = ours(x, t, text, ctx=bad)
+    assert _rel(got, expected) <= 1e-5
+    assert _rel(wrong, expected) > 1e-3
+
+
+def test_gate_passed_only_when_backend_uses_it():
+    ours, _ = _pair(gate_compress=True)
+    x, t, text = _inputs()
+    rope = ours.rope_tables(ours.grid_thw(x.shape[2:]), "cpu")
+    with torch.no_grad():
+        expected = ours(x, t, text)
+        plain, gated = _BSND(), _BSND(uses_gate=True)
+        out_plain = ours(x, t, text, ctx=WanForwardContext(rope=rope, attn=[plain] * 2))
+        out_zero_gate = ours(x, t, text, ctx=WanForwardContext(rope=rope, attn=[gated] * 2))
+        assert all(g is None for g in plain.gates)
+        assert len(gated.gates) == 2 and all(g.shape == (2, 45, 2, 16) for g in gated.gates)
+        assert _rel(out_plain, expected) <= 1e-5 and _rel(out_zero_gate, expected) <= 1e-5
+        for block in ours.blocks:
+            torch.nn.init.normal_(block.attn1.to_gate_compress.weight)
+        out_gate = ours(x, t, text, ctx=WanForwardContext(rope=rope, attn=[_BSND(uses_gate=True)] * 2))
+    assert _rel(out_gate, expected) > 1e-3
+
+
+def test_materialize_random_is_deterministic_and_order_independent():
+    cfg = WanConfig(**TINY, gate_compress=True)
+    a = materialize_random_(build_wan_on_meta(cfg), 7, "cpu", torch.bfloat16)
+    b = build_wan_on_meta(cfg)
+    b.blocks = torch.nn.ModuleList(list(b.blocks))  # same names, construction unchanged
+    b = materialize_random_(b, 7, "cpu", torch.bfloat16)
+    c = materialize_random_(build_wan_on_meta(cfg), 8, "cpu", torch.bfloat16)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert pa.device.type == "cpu" and pa.dtype == wan_param_dtype(name, torch.bfloat16)
+        assert torch.equal(pa, pb)
+    assert not torch.equal(a.blocks[0].attn1.to_q.weight, c.blocks[0].attn1.to_q.weight)
+    # Same tensor name -> same values whatever other parameters exist (per-name generators).
+    small = materialize_random_(
+        build_wan_on_meta(WanConfig(**{**TINY, "num_layers": 1})), 7, "cpu", torch.bfloat16
+    )
+    assert torch.equal(small.blocks[0].ffn.net[2].weight, a.blocks[0].ffn.net[2].weight)
+    assert a.blocks[1].attn1.to_gate_compress.weight.abs().max() == 0
+    assert isinstance(a, WanTransformer)
