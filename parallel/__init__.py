@@ -1,1 +1,26 @@
-"""parallel package."""
+"""Model-agnostic parallelism: the (cfg x sp) mesh, sequence shard plans and Ulysses attention.
+
+Imports only torch (and, for types, the attention interface). Nothing here holds module-level state:
+``build_mesh`` returns the one mesh object; plans and wrappers are built per request and passed.
+"""
+
+from parallel.mesh import (
+    ParallelMesh,
+    build_mesh,
+    destroy_process_group_safely,
+    init_process_group_from_env,
+    warmup_collectives,
+)
+from parallel.sequence import SequenceShardPlan, split_sizes
+from parallel.ulysses import UlyssesAttention
+
+__all__ = [
+    "ParallelMesh",
+    "SequenceShardPlan",
+    "UlyssesAttention",
+    "build_mesh",
+    "destroy_process_group_safely",
+    "init_process_group_from_env",
+    "split_sizes",
+    "warmup_collectives",
+]
