@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         return _user_error(rank, err)
 
     try:
-        device = init_process_group_from_env(COLLECTIVE_TIMEOUT_S)
+        _, _, _, device = init_process_group_from_env(COLLECTIVE_TIMEOUT_S)
         mesh = build_mesh(cfg=cfg.parallel.cfg, sp=cfg.parallel.sp, device=device)
         generate(cfg, arch, mesh)
-    except (ValueError, TypeError, FileExistsError) as err:
+    except (ValueError, FileExistsError) as err:  # user errors found while building; bugs keep tracebacks
         return _user_error(rank, err)
     finally:
         destroy_process_group_safely()

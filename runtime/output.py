@@ -74,6 +74,15 @@ def _refuse_existing(out: Path, overwrite: bool) -> None:
         )
 
 
+def _umask_file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_DEFAULT_FILE_MODE = _umask_file_mode()
+
+
 @contextlib.contextmanager
 def _atomic_target(path: str | os.PathLike[str], overwrite: bool) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success fsync it and move it into place, on error delete it."""
@@ -87,6 +96,7 @@ def _atomic_target(path: str | os.PathLike[str], overwrite: bool) -> Iterator[Pa
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _DEFAULT_FILE_MODE)  # mkstemp creates 0600; outputs get the usual umask-derived mode
         if overwrite:
             os.replace(tmp, out)
         else:

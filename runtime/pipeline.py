@@ -48,6 +48,15 @@ def token_grid(cfg: GenerateConfig, model_cfg: WanConfig) -> tuple[int, int, int
     return f // pt, h // ph, w // pw
 
 
+def output_paths(cfg: GenerateConfig) -> list[tuple[Path, str]]:
+    """(path, config key) of every file rank 0 writes: the video, its JSON report, optionally the latents."""
+    video = Path(cfg.output.path)
+    paths = [(video, "output.path"), (video.with_suffix(".json"), "output.path (its JSON report)")]
+    if cfg.output.save_latents:
+        paths.append((video.with_suffix(".latents.safetensors"), "output.save_latents"))
+    return paths
+
+
 def prepare(cfg: GenerateConfig, arch: dict, mesh: ParallelMesh) -> tuple[WanConfig, AttentionPlan]:
     """Everything checkable before weights load: model config, attention plan, output path."""
     model_cfg = WanConfig(**arch)
@@ -70,7 +79,8 @@ def prepare(cfg: GenerateConfig, arch: dict, mesh: ParallelMesh) -> tuple[WanCon
             f"not ship yet. Use model.preset=wan-tiny (optionally with model.path=<tiny checkpoint>)."
         )
     if mesh.rank == 0:
-        check_output_path(cfg.output.path, cfg.output.overwrite)
+        for path, key in output_paths(cfg):
+            check_output_path(path, cfg.output.overwrite, key=key)
     return model_cfg, plan
 
 
@@ -107,6 +117,8 @@ def generate(cfg: GenerateConfig, arch: dict, mesh: ParallelMesh) -> GenerateRes
     f, h, w = latent_shape(cfg)
     latents = draw_initial_noise(1, cfg.num_frames, cfg.height, cfg.width, cfg.seed, LATENT_CHANNELS).to(device)
     scheduler = build_scheduler(cfg.scheduler, cfg.num_steps, cfg.flow_shift)
+    scheduler.prepare(device, torch.float32)
+    timesteps = scheduler.timesteps.to(device)
     state = build_request_state(model, plan, token_grid(cfg, model_cfg), mesh, VSAMetadataCache())
     warmup_collectives(mesh)
     t_loop = time.perf_counter()
@@ -115,7 +127,7 @@ def generate(cfg: GenerateConfig, arch: dict, mesh: ParallelMesh) -> GenerateRes
     batch = text.shape[0]
     for step in tqdm(range(cfg.num_steps), desc="denoising", disable=not is_main, leave=False):
         t0 = time.perf_counter()
-        timestep = scheduler.timesteps[step].expand(batch).to(device)
+        timestep = timesteps[step].expand(batch)
         model_in = latents.to(dtype).expand(batch, -1, -1, -1, -1)
         pred = model(model_in, timestep, text, ctx=state.context_for_step(step)).float()
         if use_cfg:
@@ -161,16 +173,16 @@ def _cfg_branches(pred: torch.Tensor, mesh: ParallelMesh) -> tuple[torch.Tensor,
 def _write_outputs(cfg, latents, report, t_start, device, latent_fhw) -> None:
     decoder = TinyLatentDecoder(seed=cfg.seed)
     frames = decoder.decode(latents)[0]
-    out = Path(cfg.output.path)
+    (out, _), (report_path, _), *latents_path = output_paths(cfg)
     report["total_seconds"] = time.perf_counter() - t_start
     report["peak_memory_bytes"] = _peak_memory(device)
     report["latent_shape"] = list(latents.shape)
     report["video"] = {"path": str(out), "frames": int(frames.shape[0]), "height": int(frames.shape[1]),
                        "width": int(frames.shape[2]), "fps": FPS}
     write_video_atomic(out, frames.cpu().numpy(), fps=FPS, overwrite=cfg.output.overwrite)
-    if cfg.output.save_latents:
-        write_latents_atomic(out.with_suffix(".latents.safetensors"), latents.float().cpu())
-    write_json_atomic(out.with_suffix(".json"), report, overwrite=True)
+    for path, _ in latents_path:
+        write_latents_atomic(path, latents.float().cpu(), overwrite=cfg.output.overwrite)
+    write_json_atomic(report_path, report, overwrite=cfg.output.overwrite)
     log.info("wrote %s (%d frames, %.1f s total)", out, frames.shape[0], report["total_seconds"])
 
 
