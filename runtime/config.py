@@ -109,7 +109,9 @@ class GenerateConfig:
         if par.sp < 1:
             raise ValueError(f"parallel.sp={par.sp} must be >= 1.")
         if par.cfg == 2 and self.guidance_scale == 1.0:
-            raise ValueError("parallel.cfg=2 needs classifier-free guidance: set guidance_scale != 1 or parallel.cfg=1.")
+            raise ValueError(
+                "parallel.cfg=2 needs classifier-free guidance: set guidance_scale != 1 or parallel.cfg=1."
+            )
         if world_size is not None and par.sp * par.cfg != world_size:
             raise ValueError(
                 f"parallel.sp * parallel.cfg = {par.sp} * {par.cfg} = {par.sp * par.cfg} but the world size is "

@@ -92,7 +92,7 @@ def _resolve_backend(
 
 
 def _vsa_problem(grid_thw: tuple[int, int, int], head_dim: int, dtype: torch.dtype, device: torch.device) -> str | None:
-    if any(g < t for g, t in zip(grid_thw, VSA_TILE)):
+    if any(g < t for g, t in zip(grid_thw, VSA_TILE, strict=True)):
         return (
             f"the token grid {grid_thw} (frames, height, width after patchify) is smaller than one VSA tile "
             f"{VSA_TILE}; raise num_frames/height/width (>= 13 frames, >= 64 px)"

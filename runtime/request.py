@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from attention import DenseAttention, VSAAttention, VSAMetadataCache
 from models import WanForwardContext, WanTransformer
 from parallel import ParallelMesh, SequenceShardPlan, UlyssesAttention

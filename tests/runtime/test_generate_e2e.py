@@ -25,8 +25,8 @@ def run_generate(tmp_path: Path, name: str, nproc: int, *overrides: str, check: 
     """nproc=0 runs plain `python launch/generate.py` (one rank, no process group)."""
     out = tmp_path / f"{name}.mp4"
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
-    cmd = [sys.executable, *launcher, str(REPO / "launch" / "generate.py"), *SMALL, f"output.path={out}", "output.save_latents=true",
-           *overrides]
+    script = str(REPO / "launch" / "generate.py")
+    cmd = [sys.executable, *launcher, script, *SMALL, f"output.path={out}", "output.save_latents=true", *overrides]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
