@@ -288,18 +288,18 @@ class WanAttention(nn.Module):
         self.norm_k = nn.RMSNorm(dim, eps=config.eps)
         self.to_gate_compress = nn.Linear(dim, dim) if gate_compress else None
 
-    def self_attention(
-        self, x_BSC: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: SelfAttention
-    ) -> torch.Tensor:
+    def self_attention_inputs(
+        self, x_BSC: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], with_gate: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """q, k (RMSNorm over all heads, then RoPE), v and the VSA gate (when asked and present): [B,S,N,D]."""
         heads = (self.num_heads, -1)
         q_BSND = apply_rotary(self.norm_q(self.to_q(x_BSC)).unflatten(2, heads), *rope)
         k_BSND = apply_rotary(self.norm_k(self.to_k(x_BSC)).unflatten(2, heads), *rope)
         v_BSND = self.to_v(x_BSC).unflatten(2, heads)
         gate_BSND = None
-        if attn.uses_gate and self.to_gate_compress is not None:
+        if with_gate and self.to_gate_compress is not None:
             gate_BSND = self.to_gate_compress(x_BSC).unflatten(2, heads)
-        out_BSND = attn(q_BSND, k_BSND, v_BSND, gate_BSND)
-        return self.to_out[0](out_BSND.flatten(2).type_as(q_BSND))
+        return q_BSND, k_BSND, v_BSND, gate_BSND
 
     def cross_attention(self, x_BSC: torch.Tensor, text_BLC: torch.Tensor) -> torch.Tensor:
         heads = (self.num_heads, -1)
@@ -334,14 +334,32 @@ class WanBlock(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         attn: SelfAttention,
     ) -> torch.Tensor:
-        # Modulation in fp32: each of the six is [B, 1, C].
-        shift, scale, gate, c_shift, c_scale, c_gate = (
-            self.scale_shift_table + modulation_B6C.float()
-        ).chunk(6, 1)
+        q_BSND, k_BSND, v_BSND, gate_BSND = self.attention_inputs(x_BSC, modulation_B6C, rope, attn.uses_gate)
+        out_BSND = attn(q_BSND, k_BSND, v_BSND, gate_BSND)
+        return self.attention_outputs(x_BSC, out_BSND, text_BLC, modulation_B6C)
 
-        # 1. Self-attention (the only op that mixes tokens; the injected `attn` handles SP).
+    def _modulation(self, modulation_B6C: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """shift, scale, gate, c_shift, c_scale, c_gate, each [B, 1, C] fp32 (modulation math in fp32)."""
+        return (self.scale_shift_table + modulation_B6C.float()).chunk(6, 1)
+
+    def attention_inputs(
+        self,
+        x_BSC: torch.Tensor,
+        modulation_B6C: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        with_gate: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Stage 1a (token-local): modulated norm -> q, k (RMSNorm, RoPE), v, optional VSA gate [B,S,N,D]."""
+        shift, scale = self._modulation(modulation_B6C)[:2]
         h_BSC = (self.norm1(x_BSC.float()) * (1 + scale) + shift).type_as(x_BSC)
-        out_BSC = self.attn1.self_attention(h_BSC, rope, attn)
+        return self.attn1.self_attention_inputs(h_BSC, rope, with_gate)
+
+    def attention_outputs(
+        self, x_BSC: torch.Tensor, out_BSND: torch.Tensor, text_BLC: torch.Tensor, modulation_B6C: torch.Tensor
+    ) -> torch.Tensor:
+        """Stage 1b-3 (token-local): out-projection + gated residual, cross-attention, modulated FFN."""
+        _, _, gate, c_shift, c_scale, c_gate = self._modulation(modulation_B6C)
+        out_BSC = self.attn1.to_out[0](out_BSND.flatten(2).type_as(x_BSC))
         x_BSC = (x_BSC.float() + out_BSC * gate).type_as(x_BSC)
 
         # 2. Cross-attention to the (unsharded) text tokens, no RoPE, no mask.
@@ -373,6 +391,15 @@ class WanTransformer(nn.Module):
         self.proj_out = nn.Linear(dim, config.out_channels * math.prod(config.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
         self._dense = _LocalSelfAttention(DenseAttention())
+        self._block_stages = (WanBlock.attention_inputs, WanBlock.attention_outputs)
+
+    def compile_blocks(self) -> None:
+        """torch.compile the token-local block stages (norms, modulation, RoPE, GELU fuse into few kernels).
+
+        The attention call between them stays eager (collectives, custom kernels). Blocks share parameters'
+        shapes, so one graph per stage serves all blocks (dynamo treats module parameters as inputs).
+        """
+        self._block_stages = tuple(torch.compile(fn, dynamic=False) for fn in self._block_stages)
 
     def grid_thw(self, latent_shape_FHW: Sequence[int]) -> tuple[int, int, int]:
         """Token grid (T, Hh, Ww) after patchify for latent (F, H, W)."""
@@ -440,9 +467,15 @@ class WanTransformer(nn.Module):
         text_BLC = encoder_hidden_states_BLC.to(self.condition_embedder.text_embedder.linear_1.weight.dtype)
         temb_BC, modulation_B6C, text_BLC = self.condition_embedder(timestep_B, text_BLC)
 
-        # 3. Blocks, on the local token shard.
+        # 3. Blocks, on the local token shard. Only `attn` mixes tokens (and communicates, under SP); the
+        #    token-local stages around it are plain or, after `compile_blocks()`, torch.compile'd functions.
+        attention_inputs, attention_outputs = self._block_stages
         for block, attn in zip(self.blocks, attns, strict=True):
-            local_x_BSC = block(local_x_BSC, text_BLC, modulation_B6C, rope, attn)
+            q_BSND, k_BSND, v_BSND, gate_BSND = attention_inputs(
+                block, local_x_BSC, modulation_B6C, rope, attn.uses_gate
+            )
+            out_BSND = attn(q_BSND, k_BSND, v_BSND, gate_BSND)
+            local_x_BSC = attention_outputs(block, local_x_BSC, out_BSND, text_BLC, modulation_B6C)
 
         # 4. Output norm and projection (token-local, so before the gather: fewer channels to move).
         shift, scale = (self.scale_shift_table + temb_BC.unsqueeze(1)).chunk(2, dim=1)

@@ -93,6 +93,8 @@ def build_model(cfg: GenerateConfig, model_cfg: WanConfig, device: torch.device)
     else:
         report = load_wan_weights_(model, cfg.model.path, device=device, dtype=dtype)
         load_info = {"weights": cfg.model.path, "zero_initialised": list(report.zero_initialised)}
+    if device.type == "cuda":
+        model.compile_blocks()  # fuses the token-local elementwise work; compiled once, on the first step
     return model.eval(), load_info
 
 
