@@ -9,6 +9,16 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# cuDNN's fused attention is the fastest SDPA kernel on Hopper (~590 TFLOP/s at the Wan-1.3B shape vs ~370
+# for flash); the others are fallbacks for shapes or dtypes it rejects, and MATH is the CPU path.
+_GPU_PRIORITY = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
 
 
 class DenseAttention:
@@ -32,7 +42,10 @@ class DenseAttention:
             # Internal contract: callers compute a gate only for backends with uses_gate=True.
             raise ValueError("DenseAttention has uses_gate=False; the caller must pass gate_BNSD=None")
         scale = 1.0 / math.sqrt(q_BNSD.shape[-1])
-        return F.scaled_dot_product_attention(q_BNSD, k_BNSD, v_BNSD, scale=scale)
+        if not q_BNSD.is_cuda:
+            return F.scaled_dot_product_attention(q_BNSD, k_BNSD, v_BNSD, scale=scale)
+        with sdpa_kernel(_GPU_PRIORITY, set_priority=True):
+            return F.scaled_dot_product_attention(q_BNSD, k_BNSD, v_BNSD, scale=scale)
 
     def __repr__(self) -> str:
         return "DenseAttention()"

@@ -126,6 +126,7 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(SHAPES), default="1.3b")
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.9])
     parser.add_argument("--diffusers", action="store_true")
+    parser.add_argument("--no-compile", action="store_true", help="eager token-local stages")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     shape = SHAPES[args.preset]
@@ -138,6 +139,8 @@ def main() -> None:
     model = build_wan_on_meta(cfg)
     materialize_random_(model, seed=0, device=device, dtype=torch.bfloat16)
     model.eval()
+    if not args.no_compile:
+        model.compile_blocks()
     gen = torch.Generator("cpu").manual_seed(0)
     f = (shape["frames"] - 1) // 4 + 1
     latents = torch.randn(1, 16, f, shape["height"] // 8, shape["width"] // 8, generator=gen).to(device, torch.bfloat16)
