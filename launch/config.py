@@ -1,6 +1,8 @@
 """OmegaConf stops here: schema (runtime's dataclasses) + preset YAML + dotlist overrides -> GenerateConfig.
 
-Merge order, lowest first: schema defaults, the preset's `defaults`, the command line. Every user error is a
+Merge order, lowest first: schema defaults, the preset's `defaults`, the checkpoint's defaults (flow_shift from
+a diffusers `scheduler/scheduler_config.json`), the command line. With `model.path` the architecture comes from
+the checkpoint's config; an explicitly set `model.preset` must agree with it. Every user error is a
 ValueError/TypeError naming the key and the fix, raised before any process group or weight load.
 """
 
@@ -15,6 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from runtime import PRESETS, GenerateConfig
+from runtime.checkpoint import arch_mismatches, resolve_model
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 ALIASES = {"VSA_sparsity": "attention.sparsity", "attention.VSA_sparsity": "attention.sparsity"}
@@ -66,8 +69,20 @@ def resolve_config(argv: list[str]) -> tuple[GenerateConfig, dict]:
     overrides = OmegaConf.from_dotlist(parse_overrides(argv))
     preset = OmegaConf.select(overrides, "model.preset", default=GenerateConfig().model.preset)
     arch, preset_defaults = load_preset(str(preset))
+    path = OmegaConf.select(overrides, "model.path", default=None)
+    path = None if path is None else str(path)
+    preset_is_explicit = OmegaConf.select(overrides, "model.preset", default=None) is not None
+    arch, checkpoint_defaults = resolve_model(str(preset), arch, preset_is_explicit, path)
+    if path is not None and not preset_is_explicit:
+        # No preset given: the preset with the checkpoint's architecture supplies the generation defaults.
+        inferred = next((name for name in PRESETS if not arch_mismatches(load_preset(name)[0], arch)), None)
+        if inferred is not None and inferred != preset:
+            preset, preset_defaults = inferred, load_preset(inferred)[1]
+            overrides = OmegaConf.merge(overrides, {"model": {"preset": inferred}})
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(GenerateConfig), preset_defaults, overrides)
+        merged = OmegaConf.merge(
+            OmegaConf.structured(GenerateConfig), preset_defaults, checkpoint_defaults, overrides
+        )
         cfg = OmegaConf.to_object(merged)
     except ConfigKeyError as err:  # unknown keys are caught above; this is a preset file error
         raise ValueError(f"bad key in preset {preset!r}: {err.msg}") from None

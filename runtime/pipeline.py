@@ -19,12 +19,20 @@ from tqdm import tqdm
 from attention import VSAMetadataCache
 from models import WanConfig, WanTransformer, build_wan_on_meta, load_wan_weights_, materialize_random_
 from parallel import ParallelMesh, warmup_collectives
-from runtime.conditioning import TinyLatentDecoder, TinyTextEncoder, draw_initial_noise
-from runtime.config import RANDOM_WEIGHT_PRESETS, GenerateConfig
+from runtime.checkpoint import resolve_checkpoint
+from runtime.conditioning import draw_initial_noise
+from runtime.config import GenerateConfig
 from runtime.output import check_output_path, write_json_atomic, write_latents_atomic, write_video_atomic
 from runtime.plan import AttentionPlan, build_attention_plan
 from runtime.request import build_request_state
 from runtime.scheduler import build_scheduler
+from runtime.wan_components import (
+    ConditioningPlan,
+    build_latent_decoder,
+    build_text_encoder,
+    free_device_memory,
+    plan_conditioning,
+)
 
 LATENT_CHANNELS = 16
 VAE_STRIDE = (4, 8, 8)  # Wan VAE: 4x temporal (after the first frame), 8x spatial
@@ -73,11 +81,6 @@ def prepare(cfg: GenerateConfig, arch: dict, mesh: ParallelMesh) -> tuple[WanCon
     if plan.uses_vsa and not model_cfg.gate_compress:
         # VSA blocks carry to_gate_compress; zero-initialised when the checkpoint lacks it.
         model_cfg = dataclasses.replace(model_cfg, gate_compress=True)
-    if cfg.model.preset not in RANDOM_WEIGHT_PRESETS:
-        raise ValueError(
-            f"model.preset={cfg.model.preset} needs the UMT5 text encoder and the Wan VAE, which this build does "
-            f"not ship yet. Use model.preset=wan-tiny (optionally with model.path=<tiny checkpoint>)."
-        )
     if mesh.rank == 0:
         for path, key in output_paths(cfg):
             check_output_path(path, cfg.output.overwrite, key=key)
@@ -91,7 +94,8 @@ def build_model(cfg: GenerateConfig, model_cfg: WanConfig, device: torch.device)
         materialize_random_(model, seed=cfg.seed, device=device, dtype=dtype)
         load_info = {"weights": "random", "seed": cfg.seed}
     else:
-        report = load_wan_weights_(model, cfg.model.path, device=device, dtype=dtype)
+        weights = resolve_checkpoint(cfg.model.path).weights  # transformer/ of a diffusers directory
+        report = load_wan_weights_(model, weights, device=device, dtype=dtype)
         load_info = {"weights": cfg.model.path, "zero_initialised": list(report.zero_initialised)}
     if device.type == "cuda":
         model.compile_blocks()  # fuses the token-local elementwise work; compiled once, on the first step
@@ -103,16 +107,19 @@ def generate(cfg: GenerateConfig, arch: dict, mesh: ParallelMesh) -> GenerateRes
     """Run one request on this rank; rank 0 writes the video, the JSON report and optionally the latents."""
     t_start = time.perf_counter()
     model_cfg, plan = prepare(cfg, arch, mesh)
+    conditioning = plan_conditioning(cfg)  # real UMT5 + VAE or the tiny stand-ins; fails before weight load
     device, is_main = mesh.device, mesh.rank == 0
     _reset_peak_memory(device)
 
-    model, load_info = build_model(cfg, model_cfg, device)
-    dtype = next(model.parameters()).dtype
-    text_encoder = TinyTextEncoder(model_cfg.text_dim, seed=cfg.seed)
+    # Text first, so the encoder is freed before the DiT loads (peak = max of the two, not the sum).
+    dtype = getattr(torch, cfg.model.dtype)
+    text_encoder = build_text_encoder(conditioning, model_cfg.text_dim, cfg.seed, device, dtype)
     use_cfg = cfg.guidance_scale != 1.0
     prompts = [cfg.prompt, cfg.negative_prompt] if use_cfg else [cfg.prompt]
     text = text_encoder.encode(prompts).to(device=device, dtype=dtype)
     del text_encoder
+    free_device_memory(device)
+    model, load_info = build_model(cfg, model_cfg, device)
     if cfg.parallel.cfg == 2:
         text = text[mesh.cfg_rank : mesh.cfg_rank + 1]  # rank 0 of the cfg axis: cond, rank 1: uncond
 
@@ -159,7 +166,9 @@ def generate(cfg: GenerateConfig, arch: dict, mesh: ParallelMesh) -> GenerateRes
         "denoise_seconds": loop_seconds,
     }
     if is_main:
-        _write_outputs(cfg, latents, report, t_start, device, (f, h, w))
+        del model, state  # the VAE decode needs the memory more than the finished DiT
+        free_device_memory(device)
+        _write_outputs(cfg, latents, report, t_start, device, (f, h, w), conditioning)
     return GenerateResult(latents=latents, report=report)
 
 
@@ -172,9 +181,11 @@ def _cfg_branches(pred: torch.Tensor, mesh: ParallelMesh) -> tuple[torch.Tensor,
     return gathered[0], gathered[1]
 
 
-def _write_outputs(cfg, latents, report, t_start, device, latent_fhw) -> None:
-    decoder = TinyLatentDecoder(seed=cfg.seed)
+def _write_outputs(cfg, latents, report, t_start, device, latent_fhw, conditioning: ConditioningPlan) -> None:
+    decoder = build_latent_decoder(conditioning, cfg.seed, device)
     frames = decoder.decode(latents)[0]
+    del decoder
+    report["conditioning"] = {"text_encoder": conditioning.text, "decoder": conditioning.decoder}
     (out, _), (report_path, _), *latents_path = output_paths(cfg)
     report["total_seconds"] = time.perf_counter() - t_start
     report["peak_memory_bytes"] = _peak_memory(device)

@@ -1,0 +1,109 @@
+"""Writes a tiny random Wan2.1 checkpoint in diffusers format (no downloads) and its native-format copy.
+
+transformer (WanTransformer3DModel), text_encoder (UMT5EncoderModel), tokenizer (a local WordLevel tokenizer
+saved as PreTrainedTokenizerFast, loadable with AutoTokenizer), vae (AutoencoderKLWan), scheduler (UniPC with
+flow sigmas), model_index.json: all through `WanPipeline.save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+TEXT_DIM = 32
+FLOW_SHIFT = 2.0
+TRANSFORMER_CONFIG = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+    text_dim=TEXT_DIM, freq_dim=32, ffn_dim=48, num_layers=2, cross_attn_norm=True, eps=1e-6, rope_max_seq_len=1024,
+)
+WORDS = "a red fox running through fresh snow in the forest cinematic lighting blurry low quality".split()
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(WORDS))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def write_diffusers_checkpoint(root: Path, seed: int = 0) -> Path:
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(**TRANSFORMER_CONFIG)
+    with torch.no_grad():  # diffusers zero-inits nothing here, but make every weight clearly non-trivial
+        for p in transformer.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(vocab_size=32, d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, dropout_rate=0.0)
+    ).eval()
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1).eval()
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=FLOW_SHIFT
+    )
+    pipe = WanPipeline(tokenizer=_tokenizer(), text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                       transformer=transformer)
+    pipe.save_pretrained(str(root), safe_serialization=True)
+    return root
+
+
+def write_native_copy(diffusers_root: Path, dest: Path) -> Path:
+    """Same checkpoint, transformer/ weights renamed to the native Wan2.1 layout (norm2 -> norm3 etc.)."""
+    shutil.copytree(diffusers_root, dest)
+    state = {}
+    for file in sorted((dest / "transformer").glob("*.safetensors")):
+        state.update(load_file(str(file)))
+        file.unlink()
+    save_file({_to_native(k): v.contiguous() for k, v in state.items()},
+              str(dest / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert "blocks.0.self_attn.q.weight" in _to_native_names(state)
+    return dest
+
+
+_TOP = {
+    "condition_embedder.time_embedder.linear_1.": "time_embedding.0.",
+    "condition_embedder.time_embedder.linear_2.": "time_embedding.2.",
+    "condition_embedder.text_embedder.linear_1.": "text_embedding.0.",
+    "condition_embedder.text_embedder.linear_2.": "text_embedding.2.",
+    "condition_embedder.time_proj.": "time_projection.1.",
+    "proj_out.": "head.head.",
+    "scale_shift_table": "head.modulation",
+}
+_BLOCK = {
+    "attn1.to_q.": "self_attn.q.", "attn1.to_k.": "self_attn.k.", "attn1.to_v.": "self_attn.v.",
+    "attn1.to_out.0.": "self_attn.o.", "attn1.": "self_attn.", "attn2.to_q.": "cross_attn.q.",
+    "attn2.to_k.": "cross_attn.k.", "attn2.to_v.": "cross_attn.v.", "attn2.to_out.0.": "cross_attn.o.",
+    "attn2.": "cross_attn.", "norm2.": "norm3.", "ffn.net.0.proj.": "ffn.0.", "ffn.net.2.": "ffn.2.",
+    "scale_shift_table": "modulation",
+}
+
+
+def _to_native(key: str) -> str:
+    if key.startswith("blocks."):
+        _, n, rest = key.split(".", 2)
+        for old, new in _BLOCK.items():
+            if rest.startswith(old):
+                return f"blocks.{n}.{new}{rest[len(old):]}"
+        return key
+    for old, new in _TOP.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def _to_native_names(state: dict) -> set[str]:
+    return {_to_native(k) for k in state}
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
