@@ -1,0 +1,182 @@
+"""Triton kernel for the fine stage of Video Sparse Attention (VSA), with the gated coarse term fused.
+
+Layers: private `@triton.jit` kernel -> torch op `tessera::vsa_fine` (with a fake impl for torch.compile)
+-> public `vsa_fine_attention`. Runs on CPU under `TRITON_INTERPRET=1` (set before importing triton).
+Legend: B batch, N heads, S tokens (compact tile order), T tiles, K selected tiles per query tile, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_TILE_TOKENS = 64  # DESIGN tile (4, 4, 4) = 4 * 4 * 4 tokens: the most a compact tile can own
+_LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * log2(e)), folded into the softmax scale
+_SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@triton.jit
+def _vsa_fine_kernel(
+    Q, K, V, OUT, GATE, COARSE,  # [B*N, S, D] contiguous; COARSE [B*N, T, D]
+    TILE_OFFSETS,  # int32 [T + 1]
+    BLOCK_INDEX,  # int32 [B*N, T, topk]
+    seq_len, num_tiles, topk,
+    qk_scale,  # log2(e) / sqrt(D): scores in the exp2 domain
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong; bf16 products are exact in fp32
+):
+    tile_q = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    head_off = bh * seq_len * HEAD_DIM  # int64: B*N*S*D exceeds 2**31 at 14B/720p with B=2
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q_start = tl.load(TILE_OFFSETS + tile_q)
+    q_end = tl.load(TILE_OFFSETS + tile_q + 1)
+    rows = q_start + offs_m
+    row_mask = rows < q_end
+    q = tl.load(Q + head_off + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_mask[:, None], other=0.0)
+    if DOT_IN_FP32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    k_base = K + head_off
+    v_base = V + head_off
+    index_row = BLOCK_INDEX + (bh * num_tiles + tile_q) * topk
+    for j in range(0, topk):
+        # scalar index loads; gathering two tiles per step (BLOCK_N = 128) measured 1.4x slower on H100
+        tile_k = tl.load(index_row + j)
+        k_start = tl.load(TILE_OFFSETS + tile_k)
+        cols = k_start + offs_n
+        col_mask = cols < tl.load(TILE_OFFSETS + tile_k + 1)  # keys past a tile's end are never read
+        k_t = tl.load(k_base + cols[None, :] * HEAD_DIM + offs_d[:, None], mask=col_mask[None, :], other=0.0)
+        if DOT_IN_FP32:
+            k_t = k_t.to(tl.float32)
+        s = tl.dot(q, k_t, input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
+        s = tl.where(col_mask[None, :], s * qk_scale, float("-inf"))
+        # every tile owns >= 1 real token, so m_new is finite after the first step
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=col_mask[:, None], other=0.0)
+        acc = acc * alpha[:, None]
+        p_v = p.to(V.dtype.element_ty)  # P rounded to the value dtype, as on GPU
+        if DOT_IN_FP32:
+            p_v, v = p_v.to(tl.float32), v.to(tl.float32)
+        acc = tl.dot(p_v, v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    io_offsets = head_off + rows[:, None] * HEAD_DIM + offs_d[None, :]
+    if HAS_GATE:
+        gate = tl.load(GATE + io_offsets, mask=row_mask[:, None], other=0.0).to(tl.float32)
+        coarse = tl.load(COARSE + (bh * num_tiles + tile_q) * HEAD_DIM + offs_d).to(tl.float32)
+        out += gate * coarse[None, :]
+    tl.store(OUT + io_offsets, out.to(OUT.dtype.element_ty), mask=row_mask[:, None])
+
+
+def _autotune_configs() -> list[triton.Config]:
+    # 4 warps = one warpgroup = one 64-row wgmma tile (8 warps measured ~2x slower on H100 at 64 rows);
+    # num_stages 3 won at both Wan shapes, 2 and 4 stay in the list for other GPUs.
+    return [triton.Config({}, num_warps=4, num_stages=stages) for stages in (2, 3, 4)]
+
+
+_vsa_fine_kernel_tuned = triton.autotune(configs=_autotune_configs(), key=["HEAD_DIM", "HAS_GATE", "topk"])(
+    _vsa_fine_kernel
+)
+
+
+def _launch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile_offsets: torch.Tensor,
+    block_index: torch.Tensor, coarse: torch.Tensor | None, gate: torch.Tensor | None,
+) -> torch.Tensor:
+    batch, heads, seq_len, head_dim = q.shape
+    num_tiles, topk = block_index.shape[2], block_index.shape[3]
+    out = torch.empty_like(q)
+    has_gate = gate is not None and coarse is not None
+    gate_arg = gate if has_gate else q  # never read when HAS_GATE is False
+    coarse_arg = coarse if has_gate else q
+    grid = (num_tiles, batch * heads)
+    args = (q, k, v, out, gate_arg, coarse_arg, tile_offsets, block_index, seq_len, num_tiles, topk,
+            _LOG2E / math.sqrt(head_dim))
+    interpret = _INTERPRET or not q.is_cuda
+    dot_in_fp32 = interpret and q.dtype == torch.bfloat16
+    meta = dict(HEAD_DIM=head_dim, BLOCK_M=_TILE_TOKENS, BLOCK_N=_TILE_TOKENS, HAS_GATE=has_gate,
+                INPUT_PRECISION="ieee" if q.dtype == torch.float32 or dot_in_fp32 else "tf32",
+                DOT_IN_FP32=dot_in_fp32)
+    if interpret:
+        _vsa_fine_kernel[grid](*args, **meta, num_warps=4, num_stages=1)
+    else:
+        _vsa_fine_kernel_tuned[grid](*args, **meta)
+    return out
+
+
+@torch.library.custom_op("tessera::vsa_fine", mutates_args=())
+def _vsa_fine_op(
+    q_BNSD: torch.Tensor, k_BNSD: torch.Tensor, v_BNSD: torch.Tensor, tile_offsets: torch.Tensor,
+    block_index: torch.Tensor, coarse_BNTD: torch.Tensor | None, gate_BNSD: torch.Tensor | None,
+) -> torch.Tensor:
+    return _launch(q_BNSD, k_BNSD, v_BNSD, tile_offsets, block_index, coarse_BNTD, gate_BNSD)
+
+
+@_vsa_fine_op.register_fake
+def _vsa_fine_fake(q_BNSD, k_BNSD, v_BNSD, tile_offsets, block_index, coarse_BNTD, gate_BNSD):
+    return torch.empty_like(q_BNSD)
+
+
+def vsa_fine_attention(
+    q_BNSD: torch.Tensor,
+    k_BNSD: torch.Tensor,
+    v_BNSD: torch.Tensor,
+    tile_offsets: torch.Tensor,
+    block_index: torch.Tensor,
+    coarse_BNTD: torch.Tensor | None = None,
+    gate_BNSD: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Block-sparse fine attention over compact tile order, plus the gated coarse term.
+
+    q_BNSD, k_BNSD, v_BNSD: [B, N, S, D], contiguous, one dtype of bf16/fp16/fp32, D a power of two
+        in [16, 256]; tokens in compact tile order (tile t owns [tile_offsets[t], tile_offsets[t+1])).
+    tile_offsets: int32 [T + 1], tile_offsets[0] == 0, tile_offsets[T] == S, each tile 1..64 tokens.
+    block_index: int32 [B, N, T, K], the key tiles each query tile attends to (any order, no repeats).
+    coarse_BNTD: [B, N, T, D] coarse output per query tile; gate_BNSD: [B, N, S, D] per-token gate.
+        The term gate * coarse[tile of the token] is added only when both are given.
+    Returns [B, N, S, D] in q's dtype: softmax(q k^T / sqrt(D)) v over the real tokens of the selected
+    tiles, accumulated in fp32 with an online softmax.
+    Shapes are checked here with no host sync; call it outside the hot loop's validation.
+    """
+    if q_BNSD.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"vsa_fine_attention: dtype {q_BNSD.dtype} unsupported; use bf16, fp16 or fp32")
+    head_dim = q_BNSD.shape[-1]
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        raise ValueError(f"vsa_fine_attention: head dim {head_dim} must be a power of two in [16, 256]")
+    if k_BNSD.shape != q_BNSD.shape or v_BNSD.shape != q_BNSD.shape:
+        raise ValueError("vsa_fine_attention: q, k, v must share one [B, N, S, D] shape")
+    if block_index.dim() != 4 or block_index.shape[:2] != q_BNSD.shape[:2]:
+        raise ValueError("vsa_fine_attention: block_index must be [B, N, num_tiles, topk]")
+    if tile_offsets.shape[0] != block_index.shape[2] + 1:
+        raise ValueError("vsa_fine_attention: tile_offsets must have num_tiles + 1 entries")
+    has_gate = gate_BNSD is not None and coarse_BNTD is not None
+    if has_gate and (gate_BNSD.shape != q_BNSD.shape or coarse_BNTD.shape[2] != block_index.shape[2]):
+        raise ValueError("vsa_fine_attention: gate must be [B, N, S, D] and coarse [B, N, num_tiles, D]")
+    q, k, v = (t.contiguous() for t in (q_BNSD, k_BNSD, v_BNSD))
+    tile_offsets = tile_offsets.to(torch.int32).contiguous()
+    block_index = block_index.to(torch.int32).contiguous()
+    coarse = coarse_BNTD.contiguous() if has_gate else None  # read in its own dtype, summed in fp32
+    gate = gate_BNSD.contiguous() if has_gate else None
+    return _vsa_fine_op(q, k, v, tile_offsets, block_index, coarse, gate)

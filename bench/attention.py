@@ -1,0 +1,205 @@
+"""Attention micro-benchmark on one GPU: dense SDPA (cuDNN, flash) vs our VSA (fine kernel, full call).
+
+Run from the repo root:  python bench/attention.py --out bench_attention.json [--peer] [--sweep]
+Shapes: Wan-1.3B 480p (grid 21x30x52, 12 heads) and Wan-14B 720p (grid 21x45x80, 40 heads), D=128, bf16, B=1.
+Legend: B batch, N heads, S tokens, T tiles, K selected tiles, D head dim.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import attention  # noqa: E402
+from attention import vsa_triton  # noqa: E402
+
+SHAPES = {"wan1.3b-480p": ((21, 30, 52), 12), "wan14b-720p": ((21, 45, 80), 40)}
+HEAD_DIM = 128
+
+
+def time_ms(fn, warmup: int = 5, reps: int = 20) -> float:
+    """Median of ``reps`` CUDA-event timings after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def masked_dense_rows(q, k, v, gate, coarse, metadata, block_index, query_tiles) -> torch.Tensor:
+    """fp32 reference on a few query tiles: dense attention with the non-selected key tiles masked out."""
+    offsets = metadata.tile_offsets.tolist()
+    tid = metadata.token_tile_ids
+    outs = []
+    for t in query_tiles:
+        rows = slice(offsets[t], offsets[t + 1])
+        allowed = torch.zeros(q.shape[0], q.shape[1], metadata.num_tiles, dtype=torch.bool, device=q.device)
+        allowed.scatter_(-1, block_index[:, :, t].long(), True)
+        scores = q[:, :, rows].float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(~allowed[:, :, tid][:, :, None, :], float("-inf"))
+        out = scores.softmax(-1) @ v.float()
+        if gate is not None:
+            out = out + gate[:, :, rows].float() * coarse[:, :, t, None].float()
+        outs.append(out)
+    return torch.cat(outs, dim=2)
+
+
+def check_correctness(results: dict) -> None:
+    """Small shape with partial tiles: full VSA call vs the torch reference of attention/vsa.py."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    metadata = attention.build_vsa_metadata((6, 10, 13), 0.7, "cuda")
+    S, N = metadata.total_seq_length, 4
+    q, k, v, gate = (torch.randn(1, N, S, HEAD_DIM, device="cuda", generator=gen, dtype=torch.bfloat16)
+                     for _ in range(4))
+    expected = attention.vsa_attention_reference(q.float(), k.float(), v.float(), gate.float(), metadata)
+    got = attention.VSAAttention(metadata, impl="triton")(q, k, v, gate)
+    err = ((got.float() - expected).norm() / expected.norm()).item()
+    results["small_shape_rel_err"] = err
+    print(f"correctness small grid (6,10,13) bf16 vs fp32 reference: rel err {err:.2e}")
+    assert err < 2e-2, err
+
+
+def bench_shape(name: str, sparsities: list[float], args, results: dict) -> None:
+    grid, N = SHAPES[name]
+    meta0 = attention.build_vsa_metadata(grid, sparsities[0], "cuda")
+    S, T = meta0.total_seq_length, meta0.num_tiles
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, gate = (torch.randn(1, N, S, HEAD_DIM, device="cuda", generator=gen, dtype=torch.bfloat16)
+                     for _ in range(4))
+    dense_flops = 4.0 * S * S * N * HEAD_DIM
+    rows = []
+
+    def add(label: str, ms: float, extra: dict | None = None) -> None:
+        rows.append({"shape": name, "what": label, "ms": ms, "dense_equiv_tflops": dense_flops / ms / 1e9,
+                     **(extra or {})})
+
+    for backend, label in ((SDPBackend.CUDNN_ATTENTION, "dense sdpa cudnn"),
+                           (SDPBackend.FLASH_ATTENTION, "dense sdpa flash")):
+        with sdpa_kernel([backend]):
+            add(label, time_ms(lambda: F.scaled_dot_product_attention(q, k, v)))
+    for sparsity in sparsities:
+        metadata = attention.build_vsa_metadata(grid, sparsity, "cuda")
+        vsa = attention.VSAAttention(metadata, impl="triton")
+        block_index, coarse = attention.vsa_select_blocks(q, k, v, metadata)
+        def fine(metadata=metadata, block_index=block_index, coarse=coarse):
+            return vsa_triton.vsa_fine_attention(q, k, v, metadata.tile_offsets, block_index, coarse, gate)
+
+        out = fine()
+        sizes = metadata.variable_block_sizes.long()
+        pairs = (sizes[block_index.long()].sum(-1) * sizes).sum().item()  # real (query, key) pairs
+        real_flops = 4.0 * pairs * HEAD_DIM
+        ms_fine = time_ms(fine)
+        add(f"vsa fine s={sparsity}", ms_fine,
+            {"topk": metadata.topk, "real_tflops": real_flops / ms_fine / 1e9})
+        add(f"vsa select s={sparsity}", time_ms(lambda: attention.vsa_select_blocks(q, k, v, metadata)))  # noqa: B023
+        add(f"vsa full s={sparsity}", time_ms(lambda: vsa(q, k, v, gate)), {"topk": metadata.topk})  # noqa: B023
+        tiles = [0, T // 2, T - 1]  # the last tile is partial on every axis at these grids
+        expected = masked_dense_rows(q, k, v, gate, coarse, metadata, block_index, tiles)
+        offs = metadata.tile_offsets.tolist()
+        got = torch.cat([out[:, :, offs[t]:offs[t + 1]] for t in tiles], dim=2).float()
+        err = ((got - expected).norm() / expected.norm()).item()
+        print(f"{name} s={sparsity}: fine kernel vs masked dense on tiles {tiles}: rel err {err:.2e}")
+        results.setdefault("real_shape_rel_err", {})[f"{name} s={sparsity}"] = err
+        if args.peer:
+            run_peer(name, sparsity, metadata, q, k, v, gate, add)
+        if args.sweep and name == "wan1.3b-480p":
+            sweep(q, k, v, gate, coarse, metadata, block_index, results)
+    cudnn_ms = rows[0]["ms"]
+    for row in rows:
+        row["speedup_vs_cudnn"] = cudnn_ms / row["ms"]
+    results.setdefault("rows", []).extend(rows)
+    best = getattr(vsa_triton._vsa_fine_kernel_tuned, "best_config", None)
+    results.setdefault("autotune_best", {})[name] = str(best)
+
+
+def sweep(q, k, v, gate, coarse, metadata, block_index, results: dict) -> None:
+    """Time every (num_warps, num_stages) launch of the raw kernel at this shape."""
+    B, N, S, D = q.shape
+    out = torch.empty_like(q)
+    T, topk = metadata.num_tiles, block_index.shape[-1]
+    args = (q, k, v, out, gate, coarse, metadata.tile_offsets, block_index, S, T, topk,
+            vsa_triton._LOG2E / math.sqrt(D))
+    for warps in (4, 8):
+        for stages in (2, 3, 4, 5):
+            def launch(warps=warps, stages=stages):
+                vsa_triton._vsa_fine_kernel[(T, B * N)](
+                    *args, HEAD_DIM=D, BLOCK_M=64, BLOCK_N=64, HAS_GATE=True, INPUT_PRECISION="tf32",
+                    DOT_IN_FP32=False, num_warps=warps, num_stages=stages)
+            try:
+                ms = time_ms(launch)
+            except Exception as exc:  # out of shared memory etc.
+                print(f"sweep warps={warps} stages={stages}: failed {exc!r:.80}")
+                continue
+            print(f"sweep topk={topk} warps={warps} stages={stages}: {ms:.3f} ms")
+            results.setdefault("sweep", []).append({"topk": topk, "warps": warps, "stages": stages, "ms": ms})
+
+
+def run_peer(name, sparsity, metadata, q, k, v, gate, add) -> None:
+    """FastVideo's Hopper kernel on the same inputs, padded layout (see shared/PEER_KERNEL.md)."""
+    try:
+        sys.setdlopenflags(os.RTLD_LAZY | os.RTLD_GLOBAL)
+        ctypes.CDLL("libcuda.so.1", mode=os.RTLD_GLOBAL)
+        import fastvideo_kernel  # noqa: F401
+
+        module = sys.modules["fastvideo_kernel.block_sparse_attn"]
+        from fastvideo_kernel import video_sparse_attn
+    except Exception as exc:
+        print(f"peer unavailable: {exc}")
+        return
+    if module._get_sm90_ops()[0] is None:
+        print("peer: Hopper op not loaded (would fall back to Triton); skipped")
+        return
+    # q, k, v are in compact tile order; tile() takes raster order, so map back first.
+    to_raster = metadata.reverse_tile_partition_indices
+    padded = [attention.tile(x.index_select(2, to_raster), metadata).clone() for x in (q, k, v, gate)]
+    sizes = metadata.variable_block_sizes
+
+    def call():
+        return video_sparse_attn(padded[0], padded[1], padded[2], sizes, sizes, metadata.topk,
+                                 block_size=(4, 4, 4), compress_attn_weight=padded[3])
+
+    add(f"peer fastvideo full s={sparsity}", time_ms(call), {"topk": metadata.topk})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=None, help="write results JSON here")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--sparsity", nargs="+", type=float, default=[0.8, 0.9, 0.95])
+    parser.add_argument("--peer", action="store_true", help="also time fastvideo_kernel if importable")
+    parser.add_argument("--sweep", action="store_true", help="time each num_warps/num_stages launch")
+    args = parser.parse_args()
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    check_correctness(results)
+    for name in args.shapes:
+        bench_shape(name, args.sparsity, args, results)
+    print(f"\n{'shape':<14} {'what':<28} {'ms':>9} {'TFLOP/s*':>9} {'x cuDNN':>8}")
+    for row in results["rows"]:
+        print(f"{row['shape']:<14} {row['what']:<28} {row['ms']:>9.3f} {row['dense_equiv_tflops']:>9.1f} "
+              f"{row['speedup_vs_cudnn']:>8.2f}")
+    print("* dense-equivalent: 4*S*S*N*D / t")
+    print(f"autotune best: {results.get('autotune_best')}")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""VSA fine Triton kernel vs a slow fp32 reference (loop over query tiles).
+
+CPU checks run the kernel under TRITON_INTERPRET=1 in a subprocess (this file run as a script), because
+another test module may already have imported triton in this pytest process without the interpreter.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+_TILE_SIZES = (64, 64, 37, 12, 64, 5)  # partial tiles in the middle and at the end
+
+
+def _tile_offsets(tile_sizes: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(tile_sizes).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def _random_block_index(batch: int, heads: int, num_tiles: int, topk: int, gen: torch.Generator):
+    scores = torch.rand(batch, heads, num_tiles, num_tiles, generator=gen)
+    return scores.topk(topk, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+
+
+def reference_vsa_fine(q, k, v, tile_offsets, block_index, coarse=None, gate=None) -> torch.Tensor:
+    """Obvious fp32 reference: for each (b, n, query tile) gather the selected tiles' real keys."""
+    q, k, v = q.float(), k.float(), v.float()
+    batch, heads, _, head_dim = q.shape
+    offsets = tile_offsets.tolist()
+    out = torch.zeros_like(q)
+    for b in range(batch):
+        for n in range(heads):
+            for t in range(len(offsets) - 1):
+                rows = slice(offsets[t], offsets[t + 1])
+                selected = block_index[b, n, t].tolist()
+                keys = torch.cat([torch.arange(offsets[s], offsets[s + 1]) for s in selected])
+                scores = q[b, n, rows] @ k[b, n, keys].T / math.sqrt(head_dim)
+                out[b, n, rows] = scores.softmax(-1) @ v[b, n, keys]
+                if gate is not None and coarse is not None:
+                    out[b, n, rows] += gate[b, n, rows].float() * coarse[b, n, t].float()
+    return out
+
+
+def _check_case(dtype: torch.dtype, head_dim: int, seed: int) -> None:
+    from attention.vsa_triton import vsa_fine_attention
+
+    gen = torch.Generator().manual_seed(seed)
+    batch, heads = 2, 3
+    offsets = _tile_offsets(_TILE_SIZES)
+    num_tiles, seq_len = len(_TILE_SIZES), int(offsets[-1])
+    q, k, v, gate = (torch.randn(batch, heads, seq_len, head_dim, generator=gen) for _ in range(4))
+    coarse = torch.randn(batch, heads, num_tiles, head_dim, generator=gen)
+    bound = 1e-4 if dtype == torch.float32 else 2e-2  # half inputs: rounding of q, k, v and p
+    # every topk once in fp32 D=16; the other cases keep the interpreter time down (CI has 2 cores)
+    topks = range(1, num_tiles + 1) if (dtype, head_dim) == (torch.float32, 16) else (1, 4, num_tiles)
+    for topk in topks:
+        block_index = _random_block_index(batch, heads, num_tiles, topk, gen)
+        for with_gate in (False, True):
+            g, c = (gate, coarse) if with_gate else (None, None)
+            cast = [t.to(dtype) for t in (q, k, v)]
+            g_cast = None if g is None else g.to(dtype)
+            got = vsa_fine_attention(*cast, offsets, block_index, c, g_cast)
+            assert got.dtype == dtype and got.shape == q.shape
+            # reference on the rounded inputs isolates kernel error from input rounding
+            expected = reference_vsa_fine(*cast, offsets, block_index, c, g_cast)
+            err = (got.float() - expected).norm() / expected.norm()
+            assert err < bound, f"{dtype} D={head_dim} topk={topk} gate={with_gate}: rel err {err:.2e}"
+
+
+def _run_interpreted(dtype_name: str, head_dim: int) -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(_REPO_ROOT)}
+    cmd = [sys.executable, __file__, dtype_name, str(head_dim)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+_INTERPRETED_CASES = [("float32", 16), ("float32", 32), ("bfloat16", 32), ("float16", 16)]  # (dtype, D)
+
+
+@pytest.mark.parametrize(("dtype_name", "head_dim"), _INTERPRETED_CASES)
+def test_interpreted_kernel_matches_reference(dtype_name: str, head_dim: int) -> None:
+    _run_interpreted(dtype_name, head_dim)
+
+
+def test_reference_equals_dense_at_full_selection() -> None:
+    """Sanity of the reference itself: all tiles selected == dense softmax attention."""
+    gen = torch.Generator().manual_seed(0)
+    offsets = _tile_offsets(_TILE_SIZES)
+    seq_len, num_tiles = int(offsets[-1]), len(_TILE_SIZES)
+    q, k, v = (torch.randn(1, 2, seq_len, 16, generator=gen) for _ in range(3))
+    block_index = torch.arange(num_tiles, dtype=torch.int32).expand(1, 2, num_tiles, num_tiles)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(reference_vsa_fine(q, k, v, offsets, block_index), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_fake_impl_shape() -> None:
+    """The registered op's fake implementation gives the output shape without running the kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from attention.vsa_triton import vsa_fine_attention
+
+    with FakeTensorMode():
+        q = torch.empty(1, 2, 128, 32, dtype=torch.bfloat16)
+        offsets = torch.empty(3, dtype=torch.int32)
+        block_index = torch.empty(1, 2, 2, 1, dtype=torch.int32)
+        out = vsa_fine_attention(q, q, q, offsets, block_index)
+    assert out.shape == q.shape and out.dtype == q.dtype
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_d128_bf16() -> None:
+    from attention.vsa_triton import vsa_fine_attention
+
+    gen = torch.Generator().manual_seed(1)
+    sizes = tuple([64] * 40 + [48, 64, 17] * 3)
+    offsets = _tile_offsets(sizes)
+    num_tiles, seq_len = len(sizes), int(offsets[-1])
+    batch, heads, head_dim, topk = 1, 4, 128, 7
+    q, k, v, gate = (torch.randn(batch, heads, seq_len, head_dim, generator=gen) for _ in range(4))
+    coarse = torch.randn(batch, heads, num_tiles, head_dim, generator=gen)
+    block_index = _random_block_index(batch, heads, num_tiles, topk, gen)
+    cast = [t.to(torch.bfloat16) for t in (q, k, v, gate)]
+    expected = reference_vsa_fine(*cast[:3], offsets, block_index, coarse, cast[3])
+    got = vsa_fine_attention(*(t.cuda() for t in cast[:3]), offsets.cuda(), block_index.cuda(),
+                             coarse.cuda(), cast[3].cuda())
+    err = (got.float().cpu() - expected).norm() / expected.norm()
+    assert err < 1e-2, f"rel err {err:.2e}"
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    _check_case(getattr(torch, sys.argv[1]), int(sys.argv[2]), seed=int(sys.argv[2]))
+    print("ok")
