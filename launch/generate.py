@@ -1,14 +1,20 @@
 """Generate a video: `torchrun --nproc_per_node=N launch/generate.py key=value ...` (or plain `python`).
 
 Resolves and validates the config on every rank before any process group exists, sets up the process group
-and the (cfg, sp) mesh from torchrun's environment, runs the orchestrator and always destroys the group.
+and the (cfg, sp) mesh from torchrun's environment, checks that all ranks resolved the same config, runs the
+orchestrator and always destroys the group. Failures print `error: rank R failed during <phase>: ...`;
+SIGINT/SIGTERM unwind (temp files removed, group destroyed) and exit 128 + the signal number.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo's packages importable
@@ -21,9 +27,12 @@ from runtime import (  # noqa: E402
     generate,
     init_process_group_from_env,
 )
+from runtime.faults import FAULT_ENV, parse_fault_spec  # noqa: E402
+from runtime.guards import Interrupted, NonFiniteLatentsError, RankFailure, is_peer_loss, verify_same_config  # noqa: E402
 
-COLLECTIVE_TIMEOUT_S = 600.0
+EXIT_FAILURE = 1
 EXIT_USER_ERROR = 2
+_USER_ERRORS = (ValueError, TypeError, FileExistsError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,21 +46,87 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"[rank{rank}] %(levelname)s %(message)s",
     )
+    with _signals_raise_interrupted() as guard:
+        try:
+            return _run(argv, rank, world_size, guard)
+        except Interrupted as err:  # the process group is already destroyed (finally in _run)
+            if rank == 0 or err.phase is not None:
+                print(f"error: rank {rank} interrupted by {signal.Signals(err.signum).name} during "
+                      f"{err.phase or 'config'}; stopped, no output written", file=sys.stderr, flush=True)
+            return 128 + err.signum
+
+
+def _run(argv: list[str], rank: int, world_size: int, guard: _SignalGuard) -> int:
     try:
-        cfg, arch = resolve_config(argv)
+        faults = parse_fault_spec(os.environ.get(FAULT_ENV, ""))  # test-only hook, parsed once (README)
+        cfg, arch = resolve_config([*argv, *faults.overrides_for(rank)])
         cfg.validate(world_size=world_size)
     except (ValueError, TypeError) as err:
         return _user_error(rank, err)
 
     try:
-        _, _, _, device = init_process_group_from_env(COLLECTIVE_TIMEOUT_S)
+        _, _, _, device = init_process_group_from_env(cfg.parallel.timeout_s)
+        verify_same_config(cfg, arch)  # one all_gather_object: a rank with other arguments fails here
         mesh = build_mesh(cfg=cfg.parallel.cfg, sp=cfg.parallel.sp, device=device)
-        generate(cfg, arch, mesh)
-    except (ValueError, FileExistsError) as err:  # user errors found while building; bugs keep tracebacks
-        return _user_error(rank, err)
+        generate(cfg, arch, mesh, faults=faults)
+    except RankFailure as failure:
+        guard.armed = False  # torchrun's SIGTERM to the survivors must not garble this report
+        return _report_failure(rank, failure.phase, failure.cause, cfg.parallel.timeout_s)
+    except Exception as err:  # process group, config check or mesh
+        guard.armed = False
+        return _report_failure(rank, "config", err, cfg.parallel.timeout_s)
     finally:
         destroy_process_group_safely()
     return 0
+
+
+def _report_failure(rank: int, phase: str, cause: BaseException, timeout_s: float) -> int:
+    """Print one `error: rank R ... during <phase>: ...` line (bugs keep their traceback); the exit code."""
+    if isinstance(cause, _USER_ERRORS):  # identical on every rank (configs are verified equal): print once
+        if rank == 0:
+            print(f"error: rank {rank} failed during {phase}: {cause}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    if is_peer_loss(cause):
+        message = str(cause).splitlines()[0].split(". This is typically")[0]
+        why = f"no answer within parallel.timeout_s={timeout_s:g} s" if "imed out" in message else "connection lost"
+        print(f"error: rank {rank} stopped during {phase}: another rank failed, was killed or hung ({why}); its "
+              f"error is above or in torchrun's summary. [{message}]", file=sys.stderr, flush=True)
+        return EXIT_FAILURE
+    if isinstance(cause, NonFiniteLatentsError):  # raised on every rank with the same step
+        if rank == 0:
+            print(f"error: rank {rank} failed during {phase}: {cause}", file=sys.stderr, flush=True)
+        return EXIT_FAILURE
+    if not isinstance(cause, OSError):  # disk full / unwritable output are not bugs; the rest keep a traceback
+        traceback.print_exception(cause)
+    print(f"error: rank {rank} failed during {phase}: {type(cause).__name__}: {cause}", file=sys.stderr, flush=True)
+    return EXIT_FAILURE
+
+
+class _SignalGuard:
+    """SIGINT/SIGTERM handler: the first signal raises `Interrupted` (while armed), a second exits at once."""
+
+    def __init__(self) -> None:
+        self.armed = True
+        self.received: int | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.received is not None:
+            os._exit(128 + signum)  # impatient second Ctrl-C: no more unwinding
+        self.received = signum
+        if self.armed:
+            raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _signals_raise_interrupted() -> Iterator[_SignalGuard]:
+    """Install `_SignalGuard` for SIGINT and SIGTERM (torchrun forwards both to every worker); restore after."""
+    guard = _SignalGuard()
+    previous = {sig: signal.signal(sig, guard) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield guard
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _user_error(rank: int, err: Exception) -> int:
@@ -61,4 +136,10 @@ def _user_error(rank: int, err: Exception) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    # torchrun SIGTERMs the other ranks once one exits: keep our exit code (not -15) during interpreter teardown.
+    _teardown_guard = _SignalGuard()
+    _teardown_guard.armed = False
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_sig, _teardown_guard)
+    sys.exit(exit_code)

@@ -141,6 +141,19 @@ def _listing(title: str, items: list[str]) -> str:
     return f"{title} ({len(items)}): {shown}{more}"
 
 
+def _raise_on_nonfinite_synced(names: list[str], finite_flags: list[torch.Tensor], files: list[Path]) -> None:
+    """ValueError naming every tensor holding NaN/Inf; one host sync for the whole checkpoint."""
+    if not finite_flags:
+        return
+    bad = [name for name, ok in zip(names, torch.stack(finite_flags).tolist(), strict=True) if not ok]
+    if bad:
+        where = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+        raise ValueError(
+            f"checkpoint {where} has NaN/Inf values in " + _listing("tensors", bad)
+            + ". The file is corrupt or was saved after a diverged run: re-download or re-export it."
+        )
+
+
 @torch.no_grad()
 def load_wan_weights_(
     model: WanTransformer,
@@ -194,6 +207,7 @@ def load_wan_weights_(
         )
 
     num_bytes = 0
+    finite_flags: list[torch.Tensor] = []  # one isfinite reduction per tensor, on the device; read once below
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for name, (file, key, _) in entries.items():
         by_file.setdefault(file, []).append((name, key))
@@ -206,9 +220,12 @@ def load_wan_weights_(
                         device=device, dtype=wan_param_dtype(name, dtype), copy=True
                     )
                     set_parameter_(model, name, tensor)
+                    finite_flags.append(torch.isfinite(tensor).all())
                     num_bytes += tensor.numel() * tensor.element_size()
         except Exception as err:
             raise ValueError(f"failed reading tensors from safetensors file {file}: {err}") from err
+    names = [name for names_in_file in by_file.values() for name, _ in names_in_file]
+    _raise_on_nonfinite_synced(names, finite_flags, files)
     for name in zero_init:
         tensor = torch.zeros(expected[name], device=device, dtype=wan_param_dtype(name, dtype))
         set_parameter_(model, name, tensor)

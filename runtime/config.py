@@ -30,6 +30,8 @@ class ModelConfig:
 class ParallelConfig:
     sp: int = 1
     cfg: int = 1
+    # Every collective fails after this long instead of hanging on a dead or stuck peer rank.
+    timeout_s: float = 600.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,6 +110,10 @@ class GenerateConfig:
             raise ValueError(f"parallel.cfg={par.cfg} must be 1 (batched CFG) or 2 (CFG split over 2 ranks).")
         if par.sp < 1:
             raise ValueError(f"parallel.sp={par.sp} must be >= 1.")
+        if not math.isfinite(par.timeout_s) or par.timeout_s <= 0:
+            raise ValueError(
+                f"parallel.timeout_s={par.timeout_s} must be > 0 seconds (collective timeout), e.g. 600."
+            )
         if par.cfg == 2 and self.guidance_scale == 1.0:
             raise ValueError(
                 "parallel.cfg=2 needs classifier-free guidance: set guidance_scale != 1 or parallel.cfg=1."

@@ -22,6 +22,8 @@ from parallel import ParallelMesh, warmup_collectives
 from runtime.checkpoint import resolve_checkpoint
 from runtime.conditioning import draw_initial_noise
 from runtime.config import GenerateConfig
+from runtime.faults import NO_FAULTS, FaultPlan, inject_step_faults
+from runtime.guards import Interrupted, NonFiniteLatentsError, Progress, RankFailure, first_nonfinite_step_synced
 from runtime.output import check_output_path, write_json_atomic, write_latents_atomic, write_video_atomic
 from runtime.plan import AttentionPlan, build_attention_plan
 from runtime.request import build_request_state
@@ -102,14 +104,34 @@ def build_model(cfg: GenerateConfig, model_cfg: WanConfig, device: torch.device)
     return model.eval(), load_info
 
 
+def generate(cfg: GenerateConfig, arch: dict, mesh: ParallelMesh, faults: FaultPlan = NO_FAULTS) -> GenerateResult:
+    """Run one request on this rank; rank 0 writes the video, the JSON report and optionally the latents.
+
+    Any exception is re-raised as `RankFailure` (a KeyboardInterrupt as `Interrupted`) naming this rank and
+    the phase: "config", "load", "step N" (0-based), "decode" or "write", with the original as its cause.
+    Nothing is decoded or written unless every rank's latents stayed finite; the three output files land
+    together or not at all. `faults` is for tests only (runtime/faults.py).
+    """
+    progress = Progress()
+    try:
+        return _generate(cfg, arch, mesh, faults, progress)
+    except KeyboardInterrupt as err:
+        raise Interrupted.at(err, mesh.rank, progress.phase) from err
+    except Exception as err:
+        raise RankFailure(mesh.rank, progress.phase, err) from err
+
+
 @torch.inference_mode()
-def generate(cfg: GenerateConfig, arch: dict, mesh: ParallelMesh) -> GenerateResult:
-    """Run one request on this rank; rank 0 writes the video, the JSON report and optionally the latents."""
+def _generate(
+    cfg: GenerateConfig, arch: dict, mesh: ParallelMesh, faults: FaultPlan, progress: Progress
+) -> GenerateResult:
     t_start = time.perf_counter()
     model_cfg, plan = prepare(cfg, arch, mesh)
     conditioning = plan_conditioning(cfg)  # real UMT5 + VAE or the tiny stand-ins; fails before weight load
     device, is_main = mesh.device, mesh.rank == 0
     _reset_peak_memory(device)
+    progress.stage = "load"
+    faults.fire_phase("load", mesh.rank)
 
     # Text first, so the encoder is freed before the DiT loads (peak = max of the two, not the sum).
     dtype = getattr(torch, cfg.model.dtype)
@@ -134,8 +156,14 @@ def generate(cfg: GenerateConfig, arch: dict, mesh: ParallelMesh) -> GenerateRes
 
     step_seconds = []
     batch = text.shape[0]
+    step_faults = faults.step_faults(mesh.rank)
+    finite_steps = torch.ones(cfg.num_steps, dtype=torch.bool, device=device)  # read once, after the loop
+    progress.stage = "step"
     for step in tqdm(range(cfg.num_steps), desc="denoising", disable=not is_main, leave=False):
         t0 = time.perf_counter()
+        progress.step = step
+        if step in step_faults:
+            latents = inject_step_faults(step_faults[step], latents, step, mesh.rank)
         timestep = timesteps[step].expand(batch)
         model_in = latents.to(dtype).expand(batch, -1, -1, -1, -1)
         pred = model(model_in, timestep, text, ctx=state.context_for_step(step)).float()
@@ -143,8 +171,14 @@ def generate(cfg: GenerateConfig, arch: dict, mesh: ParallelMesh) -> GenerateRes
             cond, uncond = _cfg_branches(pred, mesh)
             pred = uncond + cfg.guidance_scale * (cond - uncond)
         latents = scheduler.step(pred, step, latents)
+        finite_steps[step] = torch.isfinite(latents).all()  # on the device: no host sync per step
         step_seconds.append(_elapsed_synced(t0, device))
     loop_seconds = time.perf_counter() - t_loop
+    nonfinite = first_nonfinite_step_synced(finite_steps)  # also a barrier before rank 0 writes
+    if nonfinite is not None:
+        progress.step = nonfinite[0]
+        raise NonFiniteLatentsError(*nonfinite)
+    progress.stage = "decode"
 
     report = {
         "config": asdict(cfg),
@@ -168,7 +202,7 @@ def generate(cfg: GenerateConfig, arch: dict, mesh: ParallelMesh) -> GenerateRes
     if is_main:
         del model, state  # the VAE decode needs the memory more than the finished DiT
         free_device_memory(device)
-        _write_outputs(cfg, latents, report, t_start, device, (f, h, w), conditioning)
+        _write_outputs(progress, faults, cfg, latents, report, t_start, device, (f, h, w), conditioning)
     return GenerateResult(latents=latents, report=report)
 
 
@@ -181,9 +215,12 @@ def _cfg_branches(pred: torch.Tensor, mesh: ParallelMesh) -> tuple[torch.Tensor,
     return gathered[0], gathered[1]
 
 
-def _write_outputs(cfg, latents, report, t_start, device, latent_fhw, conditioning: ConditioningPlan) -> None:
+def _write_outputs(
+    progress, faults, cfg, latents, report, t_start, device, latent_fhw, conditioning: ConditioningPlan) -> None:
     decoder = build_latent_decoder(conditioning, cfg.seed, device)
+    faults.fire_phase("decode", 0)  # only rank 0 decodes and writes
     frames = decoder.decode(latents)[0]
+    progress.stage = "write"
     del decoder
     report["conditioning"] = {"text_encoder": conditioning.text, "decoder": conditioning.decoder}
     (out, _), (report_path, _), *latents_path = output_paths(cfg)
@@ -192,10 +229,17 @@ def _write_outputs(cfg, latents, report, t_start, device, latent_fhw, conditioni
     report["latent_shape"] = list(latents.shape)
     report["video"] = {"path": str(out), "frames": int(frames.shape[0]), "height": int(frames.shape[1]),
                        "width": int(frames.shape[2]), "fps": FPS}
-    write_video_atomic(out, frames.cpu().numpy(), fps=FPS, overwrite=cfg.output.overwrite)
-    for path, _ in latents_path:
-        write_latents_atomic(path, latents.float().cpu(), overwrite=cfg.output.overwrite)
-    write_json_atomic(report_path, report, overwrite=cfg.output.overwrite)
+    written: list[Path] = []
+    try:  # all files or none: a failure (disk full, interrupt) removes those already written
+        written.append(write_video_atomic(out, frames.cpu().numpy(), fps=FPS, overwrite=cfg.output.overwrite))
+        for path, _ in latents_path:
+            written.append(write_latents_atomic(path, latents.float().cpu(), overwrite=cfg.output.overwrite))
+        faults.fire_phase("write", 0)
+        written.append(write_json_atomic(report_path, report, overwrite=cfg.output.overwrite))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     log.info("wrote %s (%d frames, %.1f s total)", out, frames.shape[0], report["total_seconds"])
 
 

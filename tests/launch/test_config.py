@@ -10,6 +10,7 @@ from launch.generate import main
 EXACT_KEYS = {
     "prompt", "negative_prompt", "seed", "num_frames", "height", "width", "num_steps", "guidance_scale",
     "flow_shift", "scheduler", "model.preset", "model.path", "model.dtype", "parallel.sp", "parallel.cfg",
+    "parallel.timeout_s",
     "attention.backend", "attention.sparsity", "attention.dense_blocks", "attention.dense_steps",
     "output.path", "output.overwrite", "output.save_latents",
 }
@@ -73,6 +74,7 @@ def test_resolve_errors_name_the_key(argv, exc, needle):
         (["parallel.cfg=3"], 3, "parallel.cfg"),
         (["parallel.sp=2"], 4, "parallel.sp"),
         (["parallel.sp=2", "parallel.cfg=2"], 2, "world size"),
+        (["parallel.timeout_s=0"], 1, "parallel.timeout_s"),
         (["model.preset=wan2.1-t2v-1.3b"], 1, "model.path"),
         (["scheduler=ddim"], 1, "scheduler"),
         (["model.dtype=float16"], 1, "model.dtype"),
