@@ -201,14 +201,36 @@ def vsa_select_blocks(
     [B, N, T, D], the per-query-TILE coarse output: softmax over all key tiles of ``q_c k_c^T / sqrt(D)``
     times ``v_c``; not broadcast to tokens). Tile means are rounded to the input dtype first.
     """
-    scale = 1.0 / math.sqrt(q_BNSD.shape[-1])
-    q_c, k_c, v_c = (_tile_means(x, metadata).float() for x in (q_BNSD, k_BNSD, v_BNSD))
+    q_c, k_c, v_c = (_tile_means(x, metadata) for x in (q_BNSD, k_BNSD, v_BNSD))
+    return select_from_tile_means(q_c, k_c, v_c, metadata.topk)
+
+
+def select_from_tile_means(
+    q_c_BNTD: torch.Tensor, k_c_BNTD: torch.Tensor, v_c_BNTD: torch.Tensor, topk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block scores, top-k key tiles and the coarse output from per-tile means (see vsa_select_blocks)."""
+    scale = 1.0 / math.sqrt(q_c_BNTD.shape[-1])
+    q_c, k_c, v_c = q_c_BNTD.float(), k_c_BNTD.float(), v_c_BNTD.float()
     scores_BNTT = torch.matmul(q_c, k_c.transpose(-1, -2)) * scale
-    # Stable descending sort keeps equal scores in index order: ties break toward the lower tile.
-    order = torch.sort(scores_BNTT, dim=-1, descending=True, stable=True).indices
-    block_index_BNTK = torch.sort(order[..., : metadata.topk], dim=-1).values.to(torch.int32)
+    block_index_BNTK = _topk_lower_index_wins(scores_BNTT, topk)
     coarse_BNTD = torch.matmul(torch.softmax(scores_BNTT, dim=-1), v_c)
     return block_index_BNTK, coarse_BNTD
+
+
+def _topk_lower_index_wins(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """Indices of the ``topk`` largest fp32 scores per row, ties to the lower index; int32, ascending.
+
+    Equivalent to a stable descending sort, but one ``topk`` on unique int64 keys: the fp32 bits mapped to
+    an order-preserving int32 (negative floats get their magnitude bits flipped) in the high half, and
+    ``T - 1 - index`` in the low half, so among equal scores the lower index has the larger key.
+    """
+    num_tiles = scores.shape[-1]
+    bits = (scores + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0: they compare equal as floats
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    reverse_index = torch.arange(num_tiles - 1, -1, -1, device=scores.device, dtype=torch.int64)
+    keys = (ordered << 32) | reverse_index
+    top_keys = torch.topk(keys, topk, dim=-1, sorted=False).values
+    return (num_tiles - 1 - (top_keys & 0xFFFFFFFF)).sort(dim=-1).values.to(torch.int32)
 
 
 def vsa_attention_reference(
@@ -281,9 +303,9 @@ class VSAAttention:
         self.impl = impl
         self._fine = None
         if impl == "triton":
-            from attention.vsa_triton import vsa_fine_attention
+            from attention.vsa_triton import vsa_fine_attention, vsa_tile_means
 
-            self._fine = vsa_fine_attention
+            self._fine, self._tile_means = vsa_fine_attention, vsa_tile_means
 
     def __call__(
         self,
@@ -294,7 +316,9 @@ class VSAAttention:
     ) -> torch.Tensor:
         if self._fine is None:
             return vsa_attention_reference(q_BNSD, k_BNSD, v_BNSD, gate_BNSD, self.metadata)
-        block_index_BNTK, coarse_BNTD = vsa_select_blocks(q_BNSD, k_BNSD, v_BNSD, self.metadata)
+        m = self.metadata
+        means = [self._tile_means(x, m.tile_offsets, m.num_tiles) for x in (q_BNSD, k_BNSD, v_BNSD)]
+        block_index_BNTK, coarse_BNTD = select_from_tile_means(*means, m.topk)
         return self._fine(
             q_BNSD,
             k_BNSD,

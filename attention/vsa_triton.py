@@ -22,10 +22,12 @@ _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 @triton.jit
 def _vsa_fine_kernel(
-    Q, K, V, OUT, GATE, COARSE,  # [B*N, S, D] contiguous; COARSE [B*N, T, D]
+    Q, K, V, OUT, GATE, COARSE,  # [B, N, S, D] with any (batch, head, token) strides, D contiguous
+    stride_qb, stride_qn, stride_qs,  # q, k, v, out and gate share one layout (checked by the caller)
     TILE_OFFSETS,  # int32 [T + 1]
     BLOCK_INDEX,  # int32 [B*N, T, topk]
-    seq_len, num_tiles, topk,
+    COARSE_STRIDE_BH,  # elements between consecutive (b, n) rows of COARSE [B*N, T, D]
+    num_heads, num_tiles, topk,
     qk_scale,  # log2(e) / sqrt(D): scores in the exp2 domain
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -36,7 +38,8 @@ def _vsa_fine_kernel(
 ):
     tile_q = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    head_off = bh * seq_len * HEAD_DIM  # int64: B*N*S*D exceeds 2**31 at 14B/720p with B=2
+    # int64 offsets: B*N*S*D exceeds 2**31 at 14B/720p with B=2
+    head_off = (bh // num_heads) * stride_qb + (bh % num_heads) * stride_qn
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -46,7 +49,8 @@ def _vsa_fine_kernel(
     q_end = tl.load(TILE_OFFSETS + tile_q + 1)
     rows = q_start + offs_m
     row_mask = rows < q_end
-    q = tl.load(Q + head_off + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_mask[:, None], other=0.0)
+    io_offsets = head_off + rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
+    q = tl.load(Q + io_offsets, mask=row_mask[:, None], other=0.0)
     if DOT_IN_FP32:
         q = q.to(tl.float32)
 
@@ -54,26 +58,25 @@ def _vsa_fine_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    k_base = K + head_off
-    v_base = V + head_off
     index_row = BLOCK_INDEX + (bh * num_tiles + tile_q) * topk
     for j in range(0, topk):
-        # scalar index loads; gathering two tiles per step (BLOCK_N = 128) measured 1.4x slower on H100
         tile_k = tl.load(index_row + j)
         k_start = tl.load(TILE_OFFSETS + tile_k)
+        k_end = tl.load(TILE_OFFSETS + tile_k + 1)
         cols = k_start + offs_n
-        col_mask = cols < tl.load(TILE_OFFSETS + tile_k + 1)  # keys past a tile's end are never read
-        k_t = tl.load(k_base + cols[None, :] * HEAD_DIM + offs_d[:, None], mask=col_mask[None, :], other=0.0)
+        col_mask = cols < k_end  # keys past a tile's real tokens are never read
+        kv_offsets = head_off + cols[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
+        k = tl.load(K + kv_offsets, mask=col_mask[:, None], other=0.0)  # [BLOCK_N, D], rows contiguous
         if DOT_IN_FP32:
-            k_t = k_t.to(tl.float32)
-        s = tl.dot(q, k_t, input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
         s = tl.where(col_mask[None, :], s * qk_scale, float("-inf"))
         # every tile owns >= 1 real token, so m_new is finite after the first step
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=col_mask[:, None], other=0.0)
+        v = tl.load(V + kv_offsets, mask=col_mask[:, None], other=0.0)
         acc = acc * alpha[:, None]
         p_v = p.to(V.dtype.element_ty)  # P rounded to the value dtype, as on GPU
         if DOT_IN_FP32:
@@ -82,12 +85,33 @@ def _vsa_fine_kernel(
         m_i = m_new
 
     out = acc / l_i[:, None]
-    io_offsets = head_off + rows[:, None] * HEAD_DIM + offs_d[None, :]
     if HAS_GATE:
         gate = tl.load(GATE + io_offsets, mask=row_mask[:, None], other=0.0).to(tl.float32)
-        coarse = tl.load(COARSE + (bh * num_tiles + tile_q) * HEAD_DIM + offs_d).to(tl.float32)
+        coarse = tl.load(COARSE + bh * COARSE_STRIDE_BH + tile_q * HEAD_DIM + offs_d).to(tl.float32)
         out += gate * coarse[None, :]
     tl.store(OUT + io_offsets, out.to(OUT.dtype.element_ty), mask=row_mask[:, None])
+
+
+@triton.jit
+def _tile_means_kernel(
+    X, OUT,  # X [B, N, S, D] (any batch/head/token strides, D contiguous); OUT [B, N, T, D] contiguous
+    stride_xb, stride_xn, stride_xs,
+    TILE_OFFSETS,  # int32 [T + 1]
+    num_heads, num_tiles,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    start = tl.load(TILE_OFFSETS + tile)
+    end = tl.load(TILE_OFFSETS + tile + 1)
+    rows = start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = (bh // num_heads) * stride_xb + (bh % num_heads) * stride_xn
+    offsets = base + rows[:, None].to(tl.int64) * stride_xs + offs_d[None, :]
+    x = tl.load(X + offsets, mask=(rows < end)[:, None], other=0.0)
+    mean = tl.sum(x.to(tl.float32), 0) / (end - start).to(tl.float32)  # fp32 accumulation, then rounded
+    tl.store(OUT + (bh * num_tiles + tile) * HEAD_DIM + offs_d, mean.to(OUT.dtype.element_ty))
 
 
 def _autotune_configs() -> list[triton.Config]:
@@ -105,15 +129,15 @@ def _launch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile_offsets: torch.Tensor,
     block_index: torch.Tensor, coarse: torch.Tensor | None, gate: torch.Tensor | None,
 ) -> torch.Tensor:
-    batch, heads, seq_len, head_dim = q.shape
+    batch, heads, _, head_dim = q.shape
     num_tiles, topk = block_index.shape[2], block_index.shape[3]
-    out = torch.empty_like(q)
+    out = torch.empty_like(q)  # same strides as q (dense), so a [B, S, N, D] caller gets its layout back
     has_gate = gate is not None and coarse is not None
     gate_arg = gate if has_gate else q  # never read when HAS_GATE is False
     coarse_arg = coarse if has_gate else q
     grid = (num_tiles, batch * heads)
-    args = (q, k, v, out, gate_arg, coarse_arg, tile_offsets, block_index, seq_len, num_tiles, topk,
-            _LOG2E / math.sqrt(head_dim))
+    args = (q, k, v, out, gate_arg, coarse_arg, *q.stride()[:3], tile_offsets, block_index,
+            num_tiles * head_dim, heads, num_tiles, topk, _LOG2E / math.sqrt(head_dim))
     interpret = _INTERPRET or not q.is_cuda
     dot_in_fp32 = interpret and q.dtype == torch.bfloat16
     meta = dict(HEAD_DIM=head_dim, BLOCK_M=_TILE_TOKENS, BLOCK_N=_TILE_TOKENS, HAS_GATE=has_gate,
@@ -123,6 +147,23 @@ def _launch(
         _vsa_fine_kernel[grid](*args, **meta, num_warps=4, num_stages=1)
     else:
         _vsa_fine_kernel_tuned[grid](*args, **meta)
+    return out
+
+
+def vsa_tile_means(x_BNSD: torch.Tensor, tile_offsets: torch.Tensor, num_tiles: int) -> torch.Tensor:
+    """Per-tile mean of x over each tile's real tokens: [B, N, T, D] in x's dtype (fp32 accumulation).
+
+    x_BNSD: [B, N, S, D] in compact tile order, D contiguous (any batch/head/token strides).
+    One read of x, no padded copy; equals ``attention.vsa._tile_means`` (the torch spec).
+    """
+    batch, heads, _, head_dim = x_BNSD.shape
+    if x_BNSD.stride(-1) != 1:
+        x_BNSD = x_BNSD.contiguous()
+    out = torch.empty(batch, heads, num_tiles, head_dim, device=x_BNSD.device, dtype=x_BNSD.dtype)
+    _tile_means_kernel[(num_tiles, batch * heads)](
+        x_BNSD, out, *x_BNSD.stride()[:3], tile_offsets, heads, num_tiles,
+        HEAD_DIM=head_dim, BLOCK_M=_TILE_TOKENS, num_warps=4,
+    )
     return out
 
 
@@ -150,13 +191,15 @@ def vsa_fine_attention(
 ) -> torch.Tensor:
     """Block-sparse fine attention over compact tile order, plus the gated coarse term.
 
-    q_BNSD, k_BNSD, v_BNSD: [B, N, S, D], contiguous, one dtype of bf16/fp16/fp32, D a power of two
-        in [16, 256]; tokens in compact tile order (tile t owns [tile_offsets[t], tile_offsets[t+1])).
+    q_BNSD, k_BNSD, v_BNSD: [B, N, S, D], one dtype of bf16/fp16/fp32, D a power of two in [16, 256];
+        tokens in compact tile order (tile t owns [tile_offsets[t], tile_offsets[t+1])). Any batch/head/
+        token strides with D contiguous (e.g. a [B, S, N, D] tensor viewed as BNSD): read in place when
+        q, k, v (and gate) share one layout, else copied to contiguous.
     tile_offsets: int32 [T + 1], tile_offsets[0] == 0, tile_offsets[T] == S, each tile 1..64 tokens.
     block_index: int32 [B, N, T, K], the key tiles each query tile attends to (any order, no repeats).
     coarse_BNTD: [B, N, T, D] coarse output per query tile; gate_BNSD: [B, N, S, D] per-token gate.
         The term gate * coarse[tile of the token] is added only when both are given.
-    Returns [B, N, S, D] in q's dtype: softmax(q k^T / sqrt(D)) v over the real tokens of the selected
+    Returns [B, N, S, D] in q's dtype and q's memory layout: softmax(q k^T / sqrt(D)) v over the real tokens of the selected
     tiles, accumulated in fp32 with an online softmax.
     Shapes are checked here with no host sync; call it outside the hot loop's validation.
     """
@@ -174,9 +217,12 @@ def vsa_fine_attention(
     has_gate = gate_BNSD is not None and coarse_BNTD is not None
     if has_gate and (gate_BNSD.shape != q_BNSD.shape or coarse_BNTD.shape[2] != block_index.shape[2]):
         raise ValueError("vsa_fine_attention: gate must be [B, N, S, D] and coarse [B, N, num_tiles, D]")
-    q, k, v = (t.contiguous() for t in (q_BNSD, k_BNSD, v_BNSD))
+    inputs = (q_BNSD, k_BNSD, v_BNSD, *((gate_BNSD,) if has_gate else ()))
+    if q_BNSD.stride(-1) != 1 or any(t.stride() != q_BNSD.stride() for t in inputs):
+        inputs = tuple(t.contiguous() for t in inputs)  # the kernel takes one shared layout
+    q, k, v = inputs[:3]
+    gate = inputs[3] if has_gate else None
     tile_offsets = tile_offsets.to(torch.int32).contiguous()
     block_index = block_index.to(torch.int32).contiguous()
     coarse = coarse_BNTD.contiguous() if has_gate else None  # read in its own dtype, summed in fp32
-    gate = gate_BNSD.contiguous() if has_gate else None
     return _vsa_fine_op(q, k, v, tile_offsets, block_index, coarse, gate)

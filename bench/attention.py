@@ -1,6 +1,6 @@
 """Attention micro-benchmark on one GPU: dense SDPA (cuDNN, flash) vs our VSA (fine kernel, full call).
 
-Run from the repo root:  python bench/attention.py --out bench_attention.json [--peer] [--sweep]
+Run from the repo root:  python bench/attention.py --out bench_attention.json [--peer]
 Shapes: Wan-1.3B 480p (grid 21x30x52, 12 heads) and Wan-14B 720p (grid 21x45x80, 40 heads), D=128, bf16, B=1.
 Legend: B batch, N heads, S tokens, T tiles, K selected tiles, D head dim.
 """
@@ -109,7 +109,11 @@ def bench_shape(name: str, sparsities: list[float], args, results: dict) -> None
         ms_fine = time_ms(fine)
         add(f"vsa fine s={sparsity}", ms_fine,
             {"topk": metadata.topk, "real_tflops": real_flops / ms_fine / 1e9})
-        add(f"vsa select s={sparsity}", time_ms(lambda: attention.vsa_select_blocks(q, k, v, metadata)))  # noqa: B023
+        def select(metadata=metadata):
+            means = [vsa_triton.vsa_tile_means(x, metadata.tile_offsets, metadata.num_tiles) for x in (q, k, v)]
+            return attention.select_from_tile_means(*means, metadata.topk)
+
+        add(f"vsa select s={sparsity}", time_ms(select))
         add(f"vsa full s={sparsity}", time_ms(lambda: vsa(q, k, v, gate)), {"topk": metadata.topk})  # noqa: B023
         tiles = [0, T // 2, T - 1]  # the last tile is partial on every axis at these grids
         expected = masked_dense_rows(q, k, v, gate, coarse, metadata, block_index, tiles)
@@ -120,36 +124,12 @@ def bench_shape(name: str, sparsities: list[float], args, results: dict) -> None
         results.setdefault("real_shape_rel_err", {})[f"{name} s={sparsity}"] = err
         if args.peer:
             run_peer(name, sparsity, metadata, q, k, v, gate, add)
-        if args.sweep and name == "wan1.3b-480p":
-            sweep(q, k, v, gate, coarse, metadata, block_index, results)
     cudnn_ms = rows[0]["ms"]
     for row in rows:
         row["speedup_vs_cudnn"] = cudnn_ms / row["ms"]
     results.setdefault("rows", []).extend(rows)
     best = getattr(vsa_triton._vsa_fine_kernel_tuned, "best_config", None)
     results.setdefault("autotune_best", {})[name] = str(best)
-
-
-def sweep(q, k, v, gate, coarse, metadata, block_index, results: dict) -> None:
-    """Time every (num_warps, num_stages) launch of the raw kernel at this shape."""
-    B, N, S, D = q.shape
-    out = torch.empty_like(q)
-    T, topk = metadata.num_tiles, block_index.shape[-1]
-    args = (q, k, v, out, gate, coarse, metadata.tile_offsets, block_index, S, T, topk,
-            vsa_triton._LOG2E / math.sqrt(D))
-    for warps in (4, 8):
-        for stages in (2, 3, 4, 5):
-            def launch(warps=warps, stages=stages):
-                vsa_triton._vsa_fine_kernel[(T, B * N)](
-                    *args, HEAD_DIM=D, BLOCK_M=64, BLOCK_N=64, HAS_GATE=True, INPUT_PRECISION="tf32",
-                    DOT_IN_FP32=False, num_warps=warps, num_stages=stages)
-            try:
-                ms = time_ms(launch)
-            except Exception as exc:  # out of shared memory etc.
-                print(f"sweep warps={warps} stages={stages}: failed {exc!r:.80}")
-                continue
-            print(f"sweep topk={topk} warps={warps} stages={stages}: {ms:.3f} ms")
-            results.setdefault("sweep", []).append({"topk": topk, "warps": warps, "stages": stages, "ms": ms})
 
 
 def run_peer(name, sparsity, metadata, q, k, v, gate, add) -> None:
@@ -185,7 +165,6 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--sparsity", nargs="+", type=float, default=[0.8, 0.9, 0.95])
     parser.add_argument("--peer", action="store_true", help="also time fastvideo_kernel if importable")
-    parser.add_argument("--sweep", action="store_true", help="time each num_warps/num_stages launch")
     args = parser.parse_args()
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     check_correctness(results)

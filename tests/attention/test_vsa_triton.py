@@ -73,6 +73,33 @@ def _check_case(dtype: torch.dtype, head_dim: int, seed: int) -> None:
             assert err < bound, f"{dtype} D={head_dim} topk={topk} gate={with_gate}: rel err {err:.2e}"
 
 
+def _check_layouts_and_means() -> None:
+    """[B, S, N, D] tensors viewed as BNSD are read in place and the output keeps that layout; the Triton
+    tile means equal the torch spec (fp32 accumulation, rounded to the input dtype) on partial tiles."""
+    from attention.vsa import _tile_means, build_vsa_metadata
+    from attention.vsa_triton import vsa_fine_attention, vsa_tile_means
+
+    gen = torch.Generator().manual_seed(11)
+    metadata = build_vsa_metadata((5, 6, 7), 0.5, "cpu")  # partial tiles on every axis
+    batch, heads, head_dim, seq_len = 2, 3, 16, metadata.total_seq_length
+    q, k, v, gate = (torch.randn(batch, seq_len, heads, head_dim, generator=gen).transpose(1, 2) for _ in range(4))
+    coarse = torch.randn(batch, heads, metadata.num_tiles, head_dim, generator=gen)
+    block_index = _random_block_index(batch, heads, metadata.num_tiles, metadata.topk, gen)
+    strided = vsa_fine_attention(q, k, v, metadata.tile_offsets, block_index, coarse, gate)
+    assert strided.stride() == q.stride(), (strided.stride(), q.stride())
+    expected = reference_vsa_fine(q, k, v, metadata.tile_offsets, block_index, coarse, gate)
+    err = (strided - expected).norm() / expected.norm()
+    assert err < 1e-4, f"strided layout: rel err {err:.2e}"
+    for dtype in (torch.float32, torch.bfloat16):
+        x = q.to(dtype)
+        got = vsa_tile_means(x, metadata.tile_offsets, metadata.num_tiles)
+        spec = _tile_means(x, metadata)
+        assert got.dtype == dtype and got.shape == spec.shape
+        # Triton's CPU interpreter truncates fp32 -> bf16 (GPUs round to nearest): allow one bf16 ulp there.
+        rtol = 1e-6 if dtype == torch.float32 else 2.0**-7
+        torch.testing.assert_close(got.float(), spec.float(), rtol=rtol, atol=1e-6)
+
+
 def _run_interpreted(dtype_name: str, head_dim: int) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(_REPO_ROOT)}
     cmd = [sys.executable, __file__, dtype_name, str(head_dim)]
@@ -86,6 +113,10 @@ _INTERPRETED_CASES = [("float32", 16), ("float32", 32), ("bfloat16", 32), ("floa
 @pytest.mark.parametrize(("dtype_name", "head_dim"), _INTERPRETED_CASES)
 def test_interpreted_kernel_matches_reference(dtype_name: str, head_dim: int) -> None:
     _run_interpreted(dtype_name, head_dim)
+
+
+def test_interpreted_strided_layout_and_tile_means() -> None:
+    _run_interpreted("layout", 0)
 
 
 def test_reference_equals_dense_at_full_selection() -> None:
@@ -133,7 +164,24 @@ def test_gpu_kernel_d128_bf16() -> None:
     assert err < 1e-2, f"rel err {err:.2e}"
 
 
+@pytest.mark.gpu
+def test_gpu_tile_means_match_spec_bf16() -> None:
+    """On GPUs fp32 -> bf16 rounds to nearest, so only summation-order ties may differ (rarely)."""
+    from attention.vsa import _tile_means, build_vsa_metadata
+    from attention.vsa_triton import vsa_tile_means
+
+    metadata = build_vsa_metadata((9, 14, 22), 0.9, "cuda")
+    x = torch.randn(1, metadata.total_seq_length, 12, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    got = vsa_tile_means(x, metadata.tile_offsets, metadata.num_tiles)
+    spec = _tile_means(x, metadata)
+    assert (got != spec).float().mean().item() < 1e-3
+    torch.testing.assert_close(got.float(), spec.float(), rtol=2.0**-7, atol=1e-6)
+
+
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    _check_case(getattr(torch, sys.argv[1]), int(sys.argv[2]), seed=int(sys.argv[2]))
+    if sys.argv[1] == "layout":
+        _check_layouts_and_means()
+    else:
+        _check_case(getattr(torch, sys.argv[1]), int(sys.argv[2]), seed=int(sys.argv[2]))
     print("ok")
