@@ -199,8 +199,8 @@ def vsa_fine_attention(
     block_index: int32 [B, N, T, K], the key tiles each query tile attends to (any order, no repeats).
     coarse_BNTD: [B, N, T, D] coarse output per query tile; gate_BNSD: [B, N, S, D] per-token gate.
         The term gate * coarse[tile of the token] is added only when both are given.
-    Returns [B, N, S, D] in q's dtype and q's memory layout: softmax(q k^T / sqrt(D)) v over the real tokens of the selected
-    tiles, accumulated in fp32 with an online softmax.
+    Returns [B, N, S, D] in q's dtype and q's memory layout: softmax(q k^T / sqrt(D)) v over the real
+    tokens of the selected tiles, accumulated in fp32 with an online softmax.
     Shapes are checked here with no host sync; call it outside the hot loop's validation.
     """
     if q_BNSD.dtype not in _SUPPORTED_DTYPES:
