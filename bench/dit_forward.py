@@ -63,7 +63,7 @@ def cuda_time_ms(fn, warmup: int = 2, iters: int = 5) -> float:
     return statistics.median(times)
 
 
-def bench_ours(model, cfg: WanConfig, shape: dict, backend: str, sparsity: float, inputs) -> dict:
+def bench_ours(model, cfg: WanConfig, backend: str, sparsity: float, inputs, iters: int) -> dict:
     device = torch.device("cuda")
     latents, timestep, text = inputs
     grid = (latents.shape[2], latents.shape[3] // 2, latents.shape[4] // 2)
@@ -76,7 +76,7 @@ def bench_ours(model, cfg: WanConfig, shape: dict, backend: str, sparsity: float
     ctx = state.context_for_step(0)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    forward_ms = cuda_time_ms(lambda: model(latents, timestep, text, ctx=ctx))
+    forward_ms = cuda_time_ms(lambda: model(latents, timestep, text, ctx=ctx), iters=iters)
     peak = torch.cuda.max_memory_allocated()
 
     events: list = []
@@ -126,6 +126,7 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(SHAPES), default="1.3b")
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.9])
     parser.add_argument("--diffusers", action="store_true")
+    parser.add_argument("--iters", type=int, default=5, help="timed forwards (median) after 2 warm-ups")
     parser.add_argument("--no-compile", action="store_true", help="eager token-local stages")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -149,9 +150,9 @@ def main() -> None:
     inputs = (latents, timestep, text)
 
     results = {"preset": args.preset, "shape": shape, "gpu": torch.cuda.get_device_name(), "runs": []}
-    results["runs"].append(bench_ours(model, cfg, shape, "dense", 0.0, inputs))
+    results["runs"].append(bench_ours(model, cfg, "dense", 0.0, inputs, args.iters))
     for sparsity in args.sparsity:
-        results["runs"].append(bench_ours(model, cfg, shape, "vsa", sparsity, inputs))
+        results["runs"].append(bench_ours(model, cfg, "vsa", sparsity, inputs, args.iters))
     dense_ms = results["runs"][0]["forward_ms"]
     for run in results["runs"]:
         run["speedup_vs_our_dense"] = dense_ms / run["forward_ms"]

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One GPU session: carried wheels, GPU-tier tests, attention micro-benchmark (with the FastVideo peer),
+# DiT forward benchmarks. Run from the repo root on the device machine; results land in ${OUT:-bench_out}.
+#   bash bench/gpu_suite.sh [tests] [attention] [dit13] [dit14]     (default: all)
+set -uo pipefail
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+parts=${*:-tests attention dit13 dit14}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+for part in $parts; do
+  case $part in
+    tests) python3 -m pytest -q -m gpu tests/attention/test_vsa_triton.py tests/runtime/test_scheduler.py 2>&1 | tee "$OUT/tests.log" ;;
+    attention) python3 bench/attention.py --peer --out "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" ;;
+    dit13) python3 bench/dit_forward.py --preset 1.3b --diffusers --out "$OUT/dit_1.3b.json" 2>&1 | tee "$OUT/dit_1.3b.log" ;;
+    dit14) python3 bench/dit_forward.py --preset 14b --iters 2 --out "$OUT/dit_14b.json" 2>&1 | tee "$OUT/dit_14b.log" ;;
+  esac
+done
