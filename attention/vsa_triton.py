@@ -32,6 +32,7 @@ def _vsa_fine_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    TILES_PER_ITER: tl.constexpr,  # 1 or 2 (autotuned on GPU)
     HAS_GATE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong; bf16 products are exact in fp32
@@ -59,29 +60,48 @@ def _vsa_fine_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     index_row = BLOCK_INDEX + (bh * num_tiles + tile_q) * topk
-    for j in range(0, topk):
-        tile_k = tl.load(index_row + j)
-        k_start = tl.load(TILE_OFFSETS + tile_k)
-        k_end = tl.load(TILE_OFFSETS + tile_k + 1)
-        cols = k_start + offs_n
-        col_mask = cols < k_end  # keys past a tile's real tokens are never read
-        kv_offsets = head_off + cols[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
-        k = tl.load(K + kv_offsets, mask=col_mask[:, None], other=0.0)  # [BLOCK_N, D], rows contiguous
+    # TILES_PER_ITER selected key tiles per iteration share one online-softmax rescale of acc.
+    for j in range(0, tl.cdiv(topk, TILES_PER_ITER)):
+        tile_a = tl.load(index_row + j * TILES_PER_ITER)
+        cols_a = tl.load(TILE_OFFSETS + tile_a) + offs_n
+        mask_a = cols_a < tl.load(TILE_OFFSETS + tile_a + 1)  # keys past a tile's real tokens: never read
+        kv_a = head_off + cols_a[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
+        k_a = tl.load(K + kv_a, mask=mask_a[:, None], other=0.0)  # [BLOCK_N, D], rows contiguous
         if DOT_IN_FP32:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
-        s = tl.where(col_mask[None, :], s * qk_scale, float("-inf"))
-        # every tile owns >= 1 real token, so m_new is finite after the first step
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+            k_a = k_a.to(tl.float32)
+        s_a = tl.dot(q, tl.trans(k_a), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
+        s_a = tl.where(mask_a[None, :], s_a * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s_a, 1))  # finite: every tile owns >= 1 real token
+        if TILES_PER_ITER == 2:
+            # topk may be odd: the last iteration's second tile is then empty (a tensor, for the interpreter)
+            live_b = tl.full([BLOCK_N], j * 2 + 1, tl.int32) < topk
+            tile_b = tl.load(index_row + tl.minimum(j * 2 + 1, topk - 1))  # in bounds; masked below if dead
+            cols_b = tl.load(TILE_OFFSETS + tile_b) + offs_n
+            mask_b = (cols_b < tl.load(TILE_OFFSETS + tile_b + 1)) & live_b
+            kv_b = head_off + cols_b[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
+            k_b = tl.load(K + kv_b, mask=mask_b[:, None], other=0.0)
+            if DOT_IN_FP32:
+                k_b = k_b.to(tl.float32)
+            s_b = tl.dot(q, tl.trans(k_b), input_precision=INPUT_PRECISION)
+            s_b = tl.where(mask_b[None, :], s_b * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_new, tl.max(s_b, 1))
         alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv_offsets, mask=col_mask[:, None], other=0.0)
         acc = acc * alpha[:, None]
-        p_v = p.to(V.dtype.element_ty)  # P rounded to the value dtype, as on GPU
+        p_a = tl.math.exp2(s_a - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p_a, 1)
+        v_a = tl.load(V + kv_a, mask=mask_a[:, None], other=0.0)
+        p_v = p_a.to(V.dtype.element_ty)  # P rounded to the value dtype, as on GPU
         if DOT_IN_FP32:
-            p_v, v = p_v.to(tl.float32), v.to(tl.float32)
-        acc = tl.dot(p_v, v, acc, input_precision=INPUT_PRECISION)
+            p_v, v_a = p_v.to(tl.float32), v_a.to(tl.float32)
+        acc = tl.dot(p_v, v_a, acc, input_precision=INPUT_PRECISION)
+        if TILES_PER_ITER == 2:
+            p_b = tl.math.exp2(s_b - m_new[:, None])
+            l_i += tl.sum(p_b, 1)
+            v_b = tl.load(V + kv_b, mask=mask_b[:, None], other=0.0)
+            p_v = p_b.to(V.dtype.element_ty)
+            if DOT_IN_FP32:
+                p_v, v_b = p_v.to(tl.float32), v_b.to(tl.float32)
+            acc = tl.dot(p_v, v_b, acc, input_precision=INPUT_PRECISION)
         m_i = m_new
 
     out = acc / l_i[:, None]
@@ -116,8 +136,12 @@ def _tile_means_kernel(
 
 def _autotune_configs() -> list[triton.Config]:
     # 4 warps = one warpgroup = one 64-row wgmma tile (8 warps measured ~2x slower on H100 at 64 rows);
-    # num_stages 3 won at both Wan shapes, 2 and 4 stay in the list for other GPUs.
-    return [triton.Config({}, num_warps=4, num_stages=stages) for stages in (2, 3, 4)]
+    # num_stages 3 won at both Wan shapes with one tile per iteration, 2 and 4 stay for other GPUs.
+    return [
+        triton.Config({"TILES_PER_ITER": tiles}, num_warps=4, num_stages=stages)
+        for tiles in (1, 2)
+        for stages in (2, 3, 4)
+    ]
 
 
 _vsa_fine_kernel_tuned = triton.autotune(configs=_autotune_configs(), key=["HEAD_DIM", "HAS_GATE", "topk"])(
@@ -144,7 +168,10 @@ def _launch(
                 INPUT_PRECISION="ieee" if q.dtype == torch.float32 or dot_in_fp32 else "tf32",
                 DOT_IN_FP32=dot_in_fp32)
     if interpret:
-        _vsa_fine_kernel[grid](*args, **meta, num_warps=4, num_stages=1)
+        # Both loop shapes get exercised by the CPU tests (topk 1..6): the 2-tile one, with and without
+        # an empty second tile in the last iteration, and the 1-tile one when topk % 4 == 0.
+        tiles_per_iter = 1 if topk % 4 == 0 else 2
+        _vsa_fine_kernel[grid](*args, **meta, TILES_PER_ITER=tiles_per_iter, num_warps=4, num_stages=1)
     else:
         _vsa_fine_kernel_tuned[grid](*args, **meta)
     return out

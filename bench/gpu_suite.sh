@@ -17,6 +17,7 @@ for part in $parts; do
   case $part in
     tests) python3 -m pytest -q -m gpu tests/attention/test_vsa_triton.py tests/runtime/test_scheduler.py 2>&1 | tee "$OUT/tests.log" ;;
     attention) python3 bench/attention.py --peer --out "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" ;;
+    profile) python3 bench/profile_vsa.py --forward 2>&1 | tee "$OUT/profile.log" ;;
     dit13) python3 bench/dit_forward.py --preset 1.3b --diffusers --out "$OUT/dit_1.3b.json" 2>&1 | tee "$OUT/dit_1.3b.log" ;;
     dit14) python3 bench/dit_forward.py --preset 14b --iters 2 --out "$OUT/dit_14b.json" 2>&1 | tee "$OUT/dit_14b.log" ;;
   esac
