@@ -218,7 +218,7 @@ class FlowUniPCScheduler:
 
         Call once before the loop; `step` calls it itself when the device or dtype changes (one sync then).
         """
-        device = torch.device(device)
+        device = _canonical(device)
         if self._plans_key == (device, dtype):
             return
         scalars, rhos, layout = [], [], []
@@ -317,7 +317,7 @@ class FlowEulerScheduler:
         """Stateless; present for protocol symmetry."""
 
     def prepare(self, device: torch.device | str, dtype: torch.dtype) -> None:
-        device = torch.device(device)
+        device = _canonical(device)
         if self._device != device:
             self._dt, self._device = self._dt_cpu.to(device), device
 
@@ -336,3 +336,11 @@ def build_scheduler(name: str, num_steps: int, flow_shift: float) -> FlowUniPCSc
     if name == "euler":
         return FlowEulerScheduler(num_steps, flow_shift)
     raise ValueError(f"scheduler={name!r} is unknown: set scheduler to one of {list(SCHEDULER_NAMES)}")
+
+
+def _canonical(device: torch.device | str) -> torch.device:
+    """"cuda" -> "cuda:<current>", so prepare("cuda") and a sample on cuda:0 share one cache key."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
