@@ -9,7 +9,6 @@ Legend: B batch, N heads, S tokens, T tiles (``num_tiles``), K selected tiles (`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Literal
@@ -207,21 +206,13 @@ def vsa_select_blocks(
 
 
 def select_from_tile_means(
-    q_c_BNTD: torch.Tensor,
-    k_c_BNTD: torch.Tensor,
-    v_c_BNTD: torch.Tensor,
-    topk: int,
-    topk_fn: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    q_c_BNTD: torch.Tensor, k_c_BNTD: torch.Tensor, v_c_BNTD: torch.Tensor, topk: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block scores, top-k key tiles and the coarse output from per-tile means (see vsa_select_blocks).
-
-    ``topk_fn(scores_BNTT fp32, topk) -> int32 [B, N, T, topk]`` ascending, ties to the lower index;
-    default: the torch spec ``_topk_lower_index_wins`` (the Triton path passes ``vsa_topk_blocks``).
-    """
+    """Block scores, top-k key tiles and the coarse output from per-tile means (see vsa_select_blocks)."""
     scale = 1.0 / math.sqrt(q_c_BNTD.shape[-1])
     q_c, k_c, v_c = q_c_BNTD.float(), k_c_BNTD.float(), v_c_BNTD.float()
     scores_BNTT = torch.matmul(q_c, k_c.transpose(-1, -2)) * scale
-    block_index_BNTK = (topk_fn or _topk_lower_index_wins)(scores_BNTT, topk)
+    block_index_BNTK = _topk_lower_index_wins(scores_BNTT, topk)
     coarse_BNTD = torch.matmul(torch.softmax(scores_BNTT, dim=-1), v_c)
     return block_index_BNTK, coarse_BNTD
 
@@ -312,9 +303,9 @@ class VSAAttention:
         self.impl = impl
         self._fine = None
         if impl == "triton":
-            from attention.vsa_triton import vsa_fine_attention, vsa_tile_means, vsa_topk_blocks
+            from attention.vsa_triton import vsa_fine_attention, vsa_tile_means
 
-            self._fine, self._tile_means, self._topk = vsa_fine_attention, vsa_tile_means, vsa_topk_blocks
+            self._fine, self._tile_means = vsa_fine_attention, vsa_tile_means
 
     def __call__(
         self,
@@ -327,7 +318,7 @@ class VSAAttention:
             return vsa_attention_reference(q_BNSD, k_BNSD, v_BNSD, gate_BNSD, self.metadata)
         m = self.metadata
         means = [self._tile_means(x, m.tile_offsets, m.num_tiles) for x in (q_BNSD, k_BNSD, v_BNSD)]
-        block_index_BNTK, coarse_BNTD = select_from_tile_means(*means, m.topk, self._topk)
+        block_index_BNTK, coarse_BNTD = select_from_tile_means(*means, m.topk)
         return self._fine(
             q_BNSD,
             k_BNSD,

@@ -134,28 +134,6 @@ def _tile_means_kernel(
     tl.store(OUT + (bh * num_tiles + tile) * HEAD_DIM + offs_d, mean.to(OUT.dtype.element_ty))
 
 
-@triton.jit
-def _topk_blocks_kernel(
-    SCORES,  # fp32 [R, T] contiguous: block scores, one row per (batch, head, query tile)
-    OUT,  # int32 [R, topk]
-    num_tiles, topk,
-    BLOCK_T: tl.constexpr,  # next power of two >= T (tl.sort is a bitonic sort over the whole block)
-):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_T)
-    live = offs < num_tiles
-    scores = tl.load(SCORES + row * num_tiles + offs, mask=live, other=0.0) + 0.0  # -0.0 -> +0.0
-    # Unique int64 keys: order-preserving int32 image of the fp32 score (negative floats get their
-    # magnitude bits flipped) in the high half, T - 1 - index in the low half: ties go to the lower index.
-    bits = scores.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-    keys = (ordered << 32) | (num_tiles - 1 - offs).to(tl.int64)
-    keys = tl.sort(tl.where(live, keys, -9223372036854775807 - 1), descending=True)
-    index = (num_tiles - 1 - (keys & 0xFFFFFFFF)).to(tl.int32)
-    index = tl.sort(tl.where(offs < topk, index, 2147483647))  # the top-k, ascending, in front
-    tl.store(OUT + row * topk + offs, index, mask=offs < topk)
-
-
 def _autotune_configs() -> list[triton.Config]:
     # 4 warps = one warpgroup = one 64-row wgmma tile (8 warps measured ~2x slower on H100 at 64 rows);
     # num_stages 3 won at both Wan shapes with one tile per iteration, 2 and 4 stay for other GPUs.
@@ -212,22 +190,6 @@ def vsa_tile_means(x_BNSD: torch.Tensor, tile_offsets: torch.Tensor, num_tiles: 
     _tile_means_kernel[(num_tiles, batch * heads)](
         x_BNSD, out, *x_BNSD.stride()[:3], tile_offsets, heads, num_tiles,
         HEAD_DIM=head_dim, BLOCK_M=_TILE_TOKENS, num_warps=4,
-    )
-    return out
-
-
-def vsa_topk_blocks(scores_BNTT: torch.Tensor, topk: int) -> torch.Tensor:
-    """Top-``topk`` key tiles per row of fp32 block scores, ties to the lower index: int32 [..., topk] ascending.
-
-    One program per (batch, head, query tile) row sorts unique int64 keys in registers; equals
-    ``attention.vsa._topk_lower_index_wins`` (the torch spec) without its int64 key tensors or radix passes.
-    """
-    num_tiles = scores_BNTT.shape[-1]
-    scores = scores_BNTT.float().contiguous()
-    out = torch.empty(*scores.shape[:-1], topk, device=scores.device, dtype=torch.int32)
-    num_rows = scores.numel() // num_tiles
-    _topk_blocks_kernel[(num_rows,)](
-        scores, out, num_tiles, topk, BLOCK_T=triton.next_power_of_2(num_tiles), num_warps=4
     )
     return out
 
