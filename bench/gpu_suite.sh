@@ -6,8 +6,10 @@ set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+# carried wheel folders (.whl: diffusers; .whl_peer: fastvideo-kernel; .whl_e2e: omegaconf, imageio-ffmpeg)
+wheels=$(ls .whl*/*.whl 2>/dev/null)
+if [ -n "$wheels" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $wheels \
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 parts=${*:-tests attention dit13 dit14}
@@ -19,6 +21,7 @@ for part in $parts; do
     attention) python3 bench/attention.py --peer --out "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" ;;
     profile) python3 bench/profile_vsa.py --forward 2>&1 | tee "$OUT/profile.log" ;;
     dit13) python3 bench/dit_forward.py --preset 1.3b --diffusers --out "$OUT/dit_1.3b.json" 2>&1 | tee "$OUT/dit_1.3b.log" ;;
+    e2e) python3 bench/end_to_end.py --text-layers 2 --steps 10 --backend vsa --out "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" ;;
     dit14) python3 bench/dit_forward.py --preset 14b --iters 2 --out "$OUT/dit_14b.json" 2>&1 | tee "$OUT/dit_14b.log" ;;
   esac
 done
