@@ -67,8 +67,7 @@ def _run(argv: list[str], rank: int, world_size: int, guard: _SignalGuard) -> in
     try:
         _, _, _, device = init_process_group_from_env(cfg.parallel.timeout_s)
         verify_same_config(cfg, arch)  # one all_gather_object: a rank with other arguments fails here
-        mesh = build_mesh(cfg=cfg.parallel.cfg, sp=cfg.parallel.sp, device=device)
-        generate(cfg, arch, mesh, faults=faults)
+        _generate_on_mesh(cfg, arch, device, faults)
     except RankFailure as failure:
         guard.armed = False  # torchrun's SIGTERM to the survivors must not garble this report
         return _report_failure(rank, failure.phase, failure.cause, cfg.parallel.timeout_s)
@@ -78,6 +77,11 @@ def _run(argv: list[str], rank: int, world_size: int, guard: _SignalGuard) -> in
     finally:
         destroy_process_group_safely()
     return 0
+
+
+def _generate_on_mesh(cfg, arch, device, faults) -> None:
+    """Build the mesh and run the request; the mesh (and its groups) is unreachable once this returns."""
+    generate(cfg, arch, build_mesh(cfg=cfg.parallel.cfg, sp=cfg.parallel.sp, device=device), faults=faults)
 
 
 def _report_failure(rank: int, phase: str, cause: BaseException, timeout_s: float) -> int:

@@ -12,6 +12,7 @@ NCCL/CUDA, and lets an axis that spans the whole world reuse the default group (
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -188,8 +189,14 @@ def warmup_collectives(mesh: ParallelMesh) -> None:
 
 
 def destroy_process_group_safely() -> None:
-    """Destroy the default process group if one exists; never raises (for ``finally`` blocks)."""
+    """Destroy the default process group if one exists; never raises (for ``finally`` blocks).
+
+    Collects garbage first: a subgroup kept alive only by a reference cycle (an exception's traceback, a
+    closure) and freed after the destroy makes gloo abort the process at exit ("terminate called without an
+    active exception"), and torchrun then kills the other ranks, possibly while rank 0 writes the video.
+    """
     try:
+        gc.collect()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - teardown must not mask the original error
