@@ -21,9 +21,55 @@ _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
+def _attend_key_tile(
+    q, K, V, k_desc, v_desc, acc, l_i, m_i, j, index_row, TILE_OFFSETS, head_off, stride_qs, desc_row, desc_col,
+    offs_n, offs_d, qk_scale, dtype: tl.constexpr, LOAD_MODE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    """One online-softmax step of a query tile over its j-th selected key tile: (acc, l_i, m_i) updated."""
+    tile_k = tl.load(index_row + j)
+    k_start = tl.load(TILE_OFFSETS + tile_k)
+    k_end = tl.load(TILE_OFFSETS + tile_k + 1)
+    if LOAD_MODE == 1:
+        k = k_desc.load([k_start, 0])
+    elif LOAD_MODE == 2:
+        k = K.load([desc_row + k_start, desc_col])
+    else:
+        cols = k_start + offs_n
+        kv_offsets = head_off + cols[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
+        k = tl.load(K + kv_offsets, mask=(cols < k_end)[:, None], other=0.0)  # keys past the tile: never read
+    if DOT_IN_FP32:
+        k = k.to(tl.float32)
+    # additive key mask: 0 on the tile's real tokens, -inf past them (one FMA per score with the scale)
+    key_bias = tl.where(offs_n < k_end - k_start, 0.0, float("-inf"))
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
+    s = s * qk_scale + key_bias[None, :]
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile owns >= 1 real token
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if LOAD_MODE == 1:
+        v = v_desc.load([k_start, 0])
+    elif LOAD_MODE == 2:
+        v = V.load([desc_row + k_start, desc_col])
+    else:
+        v = tl.load(V + kv_offsets, mask=(cols < k_end)[:, None], other=0.0)
+    p_v = p.to(dtype)  # P rounded to the value dtype, as on GPU
+    if DOT_IN_FP32:
+        p_v, v = p_v.to(tl.float32), v.to(tl.float32)
+    acc = tl.dot(p_v, v, acc, input_precision=INPUT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _vsa_fine_kernel(
-    Q, K, V, OUT, GATE, COARSE,  # [B, N, S, D] with any (batch, head, token) strides, D contiguous
-    stride_qb, stride_qn, stride_qs,  # q, k, v, out and gate share one layout (checked by the caller)
+    Q, K, V,  # pointers [B, N, S, D] (LOAD_MODE 0, 1) or host TMA descriptors of 2D row views (LOAD_MODE 2)
+    OUT, GATE, COARSE,  # pointers; GATE shares q's layout
+    stride_qb, stride_qn, stride_qs,  # q, k, v and gate share one layout (checked by the caller)
+    stride_ob, stride_on, stride_os,  # OUT: q's layout when q is dense, else contiguous
+    seq_len,
+    desc_row_b, desc_row_n, desc_col_n,  # LOAD_MODE 2: row/column of (b, n, token 0) in the 2D view
     TILE_OFFSETS,  # int32 [T + 1]
     BLOCK_INDEX,  # int32 [B*N, T, topk]
     COARSE_STRIDE_BH,  # elements between consecutive (b, n) rows of COARSE [B*N, T, D]
@@ -32,15 +78,17 @@ def _vsa_fine_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    TILES_PER_ITER: tl.constexpr,  # 1 or 2 (autotuned on GPU)
+    LOAD_MODE: tl.constexpr,  # 0 masked pointer loads, 1 device-side TMA descriptors, 2 host-side descriptors
     HAS_GATE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong; bf16 products are exact in fp32
 ):
     tile_q = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    b = bh // num_heads
+    n = bh % num_heads
     # int64 offsets: B*N*S*D exceeds 2**31 at 14B/720p with B=2
-    head_off = (bh // num_heads) * stride_qb + (bh % num_heads) * stride_qn
+    head_off = b * stride_qb + n * stride_qn
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -51,7 +99,24 @@ def _vsa_fine_kernel(
     rows = q_start + offs_m
     row_mask = rows < q_end
     io_offsets = head_off + rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
-    q = tl.load(Q + io_offsets, mask=row_mask[:, None], other=0.0)
+    # TMA paths read whole 64-row boxes from a tile's start: rows past its end belong to the next tile
+    # (their scores are masked to -inf, so p = 0 there) or lie past the tensor (TMA zero-fills them).
+    k_desc, v_desc = K, V  # the descriptors of LOAD_MODE 1 (placeholders otherwise)
+    desc_row, desc_col = 0, 0  # LOAD_MODE 2: where (b, n, token 0) lies in the 2D row views
+    if LOAD_MODE == 1:
+        q_desc = tl.make_tensor_descriptor(Q + head_off, shape=[seq_len, HEAD_DIM], strides=[stride_qs, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM])
+        k_desc = tl.make_tensor_descriptor(K + head_off, shape=[seq_len, HEAD_DIM], strides=[stride_qs, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(V + head_off, shape=[seq_len, HEAD_DIM], strides=[stride_qs, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        q = q_desc.load([q_start, 0])
+    elif LOAD_MODE == 2:
+        desc_row = (b * desc_row_b + n * desc_row_n).to(tl.int32)
+        desc_col = (n * desc_col_n).to(tl.int32)
+        q = Q.load([desc_row + q_start, desc_col])
+    else:
+        q = tl.load(Q + io_offsets, mask=row_mask[:, None], other=0.0)
     if DOT_IN_FP32:
         q = q.to(tl.float32)
 
@@ -60,56 +125,19 @@ def _vsa_fine_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     index_row = BLOCK_INDEX + (bh * num_tiles + tile_q) * topk
-    # TILES_PER_ITER selected key tiles per iteration share one online-softmax rescale of acc.
-    for j in range(0, tl.cdiv(topk, TILES_PER_ITER)):
-        tile_a = tl.load(index_row + j * TILES_PER_ITER)
-        cols_a = tl.load(TILE_OFFSETS + tile_a) + offs_n
-        mask_a = cols_a < tl.load(TILE_OFFSETS + tile_a + 1)  # keys past a tile's real tokens: never read
-        kv_a = head_off + cols_a[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
-        k_a = tl.load(K + kv_a, mask=mask_a[:, None], other=0.0)  # [BLOCK_N, D], rows contiguous
-        if DOT_IN_FP32:
-            k_a = k_a.to(tl.float32)
-        s_a = tl.dot(q, tl.trans(k_a), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
-        s_a = tl.where(mask_a[None, :], s_a * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s_a, 1))  # finite: every tile owns >= 1 real token
-        if TILES_PER_ITER == 2:
-            # topk may be odd: the last iteration's second tile is then empty (a tensor, for the interpreter)
-            live_b = tl.full([BLOCK_N], j * 2 + 1, tl.int32) < topk
-            tile_b = tl.load(index_row + tl.minimum(j * 2 + 1, topk - 1))  # in bounds; masked below if dead
-            cols_b = tl.load(TILE_OFFSETS + tile_b) + offs_n
-            mask_b = (cols_b < tl.load(TILE_OFFSETS + tile_b + 1)) & live_b
-            kv_b = head_off + cols_b[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
-            k_b = tl.load(K + kv_b, mask=mask_b[:, None], other=0.0)
-            if DOT_IN_FP32:
-                k_b = k_b.to(tl.float32)
-            s_b = tl.dot(q, tl.trans(k_b), input_precision=INPUT_PRECISION)
-            s_b = tl.where(mask_b[None, :], s_b * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_new, tl.max(s_b, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        acc = acc * alpha[:, None]
-        p_a = tl.math.exp2(s_a - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p_a, 1)
-        v_a = tl.load(V + kv_a, mask=mask_a[:, None], other=0.0)
-        p_v = p_a.to(V.dtype.element_ty)  # P rounded to the value dtype, as on GPU
-        if DOT_IN_FP32:
-            p_v, v_a = p_v.to(tl.float32), v_a.to(tl.float32)
-        acc = tl.dot(p_v, v_a, acc, input_precision=INPUT_PRECISION)
-        if TILES_PER_ITER == 2:
-            p_b = tl.math.exp2(s_b - m_new[:, None])
-            l_i += tl.sum(p_b, 1)
-            v_b = tl.load(V + kv_b, mask=mask_b[:, None], other=0.0)
-            p_v = p_b.to(V.dtype.element_ty)
-            if DOT_IN_FP32:
-                p_v, v_b = p_v.to(tl.float32), v_b.to(tl.float32)
-            acc = tl.dot(p_v, v_b, acc, input_precision=INPUT_PRECISION)
-        m_i = m_new
+    for j in range(0, topk):
+        acc, l_i, m_i = _attend_key_tile(
+            q, K, V, k_desc, v_desc, acc, l_i, m_i, j, index_row, TILE_OFFSETS, head_off, stride_qs,
+            desc_row, desc_col, offs_n, offs_d, qk_scale, OUT.dtype.element_ty, LOAD_MODE, INPUT_PRECISION,
+            DOT_IN_FP32)
 
-    out = acc / l_i[:, None]
+    out = acc * (1.0 / l_i)[:, None]
     if HAS_GATE:
         gate = tl.load(GATE + io_offsets, mask=row_mask[:, None], other=0.0).to(tl.float32)
         coarse = tl.load(COARSE + bh * COARSE_STRIDE_BH + tile_q * HEAD_DIM + offs_d).to(tl.float32)
         out += gate * coarse[None, :]
-    tl.store(OUT + io_offsets, out.to(OUT.dtype.element_ty), mask=row_mask[:, None])
+    out_offsets = b * stride_ob + n * stride_on + rows[:, None].to(tl.int64) * stride_os + offs_d[None, :]
+    tl.store(OUT + out_offsets, out.to(OUT.dtype.element_ty), mask=row_mask[:, None])
 
 
 @triton.jit
@@ -135,43 +163,92 @@ def _tile_means_kernel(
 
 
 def _autotune_configs() -> list[triton.Config]:
-    # 4 warps = one warpgroup = one 64-row wgmma tile (8 warps measured ~2x slower on H100 at 64 rows);
-    # num_stages 3 won at both Wan shapes with one tile per iteration, 2 and 4 stay for other GPUs.
-    return [
-        triton.Config({"TILES_PER_ITER": tiles}, num_warps=4, num_stages=stages)
-        for tiles in (1, 2)
-        for stages in (2, 3, 4)
-    ]
+    # Pointer path (LOAD_MODE 0) only. 4 warps = one warpgroup = one 64-row wgmma tile (8 warps measured
+    # ~2x slower on H100 at 64 rows); num_stages 3 won at both Wan shapes, 2 and 4 stay for other GPUs.
+    return [triton.Config({}, num_warps=4, num_stages=stages) for stages in (2, 3, 4)]
 
 
-_vsa_fine_kernel_tuned = triton.autotune(configs=_autotune_configs(), key=["HEAD_DIM", "HAS_GATE", "topk"])(
-    _vsa_fine_kernel
-)
+_vsa_fine_kernel_tuned = triton.autotune(
+    configs=_autotune_configs(), key=["HEAD_DIM", "HAS_GATE", "LOAD_MODE", "topk"]
+)(_vsa_fine_kernel)
+
+
+# Fixed configs of the TMA paths, measured on H100 (triton 3.6) at the Wan-1.3B shape, sparsity 0.9, BSND and
+# BNSD layouts alike: host descriptors 2.38-2.39 ms with 4 stages (2.42 with 3, 2.48-2.66 with 2), device
+# descriptors 2.38-2.40 ms with 3 stages (2.46 with 4); the previous pointer kernel 2.70-2.85 ms in the same
+# processes. Triton's automatic warp specialisation of the loop: 4.2 ms (and wrong results) there.
+_TMA_CONFIGS = {1: dict(num_warps=4, num_stages=3), 2: dict(num_warps=4, num_stages=4)}
+
+
+def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global scratch for device-side TMA descriptors (128 bytes per descriptor and program)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _default_load_mode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    """2 (TMA, host descriptors) on Hopper and newer for 16-bit D=128 inputs in a BSND- or BNSD-contiguous layout,
+    else 0 (masked pointer loads). Mode 1 (device-side descriptors, any 16-byte-aligned layout, as fast as 2
+    on H100) is opt-in: its GPU check on a fused-projection layout is still pending."""
+    if not q.is_cuda or _INTERPRET or q.dtype not in (torch.bfloat16, torch.float16):
+        return 0
+    if torch.cuda.get_device_capability(q.device)[0] < 9 or q.shape[-1] != 128:
+        return 0  # the TMA path is measured and checked on GPU at D = 128 only
+    return 2 if all(_host_desc_view(x) is not None for x in (q, k, v)) else 0
+
+
+def _host_desc_view(x: torch.Tensor):
+    """(2D row view, row_b, row_n, col_n) such that token s of (b, n) is row b*row_b + n*row_n + s at
+    column n*col_n, for a BSND-contiguous ([B, S, N, D] viewed as BNSD) or BNSD-contiguous x; else None."""
+    batch, heads, seq, dim = x.shape
+    if x.data_ptr() % 16:
+        return None
+    if x.stride() == (seq * heads * dim, dim, heads * dim, 1):
+        return x.transpose(1, 2).reshape(batch * seq, heads * dim), seq, 0, dim
+    if x.stride() == (heads * seq * dim, seq * dim, dim, 1):
+        return x.reshape(batch * heads * seq, dim), heads * seq, seq, 0
+    return None
 
 
 def _launch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile_offsets: torch.Tensor,
     block_index: torch.Tensor, coarse: torch.Tensor | None, gate: torch.Tensor | None,
+    load_mode: int | None = None, config: dict | None = None,
 ) -> torch.Tensor:
-    batch, heads, _, head_dim = q.shape
+    """load_mode / config (num_stages, num_warps) force a variant (benchmarks); None: default and autotune."""
+    batch, heads, seq_len, head_dim = q.shape
     num_tiles, topk = block_index.shape[2], block_index.shape[3]
-    out = torch.empty_like(q)  # same strides as q (dense), so a [B, S, N, D] caller gets its layout back
+    # q's strides when q is dense (a [B, S, N, D] caller gets its layout back), else contiguous (a q
+    # sliced out of a fused projection)
+    out = torch.empty_like(q)
     has_gate = gate is not None and coarse is not None
     gate_arg = gate if has_gate else q  # never read when HAS_GATE is False
     coarse_arg = coarse if has_gate else q
     grid = (num_tiles, batch * heads)
-    args = (q, k, v, out, gate_arg, coarse_arg, *q.stride()[:3], tile_offsets, block_index,
-            num_tiles * head_dim, heads, num_tiles, topk, _LOG2E / math.sqrt(head_dim))
+    mode = _default_load_mode(q, k, v) if load_mode is None else load_mode
+    qkv, desc_geometry = (q, k, v), (0, 0, 0)
+    if mode == 2:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        views = [_host_desc_view(x) for x in (q, k, v)]
+        qkv = tuple(TensorDescriptor.from_tensor(view[0], [_TILE_TOKENS, head_dim]) for view in views)
+        desc_geometry = views[0][1:]
+    elif mode == 1:
+        element = q.element_size()
+        if any(x.data_ptr() % 16 or any(stride * element % 16 for stride in x.stride()[:3]) for x in (q, k, v)):
+            raise ValueError("vsa_fine_attention: TMA needs 16-byte aligned bases and strides")
+        triton.set_allocator(_tma_scratch)
+    args = (*qkv, out, gate_arg, coarse_arg, *q.stride()[:3], *out.stride()[:3], seq_len, *desc_geometry, tile_offsets,
+            block_index, num_tiles * head_dim, heads, num_tiles, topk, _LOG2E / math.sqrt(head_dim))
     interpret = _INTERPRET or not q.is_cuda
     dot_in_fp32 = interpret and q.dtype == torch.bfloat16
-    meta = dict(HEAD_DIM=head_dim, BLOCK_M=_TILE_TOKENS, BLOCK_N=_TILE_TOKENS, HAS_GATE=has_gate,
-                INPUT_PRECISION="ieee" if q.dtype == torch.float32 or dot_in_fp32 else "tf32",
+    meta = dict(HEAD_DIM=head_dim, BLOCK_M=_TILE_TOKENS, BLOCK_N=_TILE_TOKENS, LOAD_MODE=mode,
+
+                HAS_GATE=has_gate, INPUT_PRECISION="ieee" if q.dtype == torch.float32 or dot_in_fp32 else "tf32",
                 DOT_IN_FP32=dot_in_fp32)
     if interpret:
-        # Both loop shapes get exercised by the CPU tests (topk 1..6): the 2-tile one, with and without
-        # an empty second tile in the last iteration, and the 1-tile one when topk % 4 == 0.
-        tiles_per_iter = 1 if topk % 4 == 0 else 2
-        _vsa_fine_kernel[grid](*args, **meta, TILES_PER_ITER=tiles_per_iter, num_warps=4, num_stages=1)
+        _vsa_fine_kernel[grid](*args, **meta, num_warps=4, num_stages=1)
+    elif config is not None or mode in _TMA_CONFIGS:
+        _vsa_fine_kernel[grid](*args, **meta, **(config or _TMA_CONFIGS[mode]))
     else:
         _vsa_fine_kernel_tuned[grid](*args, **meta)
     return out
