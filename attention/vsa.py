@@ -220,25 +220,27 @@ def select_from_tile_means(
     scale = 1.0 / math.sqrt(q_c_BNTD.shape[-1])
     q_c, k_c, v_c = q_c_BNTD.float(), k_c_BNTD.float(), v_c_BNTD.float()
     scores_BNTT = torch.matmul(q_c, k_c.transpose(-1, -2)) * scale
-    block_index_BNTK = _topk_lower_index_wins(scores_BNTT, topk, sort_index)
     coarse_BNTD = torch.matmul(torch.softmax(scores_BNTT, dim=-1), v_c)
+    block_index_BNTK = _topk_lower_index_wins_(scores_BNTT, topk, sort_index)  # consumes the scores
     return block_index_BNTK, coarse_BNTD
 
 
-def _topk_lower_index_wins(scores: torch.Tensor, topk: int, sort_index: bool = True) -> torch.Tensor:
+def _topk_lower_index_wins_(scores: torch.Tensor, topk: int, sort_index: bool = True) -> torch.Tensor:
     """Indices of the ``topk`` largest fp32 scores per row, ties to the lower index; int32, ascending
-    (``sort_index=False``: the same set in no particular order).
+    (``sort_index=False``: the same set in no particular order). Overwrites ``scores`` (contiguous fp32).
 
     Equivalent to a stable descending sort, but one ``topk`` on unique int64 keys: the fp32 bits mapped to
     an order-preserving int32 (negative floats get their magnitude bits flipped) in the high half, and
-    ``T - 1 - index`` in the low half, so among equal scores the lower index has the larger key.
+    ``T - 1 - index`` in the low half, so among equal scores the lower index has the larger key. Built in
+    place (the scores' storage, then one int64 tensor): at the 14B shape the temporaries are ~1 GB, not ~3.
     """
     num_tiles = scores.shape[-1]
-    bits = (scores + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0: they compare equal as floats
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
-    reverse_index = torch.arange(num_tiles - 1, -1, -1, device=scores.device, dtype=torch.int64)
-    keys = (ordered << 32) | reverse_index
+    bits = scores.add_(0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0: they compare equal as floats
+    bits ^= (bits >> 31) & 0x7FFFFFFF  # negative floats: flip the magnitude bits (order-preserving int32)
+    keys = bits.to(torch.int64).bitwise_left_shift_(32)
+    keys |= torch.arange(num_tiles - 1, -1, -1, device=scores.device, dtype=torch.int64)
     top_keys = torch.topk(keys, topk, dim=-1, sorted=False).values
+    del keys
     index = (num_tiles - 1 - (top_keys & 0xFFFFFFFF)).to(torch.int32)
     return index.sort(dim=-1).values if sort_index else index
 
@@ -299,18 +301,23 @@ class VSAAttention:
     ``impl``: ``"torch"`` = :func:`vsa_attention_reference`; ``"triton"`` = :func:`vsa_select_blocks`
     then the Triton fine stage (gate and coarse fused into its epilogue); ``"auto"`` = triton when
     ``metadata.device`` is CUDA, else torch. Resolved once here, never per call.
+    ``consume_q=True`` (triton only) lets the output overwrite q's buffer: saves one [B, N, S, D] allocation
+    when the caller never reads q again (the DiT's self-attention); q then holds the output afterwards.
     """
 
     name: str = "vsa"
     uses_gate: bool = True
 
-    def __init__(self, metadata: VSAMetadata, impl: Literal["auto", "torch", "triton"] = "auto") -> None:
+    def __init__(
+        self, metadata: VSAMetadata, impl: Literal["auto", "torch", "triton"] = "auto", consume_q: bool = False
+    ) -> None:
         if impl not in ("auto", "torch", "triton"):
             raise ValueError(f"VSAAttention impl must be 'auto', 'torch' or 'triton', got {impl!r}")
         if impl == "auto":
             impl = "triton" if metadata.device.type == "cuda" else "torch"
         self.metadata = metadata
         self.impl = impl
+        self.consume_q = consume_q and impl == "triton"
         self._fine = None
         if impl == "triton":
             from attention.vsa_triton import vsa_fine_attention, vsa_tile_means
@@ -337,6 +344,7 @@ class VSAAttention:
             block_index_BNTK,
             coarse_BNTD if gate_BNSD is not None else None,
             gate_BNSD,
+            out_BNSD=q_BNSD if self.consume_q else None,
         )
 
     def __repr__(self) -> str:

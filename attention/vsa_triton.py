@@ -212,14 +212,15 @@ def _host_desc_view(x: torch.Tensor):
 def _launch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile_offsets: torch.Tensor,
     block_index: torch.Tensor, coarse: torch.Tensor | None, gate: torch.Tensor | None,
-    load_mode: int | None = None, config: dict | None = None,
+    load_mode: int | None = None, config: dict | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """load_mode / config (num_stages, num_warps) force a variant (benchmarks); None: default and autotune."""
+    """load_mode / config (num_stages, num_warps) force a variant (benchmarks); None: default and autotune.
+    ``out``: write there (any D-contiguous layout; may alias q, see vsa_fine_attention)."""
     batch, heads, seq_len, head_dim = q.shape
     num_tiles, topk = block_index.shape[2], block_index.shape[3]
     # q's strides when q is dense (a [B, S, N, D] caller gets its layout back), else contiguous (a q
     # sliced out of a fused projection)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     has_gate = gate is not None and coarse is not None
     gate_arg = gate if has_gate else q  # never read when HAS_GATE is False
     coarse_arg = coarse if has_gate else q
@@ -292,6 +293,7 @@ def vsa_fine_attention(
     block_index: torch.Tensor,
     coarse_BNTD: torch.Tensor | None = None,
     gate_BNSD: torch.Tensor | None = None,
+    out_BNSD: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse fine attention over compact tile order, plus the gated coarse term.
 
@@ -305,6 +307,10 @@ def vsa_fine_attention(
         The term gate * coarse[tile of the token] is added only when both are given.
     Returns [B, N, S, D] in q's dtype and q's memory layout: softmax(q k^T / sqrt(D)) v over the real
     tokens of the selected tiles, accumulated in fp32 with an online softmax.
+    out_BNSD: write the result there and return it (D contiguous, q's shape and dtype). It may be q_BNSD
+        itself: each program reads its own query rows before it writes exactly those rows, so the output
+        needs no allocation of its own (the caller gives up q). This path calls the kernel directly,
+        not through the `tessera::vsa_fine` op (which is for torch.compile graphs).
     Shapes are checked here with no host sync; call it outside the hot loop's validation.
     """
     if q_BNSD.dtype not in _SUPPORTED_DTYPES:
@@ -329,4 +335,8 @@ def vsa_fine_attention(
     tile_offsets = tile_offsets.to(torch.int32).contiguous()
     block_index = block_index.to(torch.int32).contiguous()
     coarse = coarse_BNTD.contiguous() if has_gate else None  # read in its own dtype, summed in fp32
+    if out_BNSD is not None:
+        if out_BNSD.shape != q_BNSD.shape or out_BNSD.dtype != q_BNSD.dtype or out_BNSD.stride(-1) != 1:
+            raise ValueError("vsa_fine_attention: out must have q's shape and dtype, D contiguous")
+        return _launch(q, k, v, tile_offsets, block_index, coarse, gate, out=out_BNSD)
     return _vsa_fine_op(q, k, v, tile_offsets, block_index, coarse, gate)

@@ -71,7 +71,7 @@ def build_request_state(
         blocks, sparsity = key
         if sparsity is not None and sparsity not in sparse_by_sparsity:
             meta = metadata_cache.get(grid_thw, sparsity, device)
-            sparse_by_sparsity[sparsity] = ulysses(VSAAttention(meta))
+            sparse_by_sparsity[sparsity] = ulysses(VSAAttention(meta, consume_q=True))  # q is dead after attention
         attn = tuple(sparse_by_sparsity[sparsity] if b == "vsa" else dense for b in blocks)
         state.contexts[key] = WanForwardContext(
             token_order=token_order,

@@ -90,6 +90,10 @@ def _check_layouts_and_means() -> None:
     expected = reference_vsa_fine(q, k, v, metadata.tile_offsets, block_index, coarse, gate)
     err = (strided - expected).norm() / expected.norm()
     assert err < 1e-4, f"strided layout: rel err {err:.2e}"
+    q_buffer = q.clone()  # out may alias q: every program reads its query rows before writing them
+    in_place = vsa_fine_attention(q_buffer, k, v, metadata.tile_offsets, block_index, coarse, gate, out_BNSD=q_buffer)
+    assert in_place.data_ptr() == q_buffer.data_ptr()
+    torch.testing.assert_close(in_place, strided, rtol=0, atol=0)
     for dtype in (torch.float32, torch.bfloat16):
         x = q.to(dtype)
         got = vsa_tile_means(x, metadata.tile_offsets, metadata.num_tiles)
