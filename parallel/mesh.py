@@ -84,24 +84,9 @@ def build_mesh(cfg: int, sp: int, device: torch.device, *, local_rank: int | Non
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cfg_rank, sp_rank = divmod(rank, sp)
 
-    sp_group: dist.ProcessGroup | None = None
-    cfg_group: dist.ProcessGroup | None = None
-    if world_size > 1:
-        if sp == world_size:
-            sp_group = dist.group.WORLD
-        elif sp > 1:
-            # All ranks create all SP groups in the same order; each keeps its own.
-            for c in range(cfg):
-                group = dist.new_group(ranks=[c * sp + s for s in range(sp)])
-                if c == cfg_rank:
-                    sp_group = group
-        if cfg == world_size:
-            cfg_group = dist.group.WORLD
-        elif cfg > 1:
-            for s in range(sp):
-                group = dist.new_group(ranks=[c * sp + s for c in range(cfg)])
-                if s == sp_rank:
-                    cfg_group = group
+    # Rank = cfg_rank * sp + sp_rank; an SP group holds one cfg slice, a CFG group one sp position.
+    sp_group = _axis_group([[c * sp + s for s in range(sp)] for c in range(cfg)], cfg_rank, world_size)
+    cfg_group = _axis_group([[c * sp + s for c in range(cfg)] for s in range(sp)], sp_rank, world_size)
     return ParallelMesh(
         world_size=world_size,
         rank=rank,
@@ -114,6 +99,19 @@ def build_mesh(cfg: int, sp: int, device: torch.device, *, local_rank: int | Non
         cfg_group=cfg_group,
         device=torch.device(device),
     )
+
+
+def _axis_group(rank_lists: list[list[int]], mine: int, world_size: int) -> dist.ProcessGroup | None:
+    """Create every group of one mesh axis (all ranks, same order, as new_group requires); return this rank's.
+
+    None for an axis of size 1; the default group when the axis spans the whole world.
+    """
+    size = len(rank_lists[0])
+    if world_size == 1 or size == 1:
+        return None
+    if size == world_size:
+        return dist.group.WORLD
+    return [dist.new_group(ranks=ranks) for ranks in rank_lists][mine]
 
 
 def init_process_group_from_env(
