@@ -210,39 +210,34 @@ def select_from_tile_means(
     k_c_BNTD: torch.Tensor,
     v_c_BNTD: torch.Tensor,
     topk: int,
-    sort_index: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block scores, top-k key tiles and the coarse output from per-tile means (see vsa_select_blocks).
-
-    ``sort_index=False`` leaves each row's selected tiles in top-k order (the same set): the fine kernel
-    takes any order, and the sort costs ~0.1 ms per call at the Wan-1.3B shape.
-    """
+    """Block scores, top-k key tiles and the coarse output from per-tile means (see vsa_select_blocks)."""
     scale = 1.0 / math.sqrt(q_c_BNTD.shape[-1])
     q_c, k_c, v_c = q_c_BNTD.float(), k_c_BNTD.float(), v_c_BNTD.float()
     scores_BNTT = torch.matmul(q_c, k_c.transpose(-1, -2)) * scale
     coarse_BNTD = torch.matmul(torch.softmax(scores_BNTT, dim=-1), v_c)
-    block_index_BNTK = _topk_lower_index_wins_(scores_BNTT, topk, sort_index)  # consumes the scores
+    block_index_BNTK = _topk_lower_index_wins(scores_BNTT, topk)
     return block_index_BNTK, coarse_BNTD
 
 
-def _topk_lower_index_wins_(scores: torch.Tensor, topk: int, sort_index: bool = True) -> torch.Tensor:
-    """Indices of the ``topk`` largest fp32 scores per row, ties to the lower index; int32, ascending
-    (``sort_index=False``: the same set in no particular order). Overwrites ``scores`` (contiguous fp32).
+def _topk_lower_index_wins(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """Indices of the ``topk`` largest fp32 scores per row, ties to the lower index: int32 [..., topk], ascending.
 
-    Equivalent to a stable descending sort, but one ``topk`` on unique int64 keys: the fp32 bits mapped to
-    an order-preserving int32 (negative floats get their magnitude bits flipped) in the high half, and
-    ``T - 1 - index`` in the low half, so among equal scores the lower index has the larger key. Built in
-    place (the scores' storage, then one int64 tensor): at the 14B shape the temporaries are ~1 GB, not ~3.
+    Equals a stable descending sort, at the price of one fp32 ``topk`` (4 radix passes) and a few elementwise
+    passes: the top-k values give the k-th largest score (the threshold); every score above it is selected, and
+    of the scores equal to it (-0.0 == +0.0) the lowest-indexed ones fill the remaining slots. A cumulative
+    count then places each selected index in its ascending slot.
     """
     num_tiles = scores.shape[-1]
-    bits = scores.add_(0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0: they compare equal as floats
-    bits ^= (bits >> 31) & 0x7FFFFFFF  # negative floats: flip the magnitude bits (order-preserving int32)
-    keys = bits.to(torch.int64).bitwise_left_shift_(32)
-    keys |= torch.arange(num_tiles - 1, -1, -1, device=scores.device, dtype=torch.int64)
-    top_keys = torch.topk(keys, topk, dim=-1, sorted=False).values
-    del keys
-    index = (num_tiles - 1 - (top_keys & 0xFFFFFFFF)).to(torch.int32)
-    return index.sort(dim=-1).values if sort_index else index
+    threshold = torch.topk(scores, topk, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    above = scores > threshold
+    tied = scores == threshold
+    slots_left = topk - above.sum(dim=-1, keepdim=True, dtype=torch.int32)
+    selected = above | (tied & (tied.cumsum(dim=-1, dtype=torch.int32) <= slots_left))
+    slot = (selected.cumsum(dim=-1) - 1).masked_fill_(~selected, topk)  # unselected -> spill column `topk`
+    index = torch.empty(*scores.shape[:-1], topk + 1, device=scores.device, dtype=torch.int32)
+    tiles = torch.arange(num_tiles, device=scores.device, dtype=torch.int32).expand_as(scores)
+    return index.scatter_(-1, slot, tiles)[..., :topk].contiguous()
 
 
 def vsa_attention_reference(
@@ -335,7 +330,7 @@ class VSAAttention:
             return vsa_attention_reference(q_BNSD, k_BNSD, v_BNSD, gate_BNSD, self.metadata)
         m = self.metadata
         means = [self._tile_means(x, m.tile_offsets, m.num_tiles) for x in (q_BNSD, k_BNSD, v_BNSD)]
-        block_index_BNTK, coarse_BNTD = select_from_tile_means(*means, m.topk, sort_index=False)
+        block_index_BNTK, coarse_BNTD = select_from_tile_means(*means, m.topk)
         return self._fine(
             q_BNSD,
             k_BNSD,

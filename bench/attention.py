@@ -111,7 +111,7 @@ def bench_shape(name: str, sparsities: list[float], args, results: dict) -> None
             {"topk": metadata.topk, "real_tflops": real_flops / ms_fine / 1e9})
         def select(metadata=metadata):
             means = [vsa_triton.vsa_tile_means(x, metadata.tile_offsets, metadata.num_tiles) for x in (q, k, v)]
-            return attention.select_from_tile_means(*means, metadata.topk, sort_index=False)
+            return attention.select_from_tile_means(*means, metadata.topk)
 
         add(f"vsa select s={sparsity}", time_ms(select))
         add(f"vsa full s={sparsity}", time_ms(lambda: vsa(q, k, v, gate)), {"topk": metadata.topk})  # noqa: B023

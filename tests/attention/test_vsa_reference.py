@@ -198,3 +198,22 @@ def test_triton_impl_matches_reference_under_interpreter():
         [sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("num_tiles", [1, 7, 64, 250])
+def test_topk_matches_stable_sort_with_many_ties(num_tiles):
+    """The threshold top-k equals a stable descending sort (ties to the lower index), also with heavy ties."""
+    from attention.vsa import _topk_lower_index_wins
+
+    gen = torch.Generator().manual_seed(num_tiles)
+    scores = torch.randn(3, 5, num_tiles, num_tiles, generator=gen)
+    scores[0] = scores[0].to(torch.bfloat16).to(torch.float32)  # bf16-rounded scores tie often
+    scores[1] = torch.randint(-3, 4, scores[1].shape, generator=gen).float()  # few distinct values
+    scores[2, 0] = 0.0
+    scores[2, 0, :, ::2] = -0.0  # -0.0 == +0.0
+    for topk in sorted({1, max(1, num_tiles // 3), num_tiles}):
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+        expected = torch.sort(order[..., :topk], dim=-1).values.to(torch.int32)
+        got = _topk_lower_index_wins(scores, topk)
+        assert got.dtype == torch.int32 and got.is_contiguous()
+        assert torch.equal(got, expected), f"topk={topk}"
