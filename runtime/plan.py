@@ -86,6 +86,10 @@ def _resolve_backend(
         if problem is not None:
             raise ValueError(f"attention.backend=vsa cannot run: {problem}. Use attention.backend=dense or auto.")
         return "vsa", "attention.backend=vsa"
+    if problem is None and device.type != "cuda":
+        # On CPU VSA runs its plain-PyTorch reference, which materialises [B, N, S, S] scores: fine for tests
+        # and small grids (attention.backend=vsa forces it), not a sensible automatic choice.
+        problem = "VSA's Triton kernel needs a CUDA GPU (attention.backend=vsa runs the O(S^2) CPU reference)"
     if problem is not None:
         return "dense", f"attention.backend=auto chose dense: {problem}"
     return "vsa", "attention.backend=auto chose vsa: sparse blocks configured and supported on this platform"
