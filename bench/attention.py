@@ -12,7 +12,6 @@ import ctypes
 import json
 import math
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,6 +21,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _timing import cuda_time_ms  # noqa: E402
+
 import attention  # noqa: E402
 from attention import vsa_triton  # noqa: E402
 
@@ -29,19 +30,9 @@ SHAPES = {"wan1.3b-480p": ((21, 30, 52), 12), "wan14b-720p": ((21, 45, 80), 40)}
 HEAD_DIM = 128
 
 
-def time_ms(fn, warmup: int = 5, reps: int = 20) -> float:
-    """Median of ``reps`` CUDA-event timings after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def time_ms(fn) -> float:
+    """Median of 20 CUDA-event timings after 5 warm-up calls."""
+    return cuda_time_ms(fn, warmup=5, iters=20)
 
 
 def masked_dense_rows(q, k, v, gate, coarse, metadata, block_index, query_tiles) -> torch.Tensor:

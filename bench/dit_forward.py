@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _timing import cuda_time_ms  # noqa: E402
 
 from attention import VSAMetadataCache  # noqa: E402
 from models import WanConfig, build_wan_on_meta, materialize_random_  # noqa: E402
@@ -47,20 +48,6 @@ class _TimedAttention:
         end.record()
         self.events.append((start, end))
         return out
-
-
-def cuda_time_ms(fn, warmup: int = 2, iters: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def bench_ours(model, cfg: WanConfig, backend: str, sparsity: float, inputs, iters: int) -> dict:

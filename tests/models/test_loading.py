@@ -5,21 +5,11 @@ import re
 
 import pytest
 import torch
+from _tiny import TINY  # tests/models is on sys.path under pytest (no __init__.py)
 from safetensors.torch import save_file
 
 from models.loading import load_wan_weights_, native_to_diffusers_name
 from models.wan import WanConfig, build_wan_on_meta, materialize_random_
-
-TINY = dict(
-    num_attention_heads=2,
-    attention_head_dim=16,
-    in_channels=4,
-    out_channels=4,
-    text_dim=24,
-    freq_dim=32,
-    ffn_dim=64,
-    num_layers=2,
-)
 
 
 def _source(gate_compress=False):

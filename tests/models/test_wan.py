@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _tiny import TINY  # tests/models is on sys.path under pytest (no __init__.py)
 from diffusers import WanTransformer3DModel
 
 from attention.dense import DenseAttention
@@ -12,22 +13,6 @@ from models.wan import (
     build_wan_on_meta,
     materialize_random_,
     wan_param_dtype,
-)
-
-TINY = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=2,
-    attention_head_dim=16,
-    in_channels=4,
-    out_channels=4,
-    text_dim=24,
-    freq_dim=32,
-    ffn_dim=64,
-    num_layers=2,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=1024,
 )
 
 
