@@ -22,7 +22,7 @@ _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 @triton.jit
 def _attend_key_tile(
-    q, K, V, k_desc, v_desc, acc, l_i, m_i, j, index_row, TILE_OFFSETS, head_off, stride_qs, desc_row, desc_col,
+    q, K, V, acc, l_i, m_i, j, index_row, TILE_OFFSETS, head_off, stride_qs, desc_row, desc_col,
     offs_n, offs_d, qk_scale, dtype: tl.constexpr, LOAD_MODE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
 ):
@@ -30,9 +30,7 @@ def _attend_key_tile(
     tile_k = tl.load(index_row + j)
     k_start = tl.load(TILE_OFFSETS + tile_k)
     k_end = tl.load(TILE_OFFSETS + tile_k + 1)
-    if LOAD_MODE == 1:
-        k = k_desc.load([k_start, 0])
-    elif LOAD_MODE == 2:
+    if LOAD_MODE == 2:
         k = K.load([desc_row + k_start, desc_col])
     else:
         cols = k_start + offs_n
@@ -49,9 +47,7 @@ def _attend_key_tile(
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if LOAD_MODE == 1:
-        v = v_desc.load([k_start, 0])
-    elif LOAD_MODE == 2:
+    if LOAD_MODE == 2:
         v = V.load([desc_row + k_start, desc_col])
     else:
         v = tl.load(V + kv_offsets, mask=(cols < k_end)[:, None], other=0.0)
@@ -64,11 +60,10 @@ def _attend_key_tile(
 
 @triton.jit
 def _vsa_fine_kernel(
-    Q, K, V,  # pointers [B, N, S, D] (LOAD_MODE 0, 1) or host TMA descriptors of 2D row views (LOAD_MODE 2)
+    Q, K, V,  # pointers [B, N, S, D] (LOAD_MODE 0) or host TMA descriptors of 2D row views (LOAD_MODE 2)
     OUT, GATE, COARSE,  # pointers; GATE shares q's layout
     stride_qb, stride_qn, stride_qs,  # q, k, v and gate share one layout (checked by the caller)
     stride_ob, stride_on, stride_os,  # OUT: q's layout when q is dense, else contiguous
-    seq_len,
     desc_row_b, desc_row_n, desc_col_n,  # LOAD_MODE 2: row/column of (b, n, token 0) in the 2D view
     TILE_OFFSETS,  # int32 [T + 1]
     BLOCK_INDEX,  # int32 [B*N, T, topk]
@@ -78,7 +73,7 @@ def _vsa_fine_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    LOAD_MODE: tl.constexpr,  # 0 masked pointer loads, 1 device-side TMA descriptors, 2 host-side descriptors
+    LOAD_MODE: tl.constexpr,  # 0 masked pointer loads, 2 host-side TMA descriptors
     HAS_GATE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong; bf16 products are exact in fp32
@@ -99,19 +94,10 @@ def _vsa_fine_kernel(
     rows = q_start + offs_m
     row_mask = rows < q_end
     io_offsets = head_off + rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
-    # TMA paths read whole 64-row boxes from a tile's start: rows past its end belong to the next tile
+    # The TMA path reads whole 64-row boxes from a tile's start: rows past its end belong to the next tile
     # (their scores are masked to -inf, so p = 0 there) or lie past the tensor (TMA zero-fills them).
-    k_desc, v_desc = K, V  # the descriptors of LOAD_MODE 1 (placeholders otherwise)
     desc_row, desc_col = 0, 0  # LOAD_MODE 2: where (b, n, token 0) lies in the 2D row views
-    if LOAD_MODE == 1:
-        q_desc = tl.make_tensor_descriptor(Q + head_off, shape=[seq_len, HEAD_DIM], strides=[stride_qs, 1],
-                                           block_shape=[BLOCK_M, HEAD_DIM])
-        k_desc = tl.make_tensor_descriptor(K + head_off, shape=[seq_len, HEAD_DIM], strides=[stride_qs, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        v_desc = tl.make_tensor_descriptor(V + head_off, shape=[seq_len, HEAD_DIM], strides=[stride_qs, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        q = q_desc.load([q_start, 0])
-    elif LOAD_MODE == 2:
+    if LOAD_MODE == 2:
         desc_row = (b * desc_row_b + n * desc_row_n).to(tl.int32)
         desc_col = (n * desc_col_n).to(tl.int32)
         q = Q.load([desc_row + q_start, desc_col])
@@ -127,7 +113,7 @@ def _vsa_fine_kernel(
     index_row = BLOCK_INDEX + (bh * num_tiles + tile_q) * topk
     for j in range(0, topk):
         acc, l_i, m_i = _attend_key_tile(
-            q, K, V, k_desc, v_desc, acc, l_i, m_i, j, index_row, TILE_OFFSETS, head_off, stride_qs,
+            q, K, V, acc, l_i, m_i, j, index_row, TILE_OFFSETS, head_off, stride_qs,
             desc_row, desc_col, offs_n, offs_d, qk_scale, OUT.dtype.element_ty, LOAD_MODE, INPUT_PRECISION,
             DOT_IN_FP32)
 
@@ -173,22 +159,17 @@ _vsa_fine_kernel_tuned = triton.autotune(
 )(_vsa_fine_kernel)
 
 
-# Fixed configs of the TMA paths, measured on H100 (triton 3.6) at the Wan-1.3B shape, sparsity 0.9, BSND and
-# BNSD layouts alike: host descriptors 2.38-2.39 ms with 4 stages (2.42 with 3, 2.48-2.66 with 2), device
-# descriptors 2.38-2.40 ms with 3 stages (2.46 with 4); the previous pointer kernel 2.70-2.85 ms in the same
-# processes. Triton's automatic warp specialisation of the loop: 4.2 ms (and wrong results) there.
-_TMA_CONFIGS = {1: dict(num_warps=4, num_stages=3), 2: dict(num_warps=4, num_stages=4)}
-
-
-def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global scratch for device-side TMA descriptors (128 bytes per descriptor and program)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+# Fixed config of the TMA path, measured on H100 (triton 3.6) at the Wan-1.3B shape, sparsity 0.9, BSND and
+# BNSD layouts alike: host descriptors 2.38-2.39 ms with 4 stages (2.42 with 3, 2.48-2.66 with 2); the pointer
+# kernel 2.70-2.85 ms in the same processes. Device-side descriptors (tl.make_tensor_descriptor) measured the
+# same, 2.38-2.40 ms, and were dropped as a second TMA path; Triton's automatic warp specialisation of the
+# loop: 4.2 ms (and wrong results) there.
+_TMA_CONFIGS = {2: dict(num_warps=4, num_stages=4)}
 
 
 def _default_load_mode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
     """2 (TMA, host descriptors) on Hopper and newer for 16-bit D=128 inputs in a BSND- or BNSD-contiguous layout,
-    else 0 (masked pointer loads). Mode 1 (device-side descriptors, any 16-byte-aligned layout, as fast as 2
-    on H100) is opt-in: its GPU check on a fused-projection layout is still pending."""
+    else 0 (masked pointer loads)."""
     if not q.is_cuda or _INTERPRET or q.dtype not in (torch.bfloat16, torch.float16):
         return 0
     if torch.cuda.get_device_capability(q.device)[0] < 9 or q.shape[-1] != 128:
@@ -233,17 +214,11 @@ def _launch(
         views = [_host_desc_view(x) for x in (q, k, v)]
         qkv = tuple(TensorDescriptor.from_tensor(view[0], [_TILE_TOKENS, head_dim]) for view in views)
         desc_geometry = views[0][1:]
-    elif mode == 1:
-        element = q.element_size()
-        if any(x.data_ptr() % 16 or any(stride * element % 16 for stride in x.stride()[:3]) for x in (q, k, v)):
-            raise ValueError("vsa_fine_attention: TMA needs 16-byte aligned bases and strides")
-        triton.set_allocator(_tma_scratch)
-    args = (*qkv, out, gate_arg, coarse_arg, *q.stride()[:3], *out.stride()[:3], seq_len, *desc_geometry, tile_offsets,
+    args = (*qkv, out, gate_arg, coarse_arg, *q.stride()[:3], *out.stride()[:3], *desc_geometry, tile_offsets,
             block_index, num_tiles * head_dim, heads, num_tiles, topk, _LOG2E / math.sqrt(head_dim))
     interpret = _INTERPRET or not q.is_cuda
     dot_in_fp32 = interpret and q.dtype == torch.bfloat16
     meta = dict(HEAD_DIM=head_dim, BLOCK_M=_TILE_TOKENS, BLOCK_N=_TILE_TOKENS, LOAD_MODE=mode,
-
                 HAS_GATE=has_gate, INPUT_PRECISION="ieee" if q.dtype == torch.float32 or dot_in_fp32 else "tf32",
                 DOT_IN_FP32=dot_in_fp32)
     if interpret:

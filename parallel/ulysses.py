@@ -100,10 +100,6 @@ class UlyssesAttention:
         """Build over ``mesh``'s SP axis."""
         return cls(backend, mesh.sp_group, mesh.sp_size, mesh.sp_rank, seq_plan, num_heads)
 
-    @property
-    def local_head_slice(self) -> slice:
-        return slice(self.head_offsets[self.sp_rank], self.head_offsets[self.sp_rank + 1])
-
     def __repr__(self) -> str:
         return (
             f"UlyssesAttention(backend={self.backend!r}, sp={self.sp_rank}/{self.sp_size}, "

@@ -145,7 +145,6 @@ def _generate(
     if cfg.parallel.cfg == 2:
         text = text[mesh.cfg_rank : mesh.cfg_rank + 1]  # rank 0 of the cfg axis: cond, rank 1: uncond
 
-    f, h, w = latent_shape(cfg)
     latents = draw_initial_noise(1, cfg.num_frames, cfg.height, cfg.width, cfg.seed, LATENT_CHANNELS).to(device)
     scheduler = build_scheduler(cfg.scheduler, cfg.num_steps, cfg.flow_shift)
     scheduler.prepare(device, torch.float32)
@@ -202,7 +201,7 @@ def _generate(
     if is_main:
         del model, state  # the VAE decode needs the memory more than the finished DiT
         free_device_memory(device)
-        _write_outputs(progress, faults, cfg, latents, report, t_start, device, (f, h, w), conditioning)
+        _write_outputs(progress, faults, cfg, latents, report, t_start, device, conditioning)
     return GenerateResult(latents=latents, report=report)
 
 
@@ -216,7 +215,7 @@ def _cfg_branches(pred: torch.Tensor, mesh: ParallelMesh) -> tuple[torch.Tensor,
 
 
 def _write_outputs(
-    progress, faults, cfg, latents, report, t_start, device, latent_fhw, conditioning: ConditioningPlan) -> None:
+    progress, faults, cfg, latents, report, t_start, device, conditioning: ConditioningPlan) -> None:
     decoder = build_latent_decoder(conditioning, cfg.seed, device)
     faults.fire_phase("decode", 0)  # only rank 0 decodes and writes
     frames = decoder.decode(latents)[0]
