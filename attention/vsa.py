@@ -293,9 +293,9 @@ def vsa_check_supported(dtype: torch.dtype, head_dim: int, device: torch.device 
 class VSAAttention:
     """VSA backend over a compact tile-order sequence: ``(q, k, v, gate) [B, N, S, D] -> out [B, N, S, D]``.
 
-    ``impl``: ``"torch"`` = :func:`vsa_attention_reference`; ``"triton"`` = :func:`vsa_select_blocks`
-    then the Triton fine stage (gate and coarse fused into its epilogue); ``"auto"`` = triton when
-    ``metadata.device`` is CUDA, else torch. Resolved once here, never per call.
+    ``impl``: ``"torch"`` = :func:`vsa_attention_reference`; ``"triton"`` = four Triton launches: tile means
+    of q, k, v; block scores + coarse output; top-k; the fine stage with gate * coarse fused into its
+    epilogue. ``"auto"`` = triton when ``metadata.device`` is CUDA, else torch. Resolved once here, never per call.
     ``consume_q=True`` (triton only) lets the output overwrite q's buffer: saves one [B, N, S, D] allocation
     when the caller never reads q again (the DiT's self-attention); q then holds the output afterwards.
     """
@@ -315,9 +315,9 @@ class VSAAttention:
         self.consume_q = consume_q and impl == "triton"
         self._fine = None
         if impl == "triton":
-            from attention.vsa_triton import vsa_fine_attention, vsa_tile_means
+            from attention.vsa_triton import vsa_fine_attention, vsa_select_from_means, vsa_tile_means
 
-            self._fine, self._tile_means = vsa_fine_attention, vsa_tile_means
+            self._fine, self._select, self._tile_means = vsa_fine_attention, vsa_select_from_means, vsa_tile_means
 
     def __call__(
         self,
@@ -329,8 +329,8 @@ class VSAAttention:
         if self._fine is None:
             return vsa_attention_reference(q_BNSD, k_BNSD, v_BNSD, gate_BNSD, self.metadata)
         m = self.metadata
-        means = [self._tile_means(x, m.tile_offsets, m.num_tiles) for x in (q_BNSD, k_BNSD, v_BNSD)]
-        block_index_BNTK, coarse_BNTD = select_from_tile_means(*means, m.topk)
+        q_c, k_c, v_c = self._tile_means((q_BNSD, k_BNSD, v_BNSD), m.tile_offsets, m.num_tiles)
+        block_index_BNTK, coarse_BNTD = self._select(q_c, k_c, v_c, m.topk)
         return self._fine(
             q_BNSD,
             k_BNSD,

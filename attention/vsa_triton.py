@@ -24,38 +24,53 @@ _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 def _attend_key_tile(
     q, K, V, acc, l_i, m_i, j, index_row, TILE_OFFSETS, head_off, stride_qs, desc_row, desc_col,
     offs_n, offs_d, qk_scale, dtype: tl.constexpr, LOAD_MODE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, MASK_ALWAYS: tl.constexpr, LAZY_RESCALE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One online-softmax step of a query tile over its j-th selected key tile: (acc, l_i, m_i) updated."""
+    """One online-softmax step of a query tile over its j-th selected key tile: (acc, l_i, m_i) updated.
+
+    Scores stay in the exp2 domain (qk_scale holds log2(e)). m_i is the running row max of the scaled
+    scores; with LAZY_RESCALE it may lag behind the true max by up to 8 (p <= 2**8), so acc and l_i are
+    rescaled only when some row's max grows by more than that (exact either way: out = acc / l).
+    """
     tile_k = tl.load(index_row + j)
     k_start = tl.load(TILE_OFFSETS + tile_k)
-    k_end = tl.load(TILE_OFFSETS + tile_k + 1)
+    k_len = tl.load(TILE_OFFSETS + tile_k + 1) - k_start
     if LOAD_MODE == 2:
         k = K.load([desc_row + k_start, desc_col])
     else:
         cols = k_start + offs_n
         kv_offsets = head_off + cols[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
-        k = tl.load(K + kv_offsets, mask=(cols < k_end)[:, None], other=0.0)  # keys past the tile: never read
+        k = tl.load(K + kv_offsets, mask=(offs_n < k_len)[:, None], other=0.0)  # keys past the tile: never read
     if DOT_IN_FP32:
         k = k.to(tl.float32)
-    # additive key mask: 0 on the tile's real tokens, -inf past them (one FMA per score with the scale)
-    key_bias = tl.where(offs_n < k_end - k_start, 0.0, float("-inf"))
-    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
-    s = s * qk_scale + key_bias[None, :]
-    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile owns >= 1 real token
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32, unscaled
+    if MASK_ALWAYS:
+        s = tl.where((offs_n < k_len)[None, :], s, float("-inf"))
+    elif k_len < BLOCK_N:  # uniform branch: only partial key tiles pay for the mask
+        s = tl.where((offs_n < k_len)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # finite: every tile owns >= 1 real token
+    if LAZY_RESCALE:
+        if tl.max(m_new - m_i, 0) > 8.0:
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+            m_i = m_new
+    else:
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    p = tl.math.exp2(s * qk_scale - m_i[:, None])  # one FMA per score, then exp2
+    l_i = l_i + tl.sum(p, 1)
     if LOAD_MODE == 2:
         v = V.load([desc_row + k_start, desc_col])
     else:
-        v = tl.load(V + kv_offsets, mask=(cols < k_end)[:, None], other=0.0)
+        v = tl.load(V + kv_offsets, mask=(offs_n < k_len)[:, None], other=0.0)
     p_v = p.to(dtype)  # P rounded to the value dtype, as on GPU
     if DOT_IN_FP32:
         p_v, v = p_v.to(tl.float32), v.to(tl.float32)
     acc = tl.dot(p_v, v, acc, input_precision=INPUT_PRECISION)
-    return acc, l_i, m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -77,6 +92,8 @@ def _vsa_fine_kernel(
     HAS_GATE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong; bf16 products are exact in fp32
+    MASK_ALWAYS: tl.constexpr = False,  # mask every key tile (else only partial ones, behind a uniform branch)
+    LAZY_RESCALE: tl.constexpr = True,
 ):
     tile_q = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -115,7 +132,7 @@ def _vsa_fine_kernel(
         acc, l_i, m_i = _attend_key_tile(
             q, K, V, acc, l_i, m_i, j, index_row, TILE_OFFSETS, head_off, stride_qs,
             desc_row, desc_col, offs_n, offs_d, qk_scale, OUT.dtype.element_ty, LOAD_MODE, INPUT_PRECISION,
-            DOT_IN_FP32)
+            DOT_IN_FP32, MASK_ALWAYS, LAZY_RESCALE, BLOCK_N)
 
     out = acc * (1.0 / l_i)[:, None]
     if HAS_GATE:
@@ -128,15 +145,22 @@ def _vsa_fine_kernel(
 
 @triton.jit
 def _tile_means_kernel(
-    X, OUT,  # X [B, N, S, D] (any batch/head/token strides, D contiguous); OUT [B, N, T, D] contiguous
+    X0, X1, X2, OUT,  # X*: [B, N, S, D], one shared layout (D contiguous); OUT [len(X), B, N, T, D] contiguous
     stride_xb, stride_xn, stride_xs,
     TILE_OFFSETS,  # int32 [T + 1]
-    num_heads, num_tiles,
+    num_heads, num_tiles, out_stride_x,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    which = tl.program_id(2)  # q, k, v in one launch
+    if which == 0:
+        X = X0
+    elif which == 1:
+        X = X1
+    else:
+        X = X2
     start = tl.load(TILE_OFFSETS + tile)
     end = tl.load(TILE_OFFSETS + tile + 1)
     rows = start + tl.arange(0, BLOCK_M)
@@ -145,7 +169,97 @@ def _tile_means_kernel(
     offsets = base + rows[:, None].to(tl.int64) * stride_xs + offs_d[None, :]
     x = tl.load(X + offsets, mask=(rows < end)[:, None], other=0.0)
     mean = tl.sum(x.to(tl.float32), 0) / (end - start).to(tl.float32)  # fp32 accumulation, then rounded
-    tl.store(OUT + (bh * num_tiles + tile) * HEAD_DIM + offs_d, mean.to(OUT.dtype.element_ty))
+    out = OUT + which.to(tl.int64) * out_stride_x + (bh * num_tiles + tile) * HEAD_DIM + offs_d
+    tl.store(out, mean.to(OUT.dtype.element_ty))
+
+
+@triton.jit
+def _coarse_kernel(
+    QC, KC, VC,  # tile means [B*N, T, D] contiguous, one dtype
+    SCORES,  # fp32 [B*N, T, T] out: block scores q_c k_c^T / sqrt(D)
+    COARSE,  # fp32 [B*N, T, D] out: softmax over all key tiles of the scores, times v_c
+    num_tiles,
+    scale,  # 1 / sqrt(D), applied in fp32 after the product (as the torch spec does)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SCORE_PRECISION: tl.constexpr,
+    COARSE_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    bh = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    row_ok = rows < num_tiles
+    offs_d = tl.arange(0, HEAD_DIM)
+    means = bh * num_tiles * HEAD_DIM
+    qc = tl.load(QC + means + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    if DOT_IN_FP32:
+        qc = qc.to(tl.float32)
+    m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q, HEAD_DIM], dtype=tl.float32)
+    score_rows = SCORES + bh * num_tiles * num_tiles + rows[:, None].to(tl.int64) * num_tiles
+    for k0 in range(0, num_tiles, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < num_tiles
+        kv_offsets = means + cols[:, None] * HEAD_DIM + offs_d[None, :]
+        kc = tl.load(KC + kv_offsets, mask=col_ok[:, None], other=0.0)
+        if DOT_IN_FP32:
+            kc = kc.to(tl.float32)
+        # means hold 16-bit values (or fp32 with an ieee dot): their products are exact in fp32
+        s = tl.dot(qc, tl.trans(kc), input_precision=SCORE_PRECISION) * scale
+        tl.store(score_rows + cols[None, :], s, mask=row_ok[:, None] & col_ok[None, :])
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vc = tl.load(VC + kv_offsets, mask=col_ok[:, None], other=0.0).to(tl.float32)
+        acc = tl.dot(p, vc, acc * alpha[:, None], input_precision=COARSE_PRECISION)
+        m_i = m_new
+    coarse = acc / l_i[:, None]
+    tl.store(COARSE + means + rows[:, None] * HEAD_DIM + offs_d[None, :], coarse, mask=row_ok[:, None])
+
+
+@triton.jit
+def _select_kernel(
+    SCORES,  # fp32 [G, R, C]: G groups (e.g. B*N) of R score rows over C key tiles, contiguous
+    OUT,  # int32 [G, R, topk] out: selected columns per row, ascending
+    num_rows, num_cols, topk,
+    ROWS: tl.constexpr,  # rows per program
+    C_PAD: tl.constexpr,  # next power of two >= num_cols
+):
+    """Per score row: the topk largest, ties to the lower column (== a stable descending sort).
+
+    The k-th largest score is found exactly by a 32-step bitwise search on order-preserving uint32 keys
+    (a radix select); then every score above it is taken, and of those equal to it the lowest-indexed ones
+    fill the remaining slots; a cumulative count gives each selected column its ascending slot.
+    """
+    group = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < num_rows
+    cols = tl.arange(0, C_PAD)
+    col_ok = cols < num_cols
+    row_ids = group * num_rows + rows[:, None].to(tl.int64)
+    s = tl.load(SCORES + row_ids * num_cols + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    s = tl.where(s == 0.0, 0.0, s)  # -0.0 == +0.0: one key for both
+    bits = s.to(tl.uint32, bitcast=True)
+    sign = tl.full((), 0x80000000, tl.uint32)
+    key = tl.where((bits & sign) != 0, ~bits, bits | sign)  # uint32 order == float order (NaN on top)
+    key = tl.where(col_ok[None, :], key, 0)  # pad columns: below every real score, never selected
+    one = tl.full([ROWS], 1, tl.uint32)
+    threshold = tl.zeros([ROWS], dtype=tl.uint32)
+    for bit in tl.static_range(31, -1, -1):  # largest t with count(key >= t) >= topk: the k-th largest key
+        candidate = threshold | (one << bit)
+        count = tl.sum((key >= candidate[:, None]).to(tl.int32), 1)
+        threshold = tl.where(count >= topk, candidate, threshold)
+    above = key > threshold[:, None]
+    tied = key == threshold[:, None]
+    slots_left = topk - tl.sum(above.to(tl.int32), 1)
+    take = above | (tied & (tl.cumsum(tied.to(tl.int32), 1) <= slots_left[:, None]))
+    slot = tl.cumsum(take.to(tl.int32), 1) - 1
+    column = cols[None, :] + tl.zeros([ROWS, C_PAD], dtype=tl.int32)
+    tl.store(OUT + row_ids * topk + slot, column, mask=take & row_ok[:, None])
 
 
 def _autotune_configs() -> list[triton.Config]:
@@ -230,21 +344,75 @@ def _launch(
     return out
 
 
-def vsa_tile_means(x_BNSD: torch.Tensor, tile_offsets: torch.Tensor, num_tiles: int) -> torch.Tensor:
-    """Per-tile mean of x over each tile's real tokens: [B, N, T, D] in x's dtype (fp32 accumulation).
+def vsa_tile_means(tensors: tuple[torch.Tensor, ...], tile_offsets: torch.Tensor, num_tiles: int) -> torch.Tensor:
+    """Per-tile means of 1 to 3 tensors (q, k, v) in ONE launch: [len(tensors), B, N, T, D] in their dtype.
 
-    x_BNSD: [B, N, S, D] in compact tile order, D contiguous (any batch/head/token strides).
-    One read of x, no padded copy; equals ``attention.vsa._tile_means`` (the torch spec).
+    Each tensor: [B, N, S, D] in compact tile order, D contiguous, all of one shape and dtype (copied to
+    contiguous when their strides differ). fp32 accumulation over each tile's real tokens, then rounded;
+    one read of each input, no padded copy; equals ``attention.vsa._tile_means`` (the torch spec).
     """
-    batch, heads, _, head_dim = x_BNSD.shape
-    if x_BNSD.stride(-1) != 1:
-        x_BNSD = x_BNSD.contiguous()
-    out = torch.empty(batch, heads, num_tiles, head_dim, device=x_BNSD.device, dtype=x_BNSD.dtype)
-    _tile_means_kernel[(num_tiles, batch * heads)](
-        x_BNSD, out, *x_BNSD.stride()[:3], tile_offsets, heads, num_tiles,
+    if not 1 <= len(tensors) <= 3:
+        raise ValueError(f"vsa_tile_means takes 1 to 3 tensors, got {len(tensors)}")
+    first = tensors[0]
+    if first.stride(-1) != 1 or any(x.stride() != first.stride() for x in tensors):
+        tensors = tuple(x.contiguous() for x in tensors)
+        first = tensors[0]
+    batch, heads, _, head_dim = first.shape
+    out = torch.empty(len(tensors), batch, heads, num_tiles, head_dim, device=first.device, dtype=first.dtype)
+    xs = (*tensors, *(first,) * (3 - len(tensors)))  # unused slots are never read
+    _tile_means_kernel[(num_tiles, batch * heads, len(tensors))](
+        *xs, out, *first.stride()[:3], tile_offsets, heads, num_tiles, out[0].numel(),
         HEAD_DIM=head_dim, BLOCK_M=_TILE_TOKENS, num_warps=4,
     )
     return out
+
+
+def vsa_select_from_means(
+    q_c_BNTD: torch.Tensor, k_c_BNTD: torch.Tensor, v_c_BNTD: torch.Tensor, topk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coarse stage from tile means in two launches: ``(block_index int32 [B, N, T, topk], coarse fp32
+    [B, N, T, D])``, the Triton equivalent of ``attention.vsa.select_from_tile_means``.
+
+    Scores are fp32 dot products of the (rounded) means, so they equal the spec's up to summation order;
+    the selection of a row is then exactly the spec's on those scores (ties to the lower tile index,
+    indices ascending). The only [T, T] tensor is one fp32 score buffer; the coarse output's softmax runs
+    online in the first kernel, and top-k is a radix select in registers in the second.
+    """
+    batch, heads, num_tiles, head_dim = q_c_BNTD.shape
+    q_c, k_c, v_c = (x.contiguous() for x in (q_c_BNTD, k_c_BNTD, v_c_BNTD))
+    device = q_c.device
+    scores = torch.empty(batch * heads, num_tiles, num_tiles, device=device, dtype=torch.float32)
+    coarse = torch.empty(batch, heads, num_tiles, head_dim, device=device, dtype=torch.float32)
+    interpret = _INTERPRET or not q_c.is_cuda
+    dot_in_fp32 = interpret and q_c.dtype == torch.bfloat16
+    exact = interpret or q_c.dtype == torch.float32
+    block_q = 64
+    _coarse_kernel[(triton.cdiv(num_tiles, block_q), batch * heads)](
+        q_c, k_c, v_c, scores, coarse, num_tiles, 1.0 / math.sqrt(head_dim),
+        HEAD_DIM=head_dim, BLOCK_Q=block_q, BLOCK_K=64,
+        SCORE_PRECISION="ieee" if exact else "tf32", COARSE_PRECISION="ieee" if interpret else "tf32x3",
+        DOT_IN_FP32=dot_in_fp32, num_warps=4,
+    )
+    return vsa_topk_lower_index_wins(scores.view(batch, heads, num_tiles, num_tiles), topk), coarse
+
+
+def vsa_topk_lower_index_wins(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """Triton equivalent of ``attention.vsa._topk_lower_index_wins`` on fp32 scores [..., R, C]:
+    the ``topk`` largest per row, ties to the lower index, as int32 [..., R, topk] in ascending order.
+    One launch; exactly equal to the torch spec on the same scores."""
+    num_rows, num_cols = scores.shape[-2:]
+    if not 1 <= topk <= num_cols:
+        raise ValueError(f"topk must lie in [1, {num_cols}], got {topk}")
+    scores = scores.contiguous()
+    block_index = torch.empty(*scores.shape[:-1], topk, device=scores.device, dtype=torch.int32)
+    c_pad = triton.next_power_of_2(num_cols)
+    rows = max(1, 4096 // c_pad)  # ~32 score elements per thread
+    groups = scores.numel() // max(1, num_rows * num_cols)
+    _select_kernel[(triton.cdiv(num_rows, rows), groups)](
+        scores, block_index, num_rows, num_cols, topk, ROWS=rows, C_PAD=c_pad,
+        num_warps=max(4, min(16, rows * c_pad // 1024)),
+    )
+    return block_index
 
 
 @torch.library.custom_op("tessera::vsa_fine", mutates_args=())

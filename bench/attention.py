@@ -101,10 +101,24 @@ def bench_shape(name: str, sparsities: list[float], args, results: dict) -> None
         add(f"vsa fine s={sparsity}", ms_fine,
             {"topk": metadata.topk, "real_tflops": real_flops / ms_fine / 1e9})
         def select(metadata=metadata):
-            means = [vsa_triton.vsa_tile_means(x, metadata.tile_offsets, metadata.num_tiles) for x in (q, k, v)]
+            means = vsa_triton.vsa_tile_means((q, k, v), metadata.tile_offsets, metadata.num_tiles)
+            return vsa_triton.vsa_select_from_means(*means, metadata.topk)
+
+        def select_torch(metadata=metadata):  # the spec's selection on the Triton means (the old path)
+            means = vsa_triton.vsa_tile_means((q, k, v), metadata.tile_offsets, metadata.num_tiles)
             return attention.select_from_tile_means(*means, metadata.topk)
 
         add(f"vsa select s={sparsity}", time_ms(select))
+        add(f"vsa select torch s={sparsity}", time_ms(select_torch))
+        (tri_index, tri_coarse), (spec_index, spec_coarse) = select(), select_torch()
+        same_rows = (tri_index == spec_index).all(-1).float().mean().item()
+        coarse_err = ((tri_coarse - spec_coarse).norm() / spec_coarse.norm()).item()
+        print(f"{name} s={sparsity}: Triton selection equals the spec's on {same_rows:.6f} of rows "
+              f"(scores differ only in summation order); coarse rel err {coarse_err:.2e}")
+        results.setdefault("select_vs_spec", {})[f"{name} s={sparsity}"] = {
+            "same_rows": same_rows, "coarse_rel_err": coarse_err}
+        if args.variants and sparsity == 0.9:
+            time_fine_variants(name, q, k, v, gate, metadata, block_index, coarse, out, add)
         add(f"vsa full s={sparsity}", time_ms(lambda: vsa(q, k, v, gate)), {"topk": metadata.topk})  # noqa: B023
         tiles = [0, T // 2, T - 1]  # the last tile is partial on every axis at these grids
         expected = masked_dense_rows(q, k, v, gate, coarse, metadata, block_index, tiles)
@@ -122,6 +136,20 @@ def bench_shape(name: str, sparsities: list[float], args, results: dict) -> None
     best = getattr(vsa_triton._vsa_fine_kernel_tuned, "best_config", None)  # pointer path only
     mode = vsa_triton._default_load_mode(q, k, v)  # 2: TMA with a fixed config, no autotuning
     results.setdefault("autotune_best", {})[name] = f"load_mode={mode} " + (str(best) if mode == 0 else "")
+
+
+def time_fine_variants(name, q, k, v, gate, metadata, block_index, coarse, reference, add) -> None:
+    """The fine kernel's compile-time switches and pipeline depths, each checked against the default's output."""
+    for lazy in (False, True):
+        for mask_always in (False, True):
+            for stages in (3, 4):
+                config = dict(LAZY_RESCALE=lazy, MASK_ALWAYS=mask_always, num_warps=4, num_stages=stages)
+                def call(config=config):
+                    return vsa_triton._launch(q, k, v, metadata.tile_offsets, block_index, coarse, gate,
+                                              config=config)
+                err = ((call().float() - reference.float()).norm() / reference.float().norm()).item()
+                label = f"fine lazy={int(lazy)} mask_all={int(mask_always)} st={stages}"
+                add(label, time_ms(call), {"diff_vs_default": err})
 
 
 def run_peer(name, sparsity, metadata, q, k, v, gate, add) -> None:
@@ -157,6 +185,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--sparsity", nargs="+", type=float, default=[0.8, 0.9, 0.95])
     parser.add_argument("--peer", action="store_true", help="also time fastvideo_kernel if importable")
+    parser.add_argument("--variants", action="store_true", help="time the fine kernel's switches at s=0.9")
     args = parser.parse_args()
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     check_correctness(results)

@@ -50,6 +50,21 @@ class _TimedAttention:
         return out
 
 
+class _MemoryProbe:
+    """Wraps a SelfAttention callable: splits the forward's peak memory into inside / outside attention calls."""
+
+    def __init__(self, inner, peaks: dict):
+        self.inner, self.peaks, self.uses_gate = inner, peaks, inner.uses_gate
+
+    def __call__(self, q, k, v, gate):
+        self.peaks["outside"] = max(self.peaks["outside"], torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+        out = self.inner(q, k, v, gate)
+        self.peaks["attention"] = max(self.peaks["attention"], torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+        return out
+
+
 def bench_ours(model, cfg: WanConfig, backend: str, sparsity: float, inputs, iters: int) -> dict:
     device = torch.device("cuda")
     latents, timestep, text = inputs
@@ -73,6 +88,13 @@ def bench_ours(model, cfg: WanConfig, backend: str, sparsity: float, inputs, ite
     torch.cuda.synchronize()
     attention_ms = sum(s.elapsed_time(e) for s, e in events)
 
+    peaks = {"outside": 0, "attention": 0}
+    probed = dataclasses.replace(ctx, attn=tuple(_MemoryProbe(a, peaks) for a in ctx.attn))
+    torch.cuda.reset_peak_memory_stats()
+    model(latents, timestep, text, ctx=probed)
+    torch.cuda.synchronize()
+    peaks["outside"] = max(peaks["outside"], torch.cuda.max_memory_allocated())
+
     layout_ms = 0.0
     if ctx.token_order is not None:
         num_tokens = ctx.token_order.numel()
@@ -84,6 +106,7 @@ def bench_ours(model, cfg: WanConfig, backend: str, sparsity: float, inputs, ite
         "backend": backend, "sparsity": sparsity if backend == "vsa" else None,
         "forward_ms": forward_ms, "attention_ms": attention_ms, "attention_share": attention_ms / forward_ms,
         "layout_ms": layout_ms, "layout_share": layout_ms / forward_ms, "peak_gib": peak / 2**30,
+        "peak_inside_attention_gib": peaks["attention"] / 2**30, "peak_outside_attention_gib": peaks["outside"] / 2**30,
     }
 
 

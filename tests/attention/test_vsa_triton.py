@@ -55,6 +55,10 @@ def _check_case(dtype: torch.dtype, head_dim: int, seed: int) -> None:
     offsets = _tile_offsets(_TILE_SIZES)
     num_tiles, seq_len = len(_TILE_SIZES), int(offsets[-1])
     q, k, v, gate = (torch.randn(batch, heads, seq_len, head_dim, generator=gen) for _ in range(4))
+    # head 1: logits growing along the sequence by far more than 2**8 between tiles, so the running max
+    # must be rescaled (not only lag behind); head 2 keeps unit-scale logits
+    q[:, 1] *= 4.0
+    k[:, 1] *= torch.linspace(0.5, 6.0, seq_len)[:, None]
     coarse = torch.randn(batch, heads, num_tiles, head_dim, generator=gen)
     bound = 1e-4 if dtype == torch.float32 else 2e-2  # half inputs: rounding of q, k, v and p
     # every topk once in fp32 D=16; the other cases keep the interpreter time down (CI has 2 cores)
@@ -95,13 +99,56 @@ def _check_layouts_and_means() -> None:
     assert in_place.data_ptr() == q_buffer.data_ptr()
     torch.testing.assert_close(in_place, strided, rtol=0, atol=0)
     for dtype in (torch.float32, torch.bfloat16):
-        x = q.to(dtype)
-        got = vsa_tile_means(x, metadata.tile_offsets, metadata.num_tiles)
-        spec = _tile_means(x, metadata)
-        assert got.dtype == dtype and got.shape == spec.shape
-        # Triton's CPU interpreter truncates fp32 -> bf16 (GPUs round to nearest): allow one bf16 ulp there.
-        rtol = 1e-6 if dtype == torch.float32 else 2.0**-7
-        torch.testing.assert_close(got.float(), spec.float(), rtol=rtol, atol=1e-6)
+        xs = (q.to(dtype), k.to(dtype), v.contiguous().to(dtype))  # v: other strides -> copied, still right
+        for count in (1, 3):
+            got = vsa_tile_means(xs[:count], metadata.tile_offsets, metadata.num_tiles)
+            assert got.dtype == dtype and got.shape == (count, *q.shape[:2], metadata.num_tiles, head_dim)
+            for x, mean in zip(xs, got):
+                spec = _tile_means(x, metadata)
+                # Triton's CPU interpreter truncates fp32 -> bf16 (GPUs round to nearest): one bf16 ulp there.
+                rtol = 1e-6 if dtype == torch.float32 else 2.0**-7
+                torch.testing.assert_close(mean.float(), spec.float(), rtol=rtol, atol=1e-6)
+
+
+def _tied_scores(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """fp32 scores with heavy ties: bf16-rounded, few distinct integers, and -0.0 next to +0.0."""
+    scores = torch.randn(3, *shape, generator=gen)
+    scores[0] = scores[0].to(torch.bfloat16).float()
+    scores[1] = torch.randint(-3, 4, shape, generator=gen).float()
+    scores[2, ..., ::2] = 0.0
+    scores[2, ..., 1::4] = -0.0
+    return scores
+
+
+def _check_select() -> None:
+    """The Triton top-k equals the torch spec exactly (ties to the lower index), and the Triton coarse
+    stage equals select_from_tile_means on means whose dot products are exact in any summation order."""
+    from attention.vsa import _topk_lower_index_wins, select_from_tile_means
+    from attention.vsa_triton import vsa_select_from_means, vsa_topk_lower_index_wins
+
+    gen = torch.Generator().manual_seed(3)
+    # (rows, cols): a partial power of two; one row block of several rows; wide rows (2 rows, then 1 row
+    # per program)
+    for rows, cols in ((7, 7), (37, 300), (3, 1500), (2, 2500)):
+        scores = _tied_scores((2, rows, cols), gen)
+        for topk in sorted({1, 2, max(1, cols // 10), cols - 1, cols} - {0}):
+            got = vsa_topk_lower_index_wins(scores, topk)
+            assert got.dtype == torch.int32 and got.shape == (3, 2, rows, topk)
+            assert torch.equal(got, _topk_lower_index_wins(scores, topk)), f"{rows}x{cols} topk={topk}"
+
+    for num_tiles, head_dim, topk in ((9, 16, 3), (70, 32, 7), (130, 16, 130)):
+        # small integers: every dot product and partial sum is exact, so the scores equal the spec's bit for
+        # bit and the selection must match exactly, ties included
+        q_c, k_c = (torch.randint(-2, 3, (2, 3, num_tiles, head_dim), generator=gen).float() for _ in range(2))
+        k_c[:, :, 5:9] = k_c[:, :, 1:2]  # duplicate key tiles: exact ties
+        v_c = torch.randn(2, 3, num_tiles, head_dim, generator=gen)
+        for dtype in (torch.float32, torch.bfloat16):
+            means = [x.to(dtype) for x in (q_c, k_c, v_c)]
+            block_index, coarse = vsa_select_from_means(*means, topk)
+            spec_index, spec_coarse = select_from_tile_means(*means, topk)
+            assert torch.equal(block_index, spec_index), f"T={num_tiles} {dtype}"
+            assert coarse.dtype == torch.float32
+            torch.testing.assert_close(coarse, spec_coarse, rtol=1e-5, atol=1e-6)
 
 
 def _run_interpreted(dtype_name: str, head_dim: int) -> None:
@@ -121,6 +168,10 @@ def test_interpreted_kernel_matches_reference(dtype_name: str, head_dim: int) ->
 
 def test_interpreted_strided_layout_and_tile_means() -> None:
     _run_interpreted("layout", 0)
+
+
+def test_interpreted_topk_and_coarse_stage() -> None:
+    _run_interpreted("select", 0)
 
 
 def test_reference_equals_dense_at_full_selection() -> None:
@@ -215,16 +266,43 @@ def test_gpu_tile_means_match_spec_bf16() -> None:
 
     metadata = build_vsa_metadata((9, 14, 22), 0.9, "cuda")
     x = torch.randn(1, metadata.total_seq_length, 12, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-    got = vsa_tile_means(x, metadata.tile_offsets, metadata.num_tiles)
+    got = vsa_tile_means((x,), metadata.tile_offsets, metadata.num_tiles)[0]
     spec = _tile_means(x, metadata)
     assert (got != spec).float().mean().item() < 1e-2  # summation order flips a rounding now and then
     torch.testing.assert_close(got.float(), spec.float(), rtol=2.0**-7, atol=1e-6)
+
+
+
+@pytest.mark.gpu
+def test_gpu_topk_and_coarse_stage_match_spec() -> None:
+    """At the Wan-1.3B tile count: the top-k equals the spec exactly on tied scores; the whole coarse stage
+    equals it on exactly representable means, and on random bf16 means up to rare summation-order flips."""
+    from attention.vsa import _topk_lower_index_wins, select_from_tile_means
+    from attention.vsa_triton import vsa_select_from_means, vsa_topk_lower_index_wins
+
+    gen = torch.Generator().manual_seed(4)
+    scores = _tied_scores((4, 624, 624), gen).cuda()
+    for topk in (1, 63, 624):
+        assert torch.equal(vsa_topk_lower_index_wins(scores, topk), _topk_lower_index_wins(scores, topk))
+    scores = _tied_scores((1, 3, 1440), gen).cuda()  # the 14B-720p row width: 2 rows per program
+    assert torch.equal(vsa_topk_lower_index_wins(scores, 72), _topk_lower_index_wins(scores, 72))
+
+    exact = [torch.randint(-2, 3, (1, 12, 624, 128), generator=gen).to(torch.bfloat16).cuda() for _ in range(3)]
+    random = [torch.randn(1, 12, 624, 128, generator=gen).to(torch.bfloat16).cuda() for _ in range(3)]
+    for means, min_same in ((exact, 1.0), (random, 0.99)):
+        block_index, coarse = vsa_select_from_means(*means, 63)
+        spec_index, spec_coarse = select_from_tile_means(*means, 63)
+        assert (block_index == spec_index).all(-1).float().mean().item() >= min_same
+        err = (coarse - spec_coarse).norm() / spec_coarse.norm()
+        assert err < 1e-4, f"coarse rel err {err:.2e}"  # 3xTF32 products, online softmax
 
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     if sys.argv[1] == "layout":
         _check_layouts_and_means()
+    elif sys.argv[1] == "select":
+        _check_select()
     else:
         _check_case(getattr(torch, sys.argv[1]), int(sys.argv[2]), seed=int(sys.argv[2]))
     print("ok")
