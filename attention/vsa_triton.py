@@ -24,13 +24,11 @@ _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 def _attend_key_tile(
     q, K, V, acc, l_i, m_i, j, index_row, TILE_OFFSETS, head_off, stride_qs, desc_row, desc_col,
     offs_n, offs_d, qk_scale, dtype: tl.constexpr, LOAD_MODE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, MASK_ALWAYS: tl.constexpr, LAZY_RESCALE: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One online-softmax step of a query tile over its j-th selected key tile: (acc, l_i, m_i) updated.
 
-    Scores stay in the exp2 domain (qk_scale holds log2(e)). m_i is the running row max of the scaled
-    scores; with LAZY_RESCALE it may lag behind the true max by up to 8 (p <= 2**8), so acc and l_i are
-    rescaled only when some row's max grows by more than that (exact either way: out = acc / l).
+    Scores stay in the exp2 domain (qk_scale holds log2(e)); m_i is the running row max of the scaled scores.
     """
     tile_k = tl.load(index_row + j)
     k_start = tl.load(TILE_OFFSETS + tile_k)
@@ -44,23 +42,14 @@ def _attend_key_tile(
     if DOT_IN_FP32:
         k = k.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32, unscaled
-    if MASK_ALWAYS:
-        s = tl.where((offs_n < k_len)[None, :], s, float("-inf"))
-    elif k_len < BLOCK_N:  # uniform branch: only partial key tiles pay for the mask
+    # A uniform branch: only partial key tiles pay for the mask (masking every tile: +5% at Wan-1.3B).
+    if k_len < BLOCK_N:
         s = tl.where((offs_n < k_len)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # finite: every tile owns >= 1 real token
-    if LAZY_RESCALE:
-        if tl.max(m_new - m_i, 0) > 8.0:
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            acc = acc * alpha[:, None]
-            m_i = m_new
-    else:
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha
-        acc = acc * alpha[:, None]
-        m_i = m_new
-    p = tl.math.exp2(s * qk_scale - m_i[:, None])  # one FMA per score, then exp2
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha
+    acc = acc * alpha[:, None]
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])  # one FMA per score, then exp2
     l_i = l_i + tl.sum(p, 1)
     if LOAD_MODE == 2:
         v = V.load([desc_row + k_start, desc_col])
@@ -70,7 +59,7 @@ def _attend_key_tile(
     if DOT_IN_FP32:
         p_v, v = p_v.to(tl.float32), v.to(tl.float32)
     acc = tl.dot(p_v, v, acc, input_precision=INPUT_PRECISION)
-    return acc, l_i, m_i
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -92,8 +81,6 @@ def _vsa_fine_kernel(
     HAS_GATE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong; bf16 products are exact in fp32
-    MASK_ALWAYS: tl.constexpr = False,  # mask every key tile (else only partial ones, behind a uniform branch)
-    LAZY_RESCALE: tl.constexpr = True,
 ):
     tile_q = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -132,7 +119,7 @@ def _vsa_fine_kernel(
         acc, l_i, m_i = _attend_key_tile(
             q, K, V, acc, l_i, m_i, j, index_row, TILE_OFFSETS, head_off, stride_qs,
             desc_row, desc_col, offs_n, offs_d, qk_scale, OUT.dtype.element_ty, LOAD_MODE, INPUT_PRECISION,
-            DOT_IN_FP32, MASK_ALWAYS, LAZY_RESCALE, BLOCK_N)
+            DOT_IN_FP32, BLOCK_N)
 
     out = acc * (1.0 / l_i)[:, None]
     if HAS_GATE:
@@ -226,40 +213,36 @@ def _select_kernel(
     SCORES,  # fp32 [G, R, C]: G groups (e.g. B*N) of R score rows over C key tiles, contiguous
     OUT,  # int32 [G, R, topk] out: selected columns per row, ascending
     num_rows, num_cols, topk,
-    ROWS: tl.constexpr,  # rows per program
     C_PAD: tl.constexpr,  # next power of two >= num_cols
 ):
-    """Per score row: the topk largest, ties to the lower column (== a stable descending sort).
+    """One score row per program: the topk largest, ties to the lower column (== a stable descending sort).
 
     The k-th largest score is found exactly by a 32-step bitwise search on order-preserving uint32 keys
     (a radix select); then every score above it is taken, and of those equal to it the lowest-indexed ones
-    fill the remaining slots; a cumulative count gives each selected column its ascending slot.
+    fill the remaining slots; a cumulative count gives each selected column its ascending slot. A row is one
+    or two warps, so the 32 counts are warp reductions.
     """
-    group = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < num_rows
+    row = tl.program_id(1).to(tl.int64) * num_rows + tl.program_id(0)
     cols = tl.arange(0, C_PAD)
     col_ok = cols < num_cols
-    row_ids = group * num_rows + rows[:, None].to(tl.int64)
-    s = tl.load(SCORES + row_ids * num_cols + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    s = tl.load(SCORES + row * num_cols + cols, mask=col_ok, other=0.0)
     s = tl.where(s == 0.0, 0.0, s)  # -0.0 == +0.0: one key for both
     bits = s.to(tl.uint32, bitcast=True)
     sign = tl.full((), 0x80000000, tl.uint32)
     key = tl.where((bits & sign) != 0, ~bits, bits | sign)  # uint32 order == float order (NaN on top)
-    key = tl.where(col_ok[None, :], key, 0)  # pad columns: below every real score, never selected
-    one = tl.full([ROWS], 1, tl.uint32)
-    threshold = tl.zeros([ROWS], dtype=tl.uint32)
+    key = tl.where(col_ok, key, 0)  # pad columns: below every real score, never selected
+    threshold = tl.full((), 0, tl.uint32)
+    one = tl.full((), 1, tl.uint32)
     for bit in tl.static_range(31, -1, -1):  # largest t with count(key >= t) >= topk: the k-th largest key
         candidate = threshold | (one << bit)
-        count = tl.sum((key >= candidate[:, None]).to(tl.int32), 1)
-        threshold = tl.where(count >= topk, candidate, threshold)
-    above = key > threshold[:, None]
-    tied = key == threshold[:, None]
-    slots_left = topk - tl.sum(above.to(tl.int32), 1)
-    take = above | (tied & (tl.cumsum(tied.to(tl.int32), 1) <= slots_left[:, None]))
-    slot = tl.cumsum(take.to(tl.int32), 1) - 1
-    column = cols[None, :] + tl.zeros([ROWS, C_PAD], dtype=tl.int32)
-    tl.store(OUT + row_ids * topk + slot, column, mask=take & row_ok[:, None])
+        if tl.sum((key >= candidate).to(tl.int32), 0) >= topk:
+            threshold = candidate
+    above = key > threshold
+    tied = key == threshold
+    slots_left = topk - tl.sum(above.to(tl.int32), 0)
+    take = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= slots_left))
+    slot = tl.cumsum(take.to(tl.int32), 0) - 1
+    tl.store(OUT + row * topk + slot, cols, mask=take)
 
 
 def _autotune_configs() -> list[triton.Config]:
@@ -273,12 +256,13 @@ _vsa_fine_kernel_tuned = triton.autotune(
 )(_vsa_fine_kernel)
 
 
-# Fixed config of the TMA path, measured on H100 (triton 3.6) at the Wan-1.3B shape, sparsity 0.9, BSND and
-# BNSD layouts alike: host descriptors 2.38-2.39 ms with 4 stages (2.42 with 3, 2.48-2.66 with 2); the pointer
-# kernel 2.70-2.85 ms in the same processes. Device-side descriptors (tl.make_tensor_descriptor) measured the
-# same, 2.38-2.40 ms, and were dropped as a second TMA path; Triton's automatic warp specialisation of the
-# loop: 4.2 ms (and wrong results) there.
-_TMA_CONFIGS = {2: dict(num_warps=4, num_stages=4)}
+# Fixed config of the TMA path, measured on H100 (triton 3.6) at the Wan-1.3B shape, sparsity 0.9: 2.24 ms with
+# 3 stages, 3.28 ms with 4 (device run 1 of session 2, `bench/attention.py --variants`; before the key mask
+# moved behind a branch, 4 stages had won). A lazily rescaled softmax (FA4's trick, skipping acc *= alpha
+# until the max grows by 2**8) measured 2.50 ms: its block-wide max costs more than the multiply it saves.
+# Device-side descriptors (tl.make_tensor_descriptor) measured the same as host ones and were dropped;
+# Triton's automatic warp specialisation of the loop: 4.2 ms (and wrong results) there.
+_TMA_CONFIGS = {2: dict(num_warps=4, num_stages=3)}
 
 
 def _default_load_mode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
@@ -367,8 +351,12 @@ def vsa_tile_means(tensors: tuple[torch.Tensor, ...], tile_offsets: torch.Tensor
     return out
 
 
+# Small blocks: the coarse GEMMs are tiny ([T, T] x D per head), so parallelism and registers decide.
+_COARSE_CONFIG = dict(BLOCK_Q=16, BLOCK_K=32, COARSE_PRECISION="tf32x3", num_warps=4)
+
+
 def vsa_select_from_means(
-    q_c_BNTD: torch.Tensor, k_c_BNTD: torch.Tensor, v_c_BNTD: torch.Tensor, topk: int
+    q_c_BNTD: torch.Tensor, k_c_BNTD: torch.Tensor, v_c_BNTD: torch.Tensor, topk: int, config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The coarse stage from tile means in two launches: ``(block_index int32 [B, N, T, topk], coarse fp32
     [B, N, T, D])``, the Triton equivalent of ``attention.vsa.select_from_tile_means``.
@@ -377,6 +365,7 @@ def vsa_select_from_means(
     the selection of a row is then exactly the spec's on those scores (ties to the lower tile index,
     indices ascending). The only [T, T] tensor is one fp32 score buffer; the coarse output's softmax runs
     online in the first kernel, and top-k is a radix select in registers in the second.
+    ``config`` overrides ``_COARSE_CONFIG`` (benchmarks).
     """
     batch, heads, num_tiles, head_dim = q_c_BNTD.shape
     q_c, k_c, v_c = (x.contiguous() for x in (q_c_BNTD, k_c_BNTD, v_c_BNTD))
@@ -386,31 +375,31 @@ def vsa_select_from_means(
     interpret = _INTERPRET or not q_c.is_cuda
     dot_in_fp32 = interpret and q_c.dtype == torch.bfloat16
     exact = interpret or q_c.dtype == torch.float32
-    block_q = 64
+    config = {**_COARSE_CONFIG, **(config or {})}
+    if interpret:
+        config["COARSE_PRECISION"] = "ieee"
+    block_q = config.pop("BLOCK_Q")
     _coarse_kernel[(triton.cdiv(num_tiles, block_q), batch * heads)](
         q_c, k_c, v_c, scores, coarse, num_tiles, 1.0 / math.sqrt(head_dim),
-        HEAD_DIM=head_dim, BLOCK_Q=block_q, BLOCK_K=64,
-        SCORE_PRECISION="ieee" if exact else "tf32", COARSE_PRECISION="ieee" if interpret else "tf32x3",
-        DOT_IN_FP32=dot_in_fp32, num_warps=4,
+        HEAD_DIM=head_dim, BLOCK_Q=block_q, SCORE_PRECISION="ieee" if exact else "tf32",
+        DOT_IN_FP32=dot_in_fp32, **config,
     )
     return vsa_topk_lower_index_wins(scores.view(batch, heads, num_tiles, num_tiles), topk), coarse
 
 
-def vsa_topk_lower_index_wins(scores: torch.Tensor, topk: int) -> torch.Tensor:
+def vsa_topk_lower_index_wins(scores: torch.Tensor, topk: int, num_warps: int | None = None) -> torch.Tensor:
     """Triton equivalent of ``attention.vsa._topk_lower_index_wins`` on fp32 scores [..., R, C]:
     the ``topk`` largest per row, ties to the lower index, as int32 [..., R, topk] in ascending order.
-    One launch; exactly equal to the torch spec on the same scores."""
+    One launch; exactly equal to the torch spec on the same scores. ``num_warps`` per row: default by width."""
     num_rows, num_cols = scores.shape[-2:]
     if not 1 <= topk <= num_cols:
         raise ValueError(f"topk must lie in [1, {num_cols}], got {topk}")
     scores = scores.contiguous()
     block_index = torch.empty(*scores.shape[:-1], topk, device=scores.device, dtype=torch.int32)
     c_pad = triton.next_power_of_2(num_cols)
-    rows = max(1, 4096 // c_pad)  # ~32 score elements per thread
     groups = scores.numel() // max(1, num_rows * num_cols)
-    _select_kernel[(triton.cdiv(num_rows, rows), groups)](
-        scores, block_index, num_rows, num_cols, topk, ROWS=rows, C_PAD=c_pad,
-        num_warps=max(4, min(16, rows * c_pad // 1024)),
+    _select_kernel[(num_rows, groups)](
+        scores, block_index, num_rows, num_cols, topk, C_PAD=c_pad, num_warps=num_warps or max(1, min(8, c_pad // 1024)),
     )
     return block_index
 

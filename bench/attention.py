@@ -118,7 +118,7 @@ def bench_shape(name: str, sparsities: list[float], args, results: dict) -> None
         results.setdefault("select_vs_spec", {})[f"{name} s={sparsity}"] = {
             "same_rows": same_rows, "coarse_rel_err": coarse_err}
         if args.variants and sparsity == 0.9:
-            time_fine_variants(name, q, k, v, gate, metadata, block_index, coarse, out, add)
+            time_variants(name, q, k, v, gate, metadata, block_index, coarse, out, add)
         add(f"vsa full s={sparsity}", time_ms(lambda: vsa(q, k, v, gate)), {"topk": metadata.topk})  # noqa: B023
         tiles = [0, T // 2, T - 1]  # the last tile is partial on every axis at these grids
         expected = masked_dense_rows(q, k, v, gate, coarse, metadata, block_index, tiles)
@@ -138,18 +138,32 @@ def bench_shape(name: str, sparsities: list[float], args, results: dict) -> None
     results.setdefault("autotune_best", {})[name] = f"load_mode={mode} " + (str(best) if mode == 0 else "")
 
 
-def time_fine_variants(name, q, k, v, gate, metadata, block_index, coarse, reference, add) -> None:
-    """The fine kernel's compile-time switches and pipeline depths, each checked against the default's output."""
-    for lazy in (False, True):
-        for mask_always in (False, True):
-            for stages in (3, 4):
-                config = dict(LAZY_RESCALE=lazy, MASK_ALWAYS=mask_always, num_warps=4, num_stages=stages)
-                def call(config=config):
-                    return vsa_triton._launch(q, k, v, metadata.tile_offsets, block_index, coarse, gate,
-                                              config=config)
-                err = ((call().float() - reference.float()).norm() / reference.float().norm()).item()
-                label = f"fine lazy={int(lazy)} mask_all={int(mask_always)} st={stages}"
-                add(label, time_ms(call), {"diff_vs_default": err})
+def time_variants(name, q, k, v, gate, metadata, block_index, coarse, reference, add) -> None:
+    """Fine-kernel pipeline depths and coarse-stage configs, each checked against the default's output."""
+    for stages in (3, 4):
+        def call(stages=stages):
+            return vsa_triton._launch(q, k, v, metadata.tile_offsets, block_index, coarse, gate,
+                                      config=dict(num_warps=4, num_stages=stages))
+        err = ((call().float() - reference.float()).norm() / reference.float().norm()).item()
+        add(f"fine stages={stages}", time_ms(call), {"diff_vs_default": err})
+    means = vsa_triton.vsa_tile_means((q, k, v), metadata.tile_offsets, metadata.num_tiles)
+    ref_index, ref_coarse = vsa_triton.vsa_select_from_means(*means, metadata.topk)
+    for block_q, block_k, precision, warps in ((16, 32, "tf32x3", 4), (16, 64, "tf32x3", 4), (16, 32, "tf32", 4),
+                                               (32, 32, "tf32x3", 4), (64, 64, "tf32x3", 4), (16, 32, "tf32x3", 8),
+                                               (32, 64, "tf32x3", 8), (64, 64, "tf32x3", 8)):
+        config = dict(BLOCK_Q=block_q, BLOCK_K=block_k, COARSE_PRECISION=precision, num_warps=warps)
+        def select(config=config):
+            return vsa_triton.vsa_select_from_means(*means, metadata.topk, config=config)
+        got_index, got_coarse = select()
+        err = ((got_coarse - ref_coarse).norm() / ref_coarse.norm()).item()
+        same = (got_index == ref_index).all(-1).float().mean().item()
+        add(f"coarse+topk q{block_q} k{block_k} {precision} w{warps}", time_ms(select),
+            {"coarse_diff": err, "same_rows": same})
+    scores = torch.randn(q.shape[0] * q.shape[1], metadata.num_tiles, metadata.num_tiles, device=q.device)
+    for warps in (1, 2, 4):
+        add(f"topk only w{warps}", time_ms(lambda w=warps: vsa_triton.vsa_topk_lower_index_wins(scores, metadata.topk, w)))
+    add("tile means q,k,v", time_ms(lambda: vsa_triton.vsa_tile_means((q, k, v), metadata.tile_offsets,
+                                                                       metadata.num_tiles)))
 
 
 def run_peer(name, sparsity, metadata, q, k, v, gate, add) -> None:
@@ -185,7 +199,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--sparsity", nargs="+", type=float, default=[0.8, 0.9, 0.95])
     parser.add_argument("--peer", action="store_true", help="also time fastvideo_kernel if importable")
-    parser.add_argument("--variants", action="store_true", help="time the fine kernel's switches at s=0.9")
+    parser.add_argument("--variants", action="store_true", help="time kernel variants at s=0.9")
     args = parser.parse_args()
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     check_correctness(results)
