@@ -334,8 +334,7 @@ class WanBlock(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         attn: SelfAttention,
     ) -> torch.Tensor:
-        q_BSND, k_BSND, v_BSND, gate_BSND = self.attention_inputs(x_BSC, modulation_B6C, rope, attn.uses_gate)
-        out_BSND = attn(q_BSND, k_BSND, v_BSND, gate_BSND)
+        out_BSND = attn(*self.attention_inputs(x_BSC, modulation_B6C, rope, attn.uses_gate))  # q, k, v, gate freed
         return self.attention_outputs(x_BSC, out_BSND, text_BLC, modulation_B6C)
 
     def _modulation(self, modulation_B6C: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -469,13 +468,17 @@ class WanTransformer(nn.Module):
 
         # 3. Blocks, on the local token shard. Only `attn` mixes tokens (and communicates, under SP); the
         #    token-local stages around it are plain or, after `compile_blocks()`, torch.compile'd functions.
+        #    No names hold q, k, v, gate or the attention output: each is freed as soon as its last consumer
+        #    returns (named, they would live on through the FFN and the next block's projections).
         attention_inputs, attention_outputs = self._block_stages
         for block, attn in zip(self.blocks, attns, strict=True):
-            q_BSND, k_BSND, v_BSND, gate_BSND = attention_inputs(
-                block, local_x_BSC, modulation_B6C, rope, attn.uses_gate
+            local_x_BSC = attention_outputs(
+                block,
+                local_x_BSC,
+                attn(*attention_inputs(block, local_x_BSC, modulation_B6C, rope, attn.uses_gate)),
+                text_BLC,
+                modulation_B6C,
             )
-            out_BSND = attn(q_BSND, k_BSND, v_BSND, gate_BSND)
-            local_x_BSC = attention_outputs(block, local_x_BSC, out_BSND, text_BLC, modulation_B6C)
 
         # 4. Output norm and projection (token-local, so before the gather: fewer channels to move).
         shift, scale = (self.scale_shift_table + temb_BC.unsqueeze(1)).chunk(2, dim=1)

@@ -1,5 +1,7 @@
 """models.wan against diffusers' WanTransformer3DModel, and the token-order / context contract."""
 
+import weakref
+
 import pytest
 import torch
 from _tiny import TINY  # tests/models is on sys.path under pytest (no __init__.py)
@@ -163,6 +165,36 @@ def test_gate_passed_only_when_backend_uses_it():
             torch.nn.init.normal_(block.attn1.to_gate_compress.weight)
         out_gate = ours(x, t, text, ctx=WanForwardContext(rope=rope, attn=[_BSND(uses_gate=True)] * 2))
     assert _rel(out_gate, expected) > 1e-3
+
+
+class _LivenessProbe(_BSND):
+    """Records, at each call, how many of the previous call's q, k, v, gate and output tensors are still alive."""
+
+    def __init__(self):
+        super().__init__(uses_gate=True)
+        self.previous, self.alive = [], []
+
+    def __call__(self, q, k, v, gate):
+        self.alive.append(sum(ref() is not None for ref in self.previous))
+        out = super().__call__(q, k, v, gate)
+        self.gates.clear()
+        self.previous = [weakref.ref(t) for t in (q, k, v, gate, out)]
+        return out
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_attention_tensors_are_freed_before_the_next_block(compiled):
+    """The forward keeps no name on q, k, v, the gate or the attention output: a block's five [B, S, N, D]
+    tensors are gone before the next block projects its own (else they raise the peak memory)."""
+    ours, _ = _pair(gate_compress=True)
+    if compiled:
+        ours.compile_blocks()
+    x, t, text = _inputs()
+    rope = ours.rope_tables(ours.grid_thw(x.shape[2:]), "cpu")
+    probe = _LivenessProbe()
+    with torch.no_grad():
+        ours(x, t, text, ctx=WanForwardContext(rope=rope, attn=[probe] * 2))
+    assert probe.alive == [0, 0]
 
 
 def test_materialize_random_is_deterministic_and_order_independent():
