@@ -461,6 +461,7 @@ class WanTransformer(nn.Module):
             if ctx.token_order is not None:
                 x_BSC = x_BSC[:, ctx.token_order]
             local_x_BSC = ctx.shard(x_BSC).contiguous()
+        del x_BCTHW, x_BSC  # only the local shard lives on (the full or permuted copy would stay to the end)
 
         # 2. Conditions: timestep -> temb and six modulation vectors per block; text -> model width.
         text_BLC = encoder_hidden_states_BLC.to(self.condition_embedder.text_embedder.linear_1.weight.dtype)
