@@ -13,6 +13,7 @@ N heads, D head dim; ``local_*`` is this rank's contiguous shard of the token se
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention.dense import DenseAttention
+from models.qk_norm_rope import qk_norm_rope
 
 # Parameters diffusers keeps in fp32 whatever the model dtype (its `_keep_in_fp32_modules`, matched
 # against the dotted name's components). Mirrored so bf16 numerics match a diffusers bf16 load.
@@ -216,14 +218,6 @@ def timestep_embedding(timestep_B: torch.Tensor, freq_dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(angle_BC), torch.sin(angle_BC)], dim=-1)
 
 
-def apply_rotary(x_BSND: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of [B, S, N, D] by ``cos/sin`` [S, D/2] (fp32); returns x's dtype."""
-    x1, x2 = x_BSND.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    # fp32 tables promote the products to fp32, as in diffusers, before rounding to the activation dtype.
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).to(x_BSND.dtype)
-
-
 class _TimestepEmbedder(nn.Module):
     def __init__(self, in_dim: int, dim: int) -> None:
         super().__init__()
@@ -289,12 +283,21 @@ class WanAttention(nn.Module):
         self.to_gate_compress = nn.Linear(dim, dim) if gate_compress else None
 
     def self_attention_inputs(
-        self, x_BSC: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], with_gate: bool
+        self,
+        x_BSC: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        with_gate: bool,
+        fused_qk: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """q, k (RMSNorm over all heads, then RoPE), v and the VSA gate (when asked and present): [B,S,N,D]."""
+        """q, k (RMSNorm over all heads, then RoPE), v and the VSA gate (when asked and present): [B,S,N,D].
+
+        ``fused_qk``: norm + RoPE of q and k in one Triton launch (``models.qk_norm_rope``), else the composite.
+        """
         heads = (self.num_heads, -1)
-        q_BSND = apply_rotary(self.norm_q(self.to_q(x_BSC)).unflatten(2, heads), *rope)
-        k_BSND = apply_rotary(self.norm_k(self.to_k(x_BSC)).unflatten(2, heads), *rope)
+        q_BSND, k_BSND = qk_norm_rope(
+            self.to_q(x_BSC), self.to_k(x_BSC), self.norm_q.weight, self.norm_k.weight, self.norm_q.eps,
+            *rope, self.num_heads, fused_qk,
+        )
         v_BSND = self.to_v(x_BSC).unflatten(2, heads)
         gate_BSND = None
         if with_gate and self.to_gate_compress is not None:
@@ -347,11 +350,12 @@ class WanBlock(nn.Module):
         modulation_B6C: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         with_gate: bool,
+        fused_qk: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Stage 1a (token-local): modulated norm -> q, k (RMSNorm, RoPE), v, optional VSA gate [B,S,N,D]."""
         shift, scale = self._modulation(modulation_B6C)[:2]
         h_BSC = (self.norm1(x_BSC.float()) * (1 + scale) + shift).type_as(x_BSC)
-        return self.attn1.self_attention_inputs(h_BSC, rope, with_gate)
+        return self.attn1.self_attention_inputs(h_BSC, rope, with_gate, fused_qk)
 
     def attention_outputs(
         self, x_BSC: torch.Tensor, out_BSND: torch.Tensor, text_BLC: torch.Tensor, modulation_B6C: torch.Tensor
@@ -396,9 +400,13 @@ class WanTransformer(nn.Module):
         """torch.compile the token-local block stages (norms, modulation, RoPE, GELU fuse into few kernels).
 
         The attention call between them stays eager (collectives, custom kernels). Blocks share parameters'
-        shapes, so one graph per stage serves all blocks (dynamo treats module parameters as inputs).
+        shapes, so one graph per stage serves all blocks (dynamo treats module parameters as inputs). On CUDA,
+        q/k RMSNorm + RoPE run as one Triton op (``tessera::qk_norm_rope``). Call after the weights are on
+        their device.
         """
-        self._block_stages = tuple(torch.compile(fn, dynamic=False) for fn in self._block_stages)
+        fused_qk = next(self.parameters()).device.type == "cuda"  # the Triton q/k norm + RoPE kernel
+        stages = (functools.partial(WanBlock.attention_inputs, fused_qk=fused_qk), WanBlock.attention_outputs)
+        self._block_stages = tuple(torch.compile(fn, dynamic=False) for fn in stages)
 
     def grid_thw(self, latent_shape_FHW: Sequence[int]) -> tuple[int, int, int]:
         """Token grid (T, Hh, Ww) after patchify for latent (F, H, W)."""
