@@ -1,7 +1,11 @@
-"""Triton kernel for the fine stage of Video Sparse Attention (VSA), with the gated coarse term fused.
+"""Triton kernels of Video Sparse Attention (VSA): one VSA call is four launches.
 
-Layers: private `@triton.jit` kernel -> torch op `tessera::vsa_fine` (with a fake impl for torch.compile)
--> public `vsa_fine_attention`. Runs on CPU under `TRITON_INTERPRET=1` (set before importing triton).
+1. ``vsa_tile_means``: per-tile means of q, k, v (one launch, one read of each).
+2. ``vsa_select_from_means``: block scores + the coarse output (online softmax over all key tiles), then
+3. the top-k key tiles per query tile (``vsa_topk_lower_index_wins``, a radix select per score row).
+4. ``vsa_fine_attention``: the fine stage over the selected tiles, gate * coarse fused into its epilogue.
+The fine stage is also the torch op ``tessera::vsa_fine`` (with a fake impl for torch.compile). All run on CPU
+under ``TRITON_INTERPRET=1`` (set before importing triton); ``attention.vsa`` holds the torch spec of each.
 Legend: B batch, N heads, S tokens (compact tile order), T tiles, K selected tiles per query tile, D head dim.
 """
 

@@ -161,7 +161,9 @@ def time_variants(name, q, k, v, gate, metadata, block_index, coarse, reference,
             {"coarse_diff": err, "same_rows": same})
     scores = torch.randn(q.shape[0] * q.shape[1], metadata.num_tiles, metadata.num_tiles, device=q.device)
     for warps in (1, 2, 4):
-        add(f"topk only w{warps}", time_ms(lambda w=warps: vsa_triton.vsa_topk_lower_index_wins(scores, metadata.topk, w)))
+        def topk(warps=warps):
+            return vsa_triton.vsa_topk_lower_index_wins(scores, metadata.topk, warps)
+        add(f"topk only w{warps}", time_ms(topk))
     add("tile means q,k,v", time_ms(lambda: vsa_triton.vsa_tile_means((q, k, v), metadata.tile_offsets,
                                                                        metadata.num_tiles)))
 

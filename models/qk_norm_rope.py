@@ -14,6 +14,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+
 def apply_rotary(x_BSND: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[2i], x[2i+1]) of [B, S, N, D] by ``cos/sin`` [S, D/2] (fp32); returns x's dtype."""
     x1, x2 = x_BSND.unflatten(-1, (-1, 2)).unbind(-1)

@@ -103,7 +103,7 @@ def _check_layouts_and_means() -> None:
         for count in (1, 3):
             got = vsa_tile_means(xs[:count], metadata.tile_offsets, metadata.num_tiles)
             assert got.dtype == dtype and got.shape == (count, *q.shape[:2], metadata.num_tiles, head_dim)
-            for x, mean in zip(xs, got):
+            for x, mean in zip(xs[:count], got, strict=True):
                 spec = _tile_means(x, metadata)
                 # Triton's CPU interpreter truncates fp32 -> bf16 (GPUs round to nearest): one bf16 ulp there.
                 rtol = 1e-6 if dtype == torch.float32 else 2.0**-7
