@@ -337,8 +337,10 @@ class WanBlock(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         attn: SelfAttention,
     ) -> torch.Tensor:
-        out_BSND = attn(*self.attention_inputs(x_BSC, modulation_B6C, rope, attn.uses_gate))  # q, k, v, gate freed
-        return self.attention_outputs(x_BSC, out_BSND, text_BLC, modulation_B6C)
+        x_BSC = self.attention_residual(
+            x_BSC, attn(*self.attention_inputs(x_BSC, modulation_B6C, rope, attn.uses_gate)), modulation_B6C
+        )
+        return self.text_and_ffn(x_BSC, text_BLC, modulation_B6C)
 
     def _modulation(self, modulation_B6C: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """shift, scale, gate, c_shift, c_scale, c_gate, each [B, 1, C] fp32 (modulation math in fp32)."""
@@ -357,19 +359,21 @@ class WanBlock(nn.Module):
         h_BSC = (self.norm1(x_BSC.float()) * (1 + scale) + shift).type_as(x_BSC)
         return self.attn1.self_attention_inputs(h_BSC, rope, with_gate, fused_qk)
 
-    def attention_outputs(
-        self, x_BSC: torch.Tensor, out_BSND: torch.Tensor, text_BLC: torch.Tensor, modulation_B6C: torch.Tensor
+    def attention_residual(
+        self, x_BSC: torch.Tensor, out_BSND: torch.Tensor, modulation_B6C: torch.Tensor
     ) -> torch.Tensor:
-        """Stage 1b-3 (token-local): out-projection + gated residual, cross-attention, modulated FFN."""
-        _, _, gate, c_shift, c_scale, c_gate = self._modulation(modulation_B6C)
+        """Stage 1b (token-local): out-projection + gated residual. Its own stage, so that the attention output
+        and the block's input are freed before the FFN (the forward's memory peak)."""
+        gate = self._modulation(modulation_B6C)[2]
         out_BSC = self.attn1.to_out[0](out_BSND.flatten(2).type_as(x_BSC))
-        x_BSC = (x_BSC.float() + out_BSC * gate).type_as(x_BSC)
+        return (x_BSC.float() + out_BSC * gate).type_as(x_BSC)
 
-        # 2. Cross-attention to the (unsharded) text tokens, no RoPE, no mask.
+    def text_and_ffn(self, x_BSC: torch.Tensor, text_BLC: torch.Tensor, modulation_B6C: torch.Tensor) -> torch.Tensor:
+        """Stages 2-3 (token-local): cross-attention to the (unsharded) text tokens, no RoPE, no mask; then
+        the modulated FFN."""
+        c_shift, c_scale, c_gate = self._modulation(modulation_B6C)[3:]
         h_BSC = x_BSC if self.norm2 is None else self.norm2(x_BSC.float()).type_as(x_BSC)
         x_BSC = x_BSC + self.attn2.cross_attention(h_BSC, text_BLC)
-
-        # 3. Feed-forward.
         h_BSC = (self.norm3(x_BSC.float()) * (1 + c_scale) + c_shift).type_as(x_BSC)
         out_BSC = self.ffn(h_BSC)
         return (x_BSC.float() + out_BSC.float() * c_gate).type_as(x_BSC)
@@ -394,7 +398,7 @@ class WanTransformer(nn.Module):
         self.proj_out = nn.Linear(dim, config.out_channels * math.prod(config.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
         self._dense = _LocalSelfAttention(DenseAttention())
-        self._block_stages = (WanBlock.attention_inputs, WanBlock.attention_outputs)
+        self._block_stages = (WanBlock.attention_inputs, WanBlock.attention_residual, WanBlock.text_and_ffn)
 
     def compile_blocks(self) -> None:
         """torch.compile the token-local block stages (norms, modulation, RoPE, GELU fuse into few kernels).
@@ -405,7 +409,11 @@ class WanTransformer(nn.Module):
         their device.
         """
         fused_qk = next(self.parameters()).device.type == "cuda"  # the Triton q/k norm + RoPE kernel
-        stages = (functools.partial(WanBlock.attention_inputs, fused_qk=fused_qk), WanBlock.attention_outputs)
+        stages = (
+            functools.partial(WanBlock.attention_inputs, fused_qk=fused_qk),
+            WanBlock.attention_residual,
+            WanBlock.text_and_ffn,
+        )
         self._block_stages = tuple(torch.compile(fn, dynamic=False) for fn in stages)
 
     def grid_thw(self, latent_shape_FHW: Sequence[int]) -> tuple[int, int, int]:
@@ -478,16 +486,18 @@ class WanTransformer(nn.Module):
         # 3. Blocks, on the local token shard. Only `attn` mixes tokens (and communicates, under SP); the
         #    token-local stages around it are plain or, after `compile_blocks()`, torch.compile'd functions.
         #    No names hold q, k, v, gate or the attention output: each is freed as soon as its last consumer
-        #    returns (named, they would live on through the FFN and the next block's projections).
-        attention_inputs, attention_outputs = self._block_stages
+        #    returns (named, they would live on through the FFN and the next block's projections). The residual
+        #    stage is split from cross-attention + FFN so that the attention output and the block's input are
+        #    gone before the FFN's wide hidden activation, the forward's memory peak.
+        attention_inputs, attention_residual, text_and_ffn = self._block_stages
         for block, attn in zip(self.blocks, attns, strict=True):
-            local_x_BSC = attention_outputs(
+            local_x_BSC = attention_residual(
                 block,
                 local_x_BSC,
                 attn(*attention_inputs(block, local_x_BSC, modulation_B6C, rope, attn.uses_gate)),
-                text_BLC,
                 modulation_B6C,
             )
+            local_x_BSC = text_and_ffn(block, local_x_BSC, text_BLC, modulation_B6C)
 
         # 4. Output norm and projection (token-local, so before the gather: fewer channels to move).
         shift, scale = (self.scale_shift_table + temb_BC.unsqueeze(1)).chunk(2, dim=1)

@@ -185,16 +185,24 @@ class _LivenessProbe(_BSND):
 @pytest.mark.parametrize("compiled", [False, True])
 def test_attention_tensors_are_freed_before_the_next_block(compiled):
     """The forward keeps no name on q, k, v, the gate or the attention output: a block's five [B, S, N, D]
-    tensors are gone before the next block projects its own (else they raise the peak memory)."""
+    tensors are gone before its FFN runs and before the next block projects its own (else they raise the
+    peak memory)."""
     ours, _ = _pair(gate_compress=True)
     if compiled:
         ours.compile_blocks()
     x, t, text = _inputs()
     rope = ours.rope_tables(ours.grid_thw(x.shape[2:]), "cpu")
     probe = _LivenessProbe()
+    alive_at_ffn = []
+    if not compiled:  # eager: a hook sees the FFN's start (the memory peak)
+        for block in ours.blocks:
+            block.ffn.register_forward_pre_hook(
+                lambda *_: alive_at_ffn.append(sum(ref() is not None for ref in probe.previous))
+            )
     with torch.no_grad():
         ours(x, t, text, ctx=WanForwardContext(rope=rope, attn=[probe] * 2))
     assert probe.alive == [0, 0]
+    assert alive_at_ffn == ([] if compiled else [0, 0])  # not even the attention output
 
 
 def test_materialize_random_is_deterministic_and_order_independent():
