@@ -330,16 +330,17 @@ class VSAAttention:
             return vsa_attention_reference(q_BNSD, k_BNSD, v_BNSD, gate_BNSD, self.metadata)
         m = self.metadata
         q_c, k_c, v_c = self._tile_means((q_BNSD, k_BNSD, v_BNSD), m.tile_offsets, m.num_tiles)
-        block_index_BNTK, coarse_BNTD = self._select(q_c, k_c, v_c, m.topk)
+        block_index_BNTK, coarse_BNTD, key_spans = self._select(q_c, k_c, v_c, m.topk, m.tile_offsets)
         return self._fine(
             q_BNSD,
             k_BNSD,
             v_BNSD,
-            self.metadata.tile_offsets,
+            m.tile_offsets,
             block_index_BNTK,
             coarse_BNTD if gate_BNSD is not None else None,
             gate_BNSD,
             out_BNSD=q_BNSD if self.consume_q else None,
+            key_spans=key_spans,
         )
 
     def __repr__(self) -> str:

@@ -28,15 +28,19 @@ _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 def _attend_key_tile(
     q, K, V, acc, l_i, m_i, j, index_row, TILE_OFFSETS, head_off, stride_qs, desc_row, desc_col,
     offs_n, offs_d, qk_scale, dtype: tl.constexpr, LOAD_MODE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, BLOCK_N: tl.constexpr, SPANS: tl.constexpr,
 ):
     """One online-softmax step of a query tile over its j-th selected key tile: (acc, l_i, m_i) updated.
 
     Scores stay in the exp2 domain (qk_scale holds log2(e)); m_i is the running row max of the scaled scores.
     """
-    tile_k = tl.load(index_row + j)
-    k_start = tl.load(TILE_OFFSETS + tile_k)
-    k_len = tl.load(TILE_OFFSETS + tile_k + 1) - k_start
+    entry = tl.load(index_row + j)
+    if SPANS:  # the key tile's (start token << 7 | real tokens), precomputed by the top-k kernel: one load
+        k_start = entry >> 7
+        k_len = entry & 127
+    else:  # a tile id: two dependent loads of its offsets
+        k_start = tl.load(TILE_OFFSETS + entry)
+        k_len = tl.load(TILE_OFFSETS + entry + 1) - k_start
     if LOAD_MODE == 2:
         k = K.load([desc_row + k_start, desc_col])
     else:
@@ -85,6 +89,7 @@ def _vsa_fine_kernel(
     HAS_GATE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong; bf16 products are exact in fp32
+    SPANS: tl.constexpr = False,  # BLOCK_INDEX holds packed key spans (start << 7 | length), not tile ids
 ):
     tile_q = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -123,7 +128,7 @@ def _vsa_fine_kernel(
         acc, l_i, m_i = _attend_key_tile(
             q, K, V, acc, l_i, m_i, j, index_row, TILE_OFFSETS, head_off, stride_qs,
             desc_row, desc_col, offs_n, offs_d, qk_scale, OUT.dtype.element_ty, LOAD_MODE, INPUT_PRECISION,
-            DOT_IN_FP32, BLOCK_N)
+            DOT_IN_FP32, BLOCK_N, SPANS)
 
     out = acc * (1.0 / l_i)[:, None]
     if HAS_GATE:
@@ -217,7 +222,9 @@ def _select_kernel(
     SCORES,  # fp32 [G, R, C]: G groups (e.g. B*N) of R score rows over C key tiles, contiguous
     OUT,  # int32 [G, R, topk] out: selected columns per row, ascending
     num_rows, num_cols, topk,
+    TILE_OFFSETS, SPANS,  # with WRITE_SPANS: int32 [C + 1] in, int32 [G, R, topk] out (start << 7 | length)
     C_PAD: tl.constexpr,  # next power of two >= num_cols
+    WRITE_SPANS: tl.constexpr,
 ):
     """One score row per program: the topk largest, ties to the lower column (== a stable descending sort).
 
@@ -247,6 +254,10 @@ def _select_kernel(
     take = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= slots_left))
     slot = tl.cumsum(take.to(tl.int32), 0) - 1
     tl.store(OUT + row * topk + slot, cols, mask=take)
+    if WRITE_SPANS:
+        start = tl.load(TILE_OFFSETS + cols, mask=take, other=0)
+        length = tl.load(TILE_OFFSETS + cols + 1, mask=take, other=0) - start
+        tl.store(SPANS + row * topk + slot, (start << 7) | length, mask=take)
 
 
 def _autotune_configs() -> list[triton.Config]:
@@ -296,6 +307,7 @@ def _launch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile_offsets: torch.Tensor,
     block_index: torch.Tensor, coarse: torch.Tensor | None, gate: torch.Tensor | None,
     load_mode: int | None = None, config: dict | None = None, out: torch.Tensor | None = None,
+    spans: bool = False,
 ) -> torch.Tensor:
     """load_mode / config (num_stages, num_warps) force a variant (benchmarks); None: default and autotune.
     ``out``: write there (any D-contiguous layout; may alias q, see vsa_fine_attention)."""
@@ -322,7 +334,7 @@ def _launch(
     dot_in_fp32 = interpret and q.dtype == torch.bfloat16
     meta = dict(HEAD_DIM=head_dim, BLOCK_M=_TILE_TOKENS, BLOCK_N=_TILE_TOKENS, LOAD_MODE=mode,
                 HAS_GATE=has_gate, INPUT_PRECISION="ieee" if q.dtype == torch.float32 or dot_in_fp32 else "tf32",
-                DOT_IN_FP32=dot_in_fp32)
+                DOT_IN_FP32=dot_in_fp32, SPANS=spans)
     if interpret:
         _vsa_fine_kernel[grid](*args, **meta, num_warps=4, num_stages=1)
     elif config is not None or mode in _TMA_CONFIGS:
@@ -362,10 +374,13 @@ _COARSE_CONFIG = dict(BLOCK_Q=32, BLOCK_K=32, COARSE_PRECISION="tf32x3", num_war
 
 
 def vsa_select_from_means(
-    q_c_BNTD: torch.Tensor, k_c_BNTD: torch.Tensor, v_c_BNTD: torch.Tensor, topk: int, config: dict | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    q_c_BNTD: torch.Tensor, k_c_BNTD: torch.Tensor, v_c_BNTD: torch.Tensor, topk: int,
+    tile_offsets: torch.Tensor | None = None, config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The coarse stage from tile means in two launches: ``(block_index int32 [B, N, T, topk], coarse fp32
-    [B, N, T, D])``, the Triton equivalent of ``attention.vsa.select_from_tile_means``.
+    [B, N, T, D], key_spans)``; the first two are the Triton equivalent of
+    ``attention.vsa.select_from_tile_means``. With ``tile_offsets`` (int32 [T + 1]), ``key_spans`` holds each
+    selected tile's packed span for ``vsa_fine_attention(key_spans=...)``, else None.
 
     Scores are fp32 dot products of the (rounded) means, so they equal the spec's up to summation order;
     the selection of a row is then exactly the spec's on those scores (ties to the lower tile index,
@@ -390,7 +405,8 @@ def vsa_select_from_means(
         HEAD_DIM=head_dim, BLOCK_Q=block_q, SCORE_PRECISION="ieee" if exact else "tf32",
         DOT_IN_FP32=dot_in_fp32, **config,
     )
-    return vsa_topk_lower_index_wins(scores.view(batch, heads, num_tiles, num_tiles), topk), coarse
+    block_index, spans = _topk(scores.view(batch, heads, num_tiles, num_tiles), topk, None, tile_offsets)
+    return block_index, coarse, spans
 
 
 def _select_warps(c_pad: int) -> int:
@@ -404,17 +420,30 @@ def vsa_topk_lower_index_wins(scores: torch.Tensor, topk: int, num_warps: int | 
     """Triton equivalent of ``attention.vsa._topk_lower_index_wins`` on fp32 scores [..., R, C]:
     the ``topk`` largest per row, ties to the lower index, as int32 [..., R, topk] in ascending order.
     One launch; exactly equal to the torch spec on the same scores. ``num_warps`` per row: default by width."""
+    return _topk(scores, topk, num_warps, None)[0]
+
+
+def _topk(
+    scores: torch.Tensor, topk: int, num_warps: int | None, tile_offsets: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(block_index, key spans): with ``tile_offsets`` the same launch also writes each selected tile's packed
+    span ``start << 7 | length`` for the fine kernel (None when the token count may not fit in 24 bits)."""
     num_rows, num_cols = scores.shape[-2:]
     if not 1 <= topk <= num_cols:
         raise ValueError(f"topk must lie in [1, {num_cols}], got {topk}")
     scores = scores.contiguous()
     block_index = torch.empty(*scores.shape[:-1], topk, device=scores.device, dtype=torch.int32)
+    spans = None
+    if tile_offsets is not None and num_cols * _TILE_TOKENS < 2**24:  # start << 7 stays below 2**31
+        spans = torch.empty_like(block_index)
     c_pad = triton.next_power_of_2(num_cols)
     groups = scores.numel() // max(1, num_rows * num_cols)
     _select_kernel[(num_rows, groups)](
-        scores, block_index, num_rows, num_cols, topk, C_PAD=c_pad, num_warps=num_warps or _select_warps(c_pad),
+        scores, block_index, num_rows, num_cols, topk,
+        tile_offsets if spans is not None else block_index, spans if spans is not None else block_index,
+        C_PAD=c_pad, WRITE_SPANS=spans is not None, num_warps=num_warps or _select_warps(c_pad),
     )
-    return block_index
+    return block_index, spans
 
 
 @torch.library.custom_op("tessera::vsa_fine", mutates_args=())
@@ -439,6 +468,7 @@ def vsa_fine_attention(
     coarse_BNTD: torch.Tensor | None = None,
     gate_BNSD: torch.Tensor | None = None,
     out_BNSD: torch.Tensor | None = None,
+    key_spans: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse fine attention over compact tile order, plus the gated coarse term.
 
@@ -456,6 +486,8 @@ def vsa_fine_attention(
         itself: each program reads its own query rows before it writes exactly those rows, so the output
         needs no allocation of its own (the caller gives up q). This path calls the kernel directly,
         not through the `tessera::vsa_fine` op (which is for torch.compile graphs).
+    key_spans: optional int32 like block_index, each entry ``start << 7 | length`` of that key tile (written by
+        ``vsa_select_from_means`` with tile_offsets): the kernel then skips the tile-offset lookups.
     Shapes are checked here with no host sync; call it outside the hot loop's validation.
     """
     if q_BNSD.dtype not in _SUPPORTED_DTYPES:
@@ -480,8 +512,13 @@ def vsa_fine_attention(
     tile_offsets = tile_offsets.to(torch.int32).contiguous()
     block_index = block_index.to(torch.int32).contiguous()
     coarse = coarse_BNTD.contiguous() if has_gate else None  # read in its own dtype, summed in fp32
+    if key_spans is not None:
+        if key_spans.shape != block_index.shape or key_spans.dtype != torch.int32:
+            raise ValueError("vsa_fine_attention: key_spans must be int32 with block_index's shape")
+        block_index = key_spans.contiguous()
     if out_BNSD is not None:
         if out_BNSD.shape != q_BNSD.shape or out_BNSD.dtype != q_BNSD.dtype or out_BNSD.stride(-1) != 1:
             raise ValueError("vsa_fine_attention: out must have q's shape and dtype, D contiguous")
-        return _launch(q, k, v, tile_offsets, block_index, coarse, gate, out=out_BNSD)
+    if out_BNSD is not None or key_spans is not None:
+        return _launch(q, k, v, tile_offsets, block_index, coarse, gate, out=out_BNSD, spans=key_spans is not None)
     return _vsa_fine_op(q, k, v, tile_offsets, block_index, coarse, gate)

@@ -110,7 +110,7 @@ def bench_shape(name: str, sparsities: list[float], args, results: dict) -> None
 
         add(f"vsa select s={sparsity}", time_ms(select))
         add(f"vsa select torch s={sparsity}", time_ms(select_torch))
-        (tri_index, tri_coarse), (spec_index, spec_coarse) = select(), select_torch()
+        (tri_index, tri_coarse, _), (spec_index, spec_coarse) = select(), select_torch()
         same_rows = (tri_index == spec_index).all(-1).float().mean().item()
         coarse_err = ((tri_coarse - spec_coarse).norm() / spec_coarse.norm()).item()
         print(f"{name} s={sparsity}: Triton selection equals the spec's on {same_rows:.6f} of rows "
@@ -141,20 +141,21 @@ def bench_shape(name: str, sparsities: list[float], args, results: dict) -> None
 def time_variants(name, q, k, v, gate, metadata, block_index, coarse, reference, add) -> None:
     """Fine-kernel pipeline depths, coarse-stage configs (each checked against the default's output), top-k
     warps per row, and the tile-means launch alone: the measurements behind the defaults in vsa_triton.py."""
-    for stages in (2, 3, 4):
-        def call(stages=stages):
-            return vsa_triton._launch(q, k, v, metadata.tile_offsets, block_index, coarse, gate,
-                                      config=dict(num_warps=4, num_stages=stages))
-        err = ((call().float() - reference.float()).norm() / reference.float().norm()).item()
-        add(f"fine stages={stages}", time_ms(call), {"diff_vs_default": err})
     means = vsa_triton.vsa_tile_means((q, k, v), metadata.tile_offsets, metadata.num_tiles)
-    ref_index, ref_coarse = vsa_triton.vsa_select_from_means(*means, metadata.topk)
+    ref_index, ref_coarse, spans = vsa_triton.vsa_select_from_means(*means, metadata.topk, metadata.tile_offsets)
+    for use_spans in (False, True):
+        for stages in (2, 3, 4):
+            def call(stages=stages, use_spans=use_spans):
+                return vsa_triton._launch(q, k, v, metadata.tile_offsets, spans if use_spans else ref_index, coarse,
+                                          gate, config=dict(num_warps=4, num_stages=stages), spans=use_spans)
+            err = ((call().float() - reference.float()).norm() / reference.float().norm()).item()
+            add(f"fine stages={stages} spans={int(use_spans)}", time_ms(call), {"diff_vs_default": err})
     for block_q, block_k, precision, warps in ((16, 32, "tf32x3", 4), (32, 32, "tf32x3", 4), (32, 32, "tf32", 4),
                                                (64, 64, "tf32x3", 4), (32, 64, "tf32x3", 8)):
         config = dict(BLOCK_Q=block_q, BLOCK_K=block_k, COARSE_PRECISION=precision, num_warps=warps)
         def select(config=config):
             return vsa_triton.vsa_select_from_means(*means, metadata.topk, config=config)
-        got_index, got_coarse = select()
+        got_index, got_coarse, _ = select()
         err = ((got_coarse - ref_coarse).norm() / ref_coarse.norm()).item()
         same = (got_index == ref_index).all(-1).float().mean().item()
         add(f"coarse+topk q{block_q} k{block_k} {precision} w{warps}", time_ms(select),

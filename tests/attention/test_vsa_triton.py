@@ -75,6 +75,10 @@ def _check_case(dtype: torch.dtype, head_dim: int, seed: int) -> None:
             expected = reference_vsa_fine(*cast, offsets, block_index, c, g_cast)
             err = (got.float() - expected).norm() / expected.norm()
             assert err < bound, f"{dtype} D={head_dim} topk={topk} gate={with_gate}: rel err {err:.2e}"
+            starts, ends = offsets[block_index.long()], offsets[block_index.long() + 1]
+            spans = ((starts << 7) | (ends - starts)).to(torch.int32)
+            from_spans = vsa_fine_attention(*cast, offsets, block_index, c, g_cast, key_spans=spans)
+            torch.testing.assert_close(from_spans, got, rtol=0, atol=0)  # the same math, other lookups
 
 
 def _check_layouts_and_means() -> None:
@@ -145,9 +149,14 @@ def _check_select() -> None:
         k_c[:, :, 5:9] = k_c[:, :, 1:2]  # duplicate key tiles: exact ties
         v_c = torch.randn(2, 3, num_tiles, head_dim, generator=gen)
         means = [x.to(dtype) for x in (q_c, k_c, v_c)]
-        block_index, coarse = vsa_select_from_means(*means, topk)
+        sizes = torch.randint(1, 65, (num_tiles,), generator=gen)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]).to(torch.int32)
+        block_index, coarse, spans = vsa_select_from_means(*means, topk, offsets)
         spec_index, spec_coarse = select_from_tile_means(*means, topk)
         assert torch.equal(block_index, spec_index), f"T={num_tiles} {dtype}"
+        starts, ends = offsets[spec_index.long()], offsets[spec_index.long() + 1]
+        assert torch.equal(spans, (starts << 7) | (ends - starts)), "packed key spans"
+        assert vsa_select_from_means(*means, topk)[2] is None
         assert coarse.dtype == torch.float32
         torch.testing.assert_close(coarse, spec_coarse, rtol=1e-5, atol=1e-6)
 
@@ -291,7 +300,7 @@ def test_gpu_topk_and_coarse_stage_match_spec() -> None:
     exact = [torch.randint(-2, 3, (1, 12, 624, 128), generator=gen).to(torch.bfloat16).cuda() for _ in range(3)]
     random = [torch.randn(1, 12, 624, 128, generator=gen).to(torch.bfloat16).cuda() for _ in range(3)]
     for means, min_same in ((exact, 1.0), (random, 0.99)):
-        block_index, coarse = vsa_select_from_means(*means, 63)
+        block_index, coarse, _ = vsa_select_from_means(*means, 63)
         spec_index, spec_coarse = select_from_tile_means(*means, 63)
         assert (block_index == spec_index).all(-1).float().mean().item() >= min_same
         err = (coarse - spec_coarse).norm() / spec_coarse.norm()
