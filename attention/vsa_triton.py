@@ -271,9 +271,10 @@ _vsa_fine_kernel_tuned = triton.autotune(
 )(_vsa_fine_kernel)
 
 
-# Fixed config of the TMA path, measured on H100 (triton 3.6) at the Wan-1.3B shape, sparsity 0.9: 2.24 ms with
-# 3 stages, 3.28 ms with 4 (device run 1 of session 2, `bench/attention.py --variants`; before the key mask
-# moved behind a branch, 4 stages had won). A lazily rescaled softmax (FA4's trick, skipping acc *= alpha
+# Fixed config of the TMA path, measured on H100 (triton 3.6, `bench/attention.py --variants`) at sparsity 0.9:
+# with packed key spans, 2.22 / 39.4 ms at Wan-1.3B / 14B with 3 stages (2 stages: 2.41 / 45.5, 4: 2.95 / 54.0);
+# tile ids + offset lookups in the same process: 2.36 / 44.4 ms (session 2, device run 8). Before the key mask
+# moved behind a branch, 4 stages had won. A lazily rescaled softmax (FA4's trick, skipping acc *= alpha
 # until the max grows by 2**8) measured 2.50 ms: its block-wide max costs more than the multiply it saves.
 # Device-side descriptors (tl.make_tensor_descriptor) measured the same as host ones and were dropped;
 # Triton's automatic warp specialisation of the loop: 4.2 ms (and wrong results) there.
