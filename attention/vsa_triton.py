@@ -369,8 +369,9 @@ def vsa_tile_means(tensors: tuple[torch.Tensor, ...], tile_offsets: torch.Tensor
 
 
 # The coarse GEMMs are tiny ([T, T] x D per head): parallelism and registers decide. Measured on H100 (session 2,
-# device run 2, scores + coarse + top-k): 0.173 / 1.99 ms at Wan-1.3B / 14B with 32x32 blocks and 4 warps; 64x64
-# blocks spill (0.233 / 2.54 ms); plain tf32 for P @ v_c is no faster at 1.3B and 1e3x less exact.
+# device runs 2-3, scores + coarse + top-k): 0.173-0.178 / 1.74-1.99 ms at Wan-1.3B / 14B with 32x32 blocks and
+# 4 warps; 64x64 blocks spill (0.205-0.233 / 2.30-2.54 ms). Plain tf32 for P @ v_c: the same at 1.3B, 0.33 ms
+# faster at 14B, but 3e-4 relative error on the coarse output against 2e-7 with 3xTF32 (kept: the spec's fp32).
 _COARSE_CONFIG = dict(BLOCK_Q=32, BLOCK_K=32, COARSE_PRECISION="tf32x3", num_warps=4)
 
 
