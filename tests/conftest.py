@@ -1,5 +1,7 @@
-"""Shared test set-up: repo root on sys.path, GPU tests skipped without CUDA."""
+"""Shared test set-up: repo root on sys.path, GPU tests skipped without CUDA, a Triton-interpreter runner."""
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,3 +20,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def run_triton_interpreted():
+    """``run(*args)``: ``python *args`` in a fresh process with TRITON_INTERPRET=1 and the repo on PYTHONPATH.
+
+    A fresh process, because another test module may already have imported triton in this one without the
+    interpreter. Returns the CompletedProcess (text output captured).
+    """
+
+    def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}
+        return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+    return run

@@ -1,9 +1,6 @@
 """The VSA plain-PyTorch reference against a slow, loop-per-query-tile implementation of DESIGN 6."""
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -190,13 +187,9 @@ _TRITON_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_triton_impl_matches_reference_under_interpreter():
+def test_triton_impl_matches_reference_under_interpreter(run_triton_interpreted):
     pytest.importorskip("triton")
-    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": repo_root}
-    result = subprocess.run(
-        [sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=300
-    )
+    result = run_triton_interpreted("-c", _TRITON_SCRIPT)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
 
 

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 _TILE_SIZES = (64, 64, 37, 12, 64, 5)  # partial tiles in the middle and at the end
 
 
@@ -161,10 +158,8 @@ def _check_select() -> None:
         torch.testing.assert_close(coarse, spec_coarse, rtol=1e-5, atol=1e-6)
 
 
-def _run_interpreted(dtype_name: str, head_dim: int) -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(_REPO_ROOT)}
-    cmd = [sys.executable, __file__, dtype_name, str(head_dim)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+def _run_interpreted(run_triton_interpreted, dtype_name: str, head_dim: int) -> None:
+    proc = run_triton_interpreted(__file__, dtype_name, str(head_dim))
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -172,16 +167,16 @@ _INTERPRETED_CASES = [("float32", 16), ("float32", 32), ("bfloat16", 32), ("floa
 
 
 @pytest.mark.parametrize(("dtype_name", "head_dim"), _INTERPRETED_CASES)
-def test_interpreted_kernel_matches_reference(dtype_name: str, head_dim: int) -> None:
-    _run_interpreted(dtype_name, head_dim)
+def test_interpreted_kernel_matches_reference(run_triton_interpreted, dtype_name: str, head_dim: int) -> None:
+    _run_interpreted(run_triton_interpreted, dtype_name, head_dim)
 
 
-def test_interpreted_strided_layout_and_tile_means() -> None:
-    _run_interpreted("layout", 0)
+def test_interpreted_strided_layout_and_tile_means(run_triton_interpreted) -> None:
+    _run_interpreted(run_triton_interpreted, "layout", 0)
 
 
-def test_interpreted_topk_and_coarse_stage() -> None:
-    _run_interpreted("select", 0)
+def test_interpreted_topk_and_coarse_stage(run_triton_interpreted) -> None:
+    _run_interpreted(run_triton_interpreted, "select", 0)
 
 
 def test_reference_equals_dense_at_full_selection() -> None:

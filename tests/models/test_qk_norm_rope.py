@@ -7,14 +7,10 @@ module may already have imported triton in this pytest process without the inter
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _inputs(batch: int, seq_len: int, heads: int, head_dim: int, dtype: torch.dtype, device: str = "cpu"):
@@ -51,10 +47,8 @@ def _check(dtype: torch.dtype, device: str = "cpu") -> None:
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
-def test_interpreted_kernel_matches_composite(dtype_name: str) -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(_REPO_ROOT)}
-    proc = subprocess.run([sys.executable, __file__, dtype_name], env=env, capture_output=True, text=True,
-                          timeout=300)
+def test_interpreted_kernel_matches_composite(run_triton_interpreted, dtype_name: str) -> None:
+    proc = run_triton_interpreted(__file__, dtype_name)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
