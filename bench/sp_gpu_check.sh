@@ -1,15 +1,10 @@
 #!/usr/bin/env bash
 # Sequence parallelism on real GPUs (NCCL): the tiny preset with VSA at sp=1 and sp=2, fp32 and bf16, 4 steps;
-# prints the relative difference of the final latents (sp=2 against sp=1). Needs 2 GPUs and the carried wheels
-# in .whl_e2e/ (omegaconf, imageio-ffmpeg). Run from the repo root:  bash bench/sp_gpu_check.sh
+# prints the relative difference of the final latents (sp=2 against sp=1). Needs 2 GPUs, omegaconf and
+# imageio-ffmpeg: run it as `bash bench/gpu_suite.sh sp2`, which installs the carried wheels first.
 set -euo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
-wheels=$(ls .whl*/*.whl 2>/dev/null || true)
-if [ -n "$wheels" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $wheels
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
 for dtype in float32 bfloat16; do
   for sp in 1 2; do
     torchrun --nproc_per_node=$sp launch/generate.py parallel.sp=$sp attention.backend=vsa num_steps=4 \
