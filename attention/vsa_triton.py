@@ -390,7 +390,11 @@ def vsa_select_from_means(
     online in the first kernel, and top-k is a radix select in registers in the second.
     ``config`` overrides ``_COARSE_CONFIG`` (benchmarks).
     """
+    if k_c_BNTD.shape != q_c_BNTD.shape or v_c_BNTD.shape != q_c_BNTD.shape or q_c_BNTD.dim() != 4:
+        raise ValueError("vsa_select_from_means: q_c, k_c, v_c must share one [B, N, T, D] shape")
     batch, heads, num_tiles, head_dim = q_c_BNTD.shape
+    if tile_offsets is not None and tile_offsets.shape != (num_tiles + 1,):
+        raise ValueError(f"vsa_select_from_means: tile_offsets must have num_tiles + 1 = {num_tiles + 1} entries")
     q_c, k_c, v_c = (x.contiguous() for x in (q_c_BNTD, k_c_BNTD, v_c_BNTD))
     device = q_c.device
     scores = torch.empty(batch * heads, num_tiles, num_tiles, device=device, dtype=torch.float32)

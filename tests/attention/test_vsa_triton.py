@@ -190,6 +190,16 @@ def test_reference_equals_dense_at_full_selection() -> None:
     torch.testing.assert_close(reference_vsa_fine(q, k, v, offsets, block_index), dense, rtol=1e-5, atol=1e-5)
 
 
+def test_coarse_stage_rejects_mismatched_inputs() -> None:
+    from attention.vsa_triton import vsa_select_from_means
+
+    means = torch.zeros(1, 2, 5, 16)
+    with pytest.raises(ValueError, match="share one"):
+        vsa_select_from_means(means, torch.zeros(1, 2, 6, 16), means, 2)
+    with pytest.raises(ValueError, match="num_tiles \\+ 1 = 6"):
+        vsa_select_from_means(means, means, means, 2, torch.zeros(5, dtype=torch.int32))
+
+
 def test_fake_impl_shape() -> None:
     """The registered op's fake implementation gives the output shape without running the kernel."""
     from torch._subclasses.fake_tensor import FakeTensorMode
