@@ -291,6 +291,16 @@ def _default_load_mode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int
     return 2 if all(_host_desc_view(x) is not None for x in (q, k, v)) else 0
 
 
+def _gluon_serves(q: torch.Tensor, out: torch.Tensor, gate: torch.Tensor | None) -> bool:
+    """Whether the Gluon kernel (load mode 3) takes this call: Hopper, bf16/fp16, D = 128, TMA views of the output
+    and gate too, and not switched off with TESSERA_VSA_GLUON=0."""
+    if os.environ.get("TESSERA_VSA_GLUON", "1") == "0":
+        return False
+    from attention.vsa_gluon import gluon_fine_supported
+
+    return gluon_fine_supported(q) and all(_host_desc_view(x) is not None for x in (out, gate) if x is not None)
+
+
 def _host_desc_view(x: torch.Tensor):
     """(2D row view, row_b, row_n, col_n) such that token s of (b, n) is row b*row_b + n*row_n + s at
     column n*col_n, for a BSND-contiguous ([B, S, N, D] viewed as BNSD) or BNSD-contiguous x; else None."""
@@ -322,15 +332,25 @@ def _launch(
     coarse_arg = coarse if has_gate else q
     grid = (num_tiles, batch * heads)
     mode = _default_load_mode(q, k, v) if load_mode is None else load_mode
+    if load_mode is None and mode == 2 and spans and _gluon_serves(q, out, gate if has_gate else None):
+        mode = 3
     qkv, desc_geometry = (q, k, v), (0, 0, 0)
+    if mode >= 2:
+        views = [_host_desc_view(x) for x in (q, k, v)]
     if mode == 2:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        views = [_host_desc_view(x) for x in (q, k, v)]
         qkv = tuple(TensorDescriptor.from_tensor(view[0], [_TILE_TOKENS, head_dim]) for view in views)
         desc_geometry = views[0][1:]
     args = (*qkv, out, gate_arg, coarse_arg, *q.stride()[:3], *out.stride()[:3], *desc_geometry, tile_offsets,
             block_index, num_tiles * head_dim, heads, num_tiles, topk, _LOG2E / math.sqrt(head_dim))
+    if mode == 3:  # the Gluon kernel (attention/vsa_gluon.py): packed spans and TMA views required
+        from attention.vsa_gluon import launch_gluon_fine
+
+        out_view = _host_desc_view(out)
+        gate_view = _host_desc_view(gate) if has_gate else None
+        return launch_gluon_fine(views, out_view, out, tile_offsets, block_index, coarse if has_gate else None,
+                                 gate_view, _LOG2E / math.sqrt(head_dim), **(config or {}))
     interpret = _INTERPRET or not q.is_cuda
     dot_in_fp32 = interpret and q.dtype == torch.bfloat16
     meta = dict(HEAD_DIM=head_dim, BLOCK_M=_TILE_TOKENS, BLOCK_N=_TILE_TOKENS, LOAD_MODE=mode,

@@ -150,6 +150,17 @@ def time_variants(name, q, k, v, gate, metadata, block_index, coarse, reference,
                                           gate, config=dict(num_warps=4, num_stages=stages), spans=use_spans)
             err = ((call().float() - reference.float()).norm() / reference.float().norm()).item()
             add(f"fine stages={stages} spans={int(use_spans)}", time_ms(call), {"diff_vs_default": err})
+    from attention.vsa_gluon import gluon_fine_supported
+
+    if gluon_fine_supported(q):
+        for stages, row_box in ((3, 0), (3, 16), (2, 16), (2, 0)):
+            config = dict(stages=stages, row_box=row_box)
+            def call(config=config):
+                return vsa_triton._launch(q, k, v, metadata.tile_offsets, spans, coarse, gate, load_mode=3,
+                                          config=config, spans=True)
+            err = ((call().float() - reference.float()).norm() / reference.float().norm()).item()
+            add(f"gluon stages={stages} row_box={row_box}", time_ms(call),
+                {"diff_vs_default": err})
     for block_q, block_k, precision, warps in ((16, 32, "tf32x3", 4), (32, 32, "tf32x3", 4), (32, 32, "tf32", 4),
                                                (64, 64, "tf32x3", 4), (32, 64, "tf32x3", 8)):
         config = dict(BLOCK_Q=block_q, BLOCK_K=block_k, COARSE_PRECISION=precision, num_warps=warps)

@@ -274,6 +274,72 @@ def test_gpu_load_modes_and_layouts(layout: str, load_mode: int | None) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["bnsd", "bsnd"])
+@pytest.mark.parametrize("config", [dict(), dict(stages=2), dict(row_box=0), dict(row_box=32)])
+def test_gpu_gluon_kernel_matches_reference(layout: str, config: dict) -> None:
+    """The Gluon fine kernel (load mode 3) against the fp32 reference: partial query and key tiles in the middle
+    and at the end (TMA boxes past the tile and past the tensor), topk below, at and above the ring depth, logits
+    that force the running max to be rescaled, with and without the gate, and the output in q's buffer."""
+    from attention import vsa_gluon, vsa_triton
+
+    if not vsa_gluon.gluon_fine_supported(torch.empty(1, 1, 1, 128, dtype=torch.bfloat16, device="cuda")):
+        pytest.skip("the Gluon kernel needs compute capability 9.x and triton with Gluon")
+    gen = torch.Generator().manual_seed(7)
+    sizes = tuple([64] * 9 + [48, 64, 17] * 3 + [16, 64, 32, 60, 5, 33])  # 1 to 4 row boxes
+    offsets = _tile_offsets(sizes)
+    num_tiles, seq_len = len(sizes), int(offsets[-1])
+    batch, heads = 2, 3
+    shape = (4, batch, heads, seq_len, 128) if layout == "bnsd" else (4, batch, seq_len, heads, 128)
+    base = torch.randn(shape, generator=gen)
+    if layout == "bsnd":
+        base = base.transpose(2, 3)
+    base[0, :, 1] *= 4.0  # head 1: growing logits, so the running max moves by far more than 2**8
+    base[1, :, 1] *= torch.linspace(0.5, 6.0, seq_len)[:, None]
+    q, k, v, gate = base.to(torch.bfloat16).unbind(0)
+    coarse = torch.randn(batch, heads, num_tiles, 128, generator=gen).to(torch.bfloat16)
+    for topk in (1, 2, 3, 4, 9, num_tiles):
+        scores = torch.rand(batch, heads, num_tiles, num_tiles, generator=gen)
+        scores[..., -1] = 2.0  # the partial last tile in every selection
+        block_index = scores.topk(topk, dim=-1).indices.to(torch.int32)
+        starts, ends = offsets[block_index.long()], offsets[block_index.long() + 1]
+        spans = ((starts << 7) | (ends - starts)).to(torch.int32).cuda()
+        for with_gate in (False, True):
+            g, c = (gate, coarse) if with_gate else (None, None)
+            expected = reference_vsa_fine(q, k, v, offsets, block_index, c, g)
+            dev = [t.cuda() for t in (q, k, v)]
+            for into_q in (False, True):
+                got = vsa_triton._launch(*dev, offsets.cuda(), spans, None if c is None else c.cuda(),
+                                         None if g is None else g.cuda(), load_mode=3, config=config, spans=True,
+                                         out=dev[0] if into_q else None)
+                assert got.stride() == dev[0].stride()
+                err = (got.float().cpu() - expected).norm() / expected.norm()
+                assert err < 1e-2, f"{layout} {config} topk={topk} gate={with_gate} into_q={into_q}: {err:.2e}"
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_kernel_runs_two_programs_per_sm() -> None:
+    """The occupancy the Gluon schedule is built for, as the driver computes it for the compiled kernel."""
+    import ctypes
+
+    from attention import build_vsa_metadata, vsa_gluon, vsa_triton
+
+    q = torch.randn(1, 2, 64 * 24, 128, device="cuda", dtype=torch.bfloat16)
+    if not vsa_gluon.gluon_fine_supported(q):
+        pytest.skip("the Gluon kernel needs compute capability 9.x and triton with Gluon")
+    metadata = build_vsa_metadata((4, 8, 48), 0.5, "cuda")
+    means = vsa_triton.vsa_tile_means((q, q, q), metadata.tile_offsets, metadata.num_tiles)
+    _, coarse, spans = vsa_triton.vsa_select_from_means(*means, metadata.topk, metadata.tile_offsets)
+    vsa_triton._launch(q, q, q, metadata.tile_offsets, spans, coarse, q, load_mode=3, spans=True)
+    kernel = list(vsa_gluon._vsa_fine_gluon_kernel.device_caches[q.device.index][0].values())[-1]
+    kernel._init_handles()
+    blocks = ctypes.c_int()
+    status = ctypes.CDLL("libcuda.so.1").cuOccupancyMaxActiveBlocksPerMultiprocessor(
+        ctypes.byref(blocks), ctypes.c_void_p(kernel.function), 8 * 32, ctypes.c_size_t(kernel.metadata.shared))
+    assert status == 0
+    assert blocks.value >= 2, f"{blocks.value} program(s) per SM"
+
+
+@pytest.mark.gpu
 def test_gpu_tile_means_match_spec_bf16() -> None:
     """On GPUs fp32 -> bf16 rounds to nearest, so only summation-order ties may differ (rarely)."""
     from attention.vsa import _tile_means, build_vsa_metadata

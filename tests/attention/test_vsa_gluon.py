@@ -1,0 +1,82 @@
+"""The Gluon fine kernel (attention/vsa_gluon.py) on CPU: it compiles for sm_90 with the installed triton, and its
+resource use keeps two programs per H100 SM, the occupancy its schedule is built for. Its numbers are checked on
+GPU against the fp32 reference (tests/attention/test_vsa_triton.py, marked gpu)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+
+import pytest
+import torch
+
+vsa_gluon = pytest.importorskip("attention.vsa_gluon")
+if not vsa_gluon.HAVE_GLUON:
+    pytest.skip("this triton has no Gluon", allow_module_level=True)
+
+H100_SMEM_PER_SM = 228 * 1024
+RESERVED_SMEM_PER_PROGRAM = 1024  # the driver's share of each resident program (cuobjdump's SHARED:1024)
+H100_REGS_PER_SM = 65536
+
+
+def _compile_for_hopper(has_gate: bool, stages: int, row_box: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    rows = torch.empty(4096, 128, dtype=torch.bfloat16)
+    layout = gl.NVMMASharedLayout.get_default_for([vsa_gluon.BLOCK, 128], gl.bfloat16)
+    tile = mangle_type(vsa_gluon.TensorDescriptor.from_tensor(rows, [vsa_gluon.BLOCK, 128], layout))
+    box = mangle_type(vsa_gluon.TensorDescriptor.from_tensor(rows, [row_box or vsa_gluon.BLOCK, 128], layout))
+    kernel = vsa_gluon._vsa_fine_gluon_kernel
+    constants = dict(HAS_GATE=has_gate, NUM_STAGES=stages, ROW_BOX=row_box, num_warps=4)
+    types = dict(q_desc=tile, k_desc=tile, v_desc=tile, g_desc=tile, o_desc=tile, kb_desc=box, vb_desc=box,
+                 OUT="*bf16", COARSE="*bf16", TILE_OFFSETS="*i32", SPANS="*i32", qk_scale="fp32")
+    signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in kernel.arg_names}
+    source = GluonASTSource(fn=kernel, signature=signature, constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=4, maxnreg=vsa_gluon.MAX_REGS))
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    """cuobjdump (shipped with triton's NVIDIA backend) on a cubin."""
+    import triton.backends.nvidia as nvidia
+
+    tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        pytest.skip("no cuobjdump in this triton")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    line = next(line for line in _cuobjdump(cubin, "-res-usage").splitlines() if "REG:" in line)
+    fields = (field.split(":") for field in line.split() if ":" in field)
+    return {key: int(value) for key, value in fields if value.isdigit()}
+
+
+@pytest.mark.parametrize("has_gate", [True, False])
+def test_compiles_for_hopper_with_two_programs_per_sm(has_gate: bool) -> None:
+    kernel = _compile_for_hopper(has_gate, vsa_gluon.STAGES, vsa_gluon.ROW_BOX)
+    usage = _resource_usage(kernel.asm["cubin"])
+    # no spill traffic where the tensor cores run (some ptxas versions park one 64-bit value for the epilogue)
+    sass = [line for line in _cuobjdump(kernel.asm["cubin"], "-sass").splitlines() if "/*" in line]
+    mma = [i for i, line in enumerate(sass) if "HGMMA" in line]
+    spills = [line.strip() for line in sass[mma[0]:mma[-1]] if " STL" in line or " LDL" in line]
+    assert mma and not spills, spills[:4]
+    threads = 2 * 4 * 32  # the consumer warpgroup + the producer warp, counted as a warpgroup
+    assert 2 * usage["REG"] * threads <= H100_REGS_PER_SM, usage
+    per_program = kernel.metadata.shared + RESERVED_SMEM_PER_PROGRAM
+    assert 2 * per_program <= H100_SMEM_PER_SM, f"{per_program} bytes of shared memory per program"
+    assert "setmaxnreg" in kernel.asm["ptx"]  # the warps are specialised: producer and consumer registers differ
+
+
+def test_a_fourth_stage_would_not_fit_two_programs() -> None:
+    """The ring depth is the shared memory budget: the limit the check above enforces is a real one."""
+    kernel = _compile_for_hopper(True, vsa_gluon.STAGES + 1, vsa_gluon.ROW_BOX)
+    assert 2 * (kernel.metadata.shared + RESERVED_SMEM_PER_PROGRAM) > H100_SMEM_PER_SM
