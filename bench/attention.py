@@ -153,13 +153,13 @@ def time_variants(name, q, k, v, gate, metadata, block_index, coarse, reference,
     from attention.vsa_gluon import gluon_fine_supported
 
     if gluon_fine_supported(q):
-        for stages, row_box in ((3, 0), (3, 16), (2, 16), (2, 0)):
-            config = dict(stages=stages, row_box=row_box)
+        for stages, row_box, late_rescale in ((3, 16, False), (3, 0, False), (2, 16, False), (3, 16, True)):
+            config = dict(stages=stages, row_box=row_box, late_rescale=late_rescale)
             def call(config=config):
                 return vsa_triton._launch(q, k, v, metadata.tile_offsets, spans, coarse, gate, load_mode=3,
                                           config=config, spans=True)
             err = ((call().float() - reference.float()).norm() / reference.float().norm()).item()
-            add(f"gluon stages={stages} row_box={row_box}", time_ms(call),
+            add(f"gluon stages={stages} row_box={row_box} late_rescale={int(late_rescale)}", time_ms(call),
                 {"diff_vs_default": err})
     for block_q, block_k, precision, warps in ((16, 32, "tf32x3", 4), (32, 32, "tf32x3", 4), (32, 32, "tf32", 4),
                                                (64, 64, "tf32x3", 4), (32, 64, "tf32x3", 8)):
