@@ -332,7 +332,8 @@ def _launch(
     coarse_arg = coarse if has_gate else q
     grid = (num_tiles, batch * heads)
     mode = _default_load_mode(q, k, v) if load_mode is None else load_mode
-    if load_mode is None and mode == 2 and spans and _gluon_serves(q, out, gate if has_gate else None):
+    gluon_ok = spans and load_mode is None and config is None and mode == 2
+    if gluon_ok and _gluon_serves(q, out, gate if has_gate else None):
         mode = 3
     qkv, desc_geometry = (q, k, v), (0, 0, 0)
     if mode >= 2:
