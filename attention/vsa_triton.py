@@ -366,7 +366,8 @@ def _launch(
     return out
 
 
-def vsa_tile_means(tensors: tuple[torch.Tensor, ...], tile_offsets: torch.Tensor, num_tiles: int) -> torch.Tensor:
+def vsa_tile_means(tensors: tuple[torch.Tensor, ...], tile_offsets: torch.Tensor, num_tiles: int,
+                   num_warps: int = 4) -> torch.Tensor:
     """Per-tile means of 1 to 3 tensors (q, k, v) in ONE launch: [len(tensors), B, N, T, D] in their dtype.
 
     Each tensor: [B, N, S, D] in compact tile order, D contiguous, all of one shape and dtype (copied to
@@ -384,7 +385,7 @@ def vsa_tile_means(tensors: tuple[torch.Tensor, ...], tile_offsets: torch.Tensor
     xs = (*tensors, *(first,) * (3 - len(tensors)))  # unused slots are never read
     _tile_means_kernel[(num_tiles, batch * heads, len(tensors))](
         *xs, out, *first.stride()[:3], tile_offsets, heads, num_tiles, out[0].numel(),
-        HEAD_DIM=head_dim, BLOCK_M=_TILE_TOKENS, num_warps=4,
+        HEAD_DIM=head_dim, BLOCK_M=_TILE_TOKENS, num_warps=num_warps,
     )
     return out
 

@@ -153,14 +153,13 @@ def time_variants(name, q, k, v, gate, metadata, block_index, coarse, reference,
     from attention.vsa_gluon import gluon_fine_supported
 
     if gluon_fine_supported(q):
-        for stages, row_box, late_rescale in ((3, 16, False), (3, 0, False), (2, 16, False), (3, 16, True)):
-            config = dict(stages=stages, row_box=row_box, late_rescale=late_rescale)
+        for stages, row_box in ((3, 16), (3, 0), (2, 16)):
+            config = dict(stages=stages, row_box=row_box)
             def call(config=config):
                 return vsa_triton._launch(q, k, v, metadata.tile_offsets, spans, coarse, gate, load_mode=3,
                                           config=config, spans=True)
             err = ((call().float() - reference.float()).norm() / reference.float().norm()).item()
-            add(f"gluon stages={stages} row_box={row_box} late_rescale={int(late_rescale)}", time_ms(call),
-                {"diff_vs_default": err})
+            add(f"gluon fine stages={stages} row_box={row_box}", time_ms(call), {"diff_vs_default": err})
     for block_q, block_k, precision, warps in ((16, 32, "tf32x3", 4), (32, 32, "tf32x3", 4), (32, 32, "tf32", 4),
                                                (64, 64, "tf32x3", 4), (32, 64, "tf32x3", 8)):
         config = dict(BLOCK_Q=block_q, BLOCK_K=block_k, COARSE_PRECISION=precision, num_warps=warps)
@@ -176,8 +175,10 @@ def time_variants(name, q, k, v, gate, metadata, block_index, coarse, reference,
         def topk(warps=warps):
             return vsa_triton.vsa_topk_lower_index_wins(scores, metadata.topk, warps)
         add(f"topk only w{warps}", time_ms(topk))
-    add("tile means q,k,v", time_ms(lambda: vsa_triton.vsa_tile_means((q, k, v), metadata.tile_offsets,
-                                                                       metadata.num_tiles)))
+    for warps in (1, 2, 4, 8):
+        def means_call(warps=warps):
+            return vsa_triton.vsa_tile_means((q, k, v), metadata.tile_offsets, metadata.num_tiles, warps)
+        add(f"tile means q,k,v w{warps}", time_ms(means_call))
 
 
 def run_peer(name, sparsity, metadata, q, k, v, gate, add) -> None:
