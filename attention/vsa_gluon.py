@@ -261,6 +261,8 @@ def launch_gluon_fine(views, out_view, out: torch.Tensor, tile_offsets: torch.Te
     out_view the output's. spans: int32 [B, N, T, topk] packed key spans. Writes out and returns it."""
     batch, heads, _, head_dim = out.shape
     num_tiles, topk = spans.shape[2], spans.shape[3]
+    if any(view[1:] != views[0][1:] for view in (*views[1:], *((gate_view,) if gate_view else ()))):
+        raise ValueError("launch_gluon_fine: q, k, v and the gate must share one layout")
     gl_dtype = gl.bfloat16 if out.dtype == torch.bfloat16 else gl.float16
     layout = gl.NVMMASharedLayout.get_default_for([BLOCK, head_dim], gl_dtype)
     descs = [TensorDescriptor.from_tensor(view[0], [BLOCK, head_dim], layout) for view in views]

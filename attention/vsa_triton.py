@@ -3,7 +3,9 @@
 1. ``vsa_tile_means``: per-tile means of q, k, v (one launch, one read of each).
 2. ``vsa_select_from_means``: block scores + the coarse output (online softmax over all key tiles), then
 3. the top-k key tiles per query tile (``vsa_topk_lower_index_wins``, a radix select per score row).
-4. ``vsa_fine_attention``: the fine stage over the selected tiles, gate * coarse fused into its epilogue.
+4. ``vsa_fine_attention``: the fine stage over the selected tiles, gate * coarse fused into its epilogue. On Hopper,
+   with packed key spans and TMA-able layouts, this is the Gluon kernel of ``attention.vsa_gluon`` (load mode 3);
+   everywhere else, and on CPU under the interpreter, the Triton kernel below.
 The fine stage is also the torch op ``tessera::vsa_fine`` (with a fake impl for torch.compile). All run on CPU
 under ``TRITON_INTERPRET=1`` (set before importing triton); ``attention.vsa`` holds the torch spec of each.
 Legend: B batch, N heads, S tokens (compact tile order), T tiles, K selected tiles per query tile, D head dim.
@@ -320,7 +322,8 @@ def _launch(
     load_mode: int | None = None, config: dict | None = None, out: torch.Tensor | None = None,
     spans: bool = False,
 ) -> torch.Tensor:
-    """load_mode / config (num_stages, num_warps) force a variant (benchmarks); None: default and autotune.
+    """load_mode / config force a variant (benchmarks): load_mode 0 pointer loads, 2 TMA, 3 the Gluon kernel (config
+    then holds launch_gluon_fine's options); None picks the fastest that serves the call.
     ``out``: write there (any D-contiguous layout; may alias q, see vsa_fine_attention)."""
     batch, heads, seq_len, head_dim = q.shape
     num_tiles, topk = block_index.shape[2], block_index.shape[3]
