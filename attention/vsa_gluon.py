@@ -74,10 +74,9 @@ if HAVE_GLUON:
                 mbarrier.expect(v_bar, vb_desc.block_type.nbytes * count, pred=boxes == count)
             for r in gl.static_range(k_smem.shape[1] // ROW_BOX):
                 if r < boxes:
-                    _tma_load(kb_desc, [row + r * ROW_BOX, col0], k_bar,
-                                                    k_smem.index(slot).slice(r * ROW_BOX, ROW_BOX, dim=0))
-                    _tma_load(vb_desc, [row + r * ROW_BOX, col0], v_bar,
-                                                    v_smem.index(slot).slice(r * ROW_BOX, ROW_BOX, dim=0))
+                    rows: gl.constexpr = r * ROW_BOX
+                    _tma_load(kb_desc, [row + rows, col0], k_bar, k_smem.index(slot).slice(rows, ROW_BOX, dim=0))
+                    _tma_load(vb_desc, [row + rows, col0], v_bar, v_smem.index(slot).slice(rows, ROW_BOX, dim=0))
 
     @gluon.jit
     def _softmax_step(s, entry, m_i, l_i, qk_scale, offs_n):
@@ -117,7 +116,7 @@ if HAVE_GLUON:
         store. Iteration j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back and waits only for S_j."""
         q_smem, k_smem, v_smem = bufs
         q_bar, q_free, k_bars, v_bars, empty_bars = bars
-        o_desc, OUT, COARSE, coarse_off, out_row, out_col, out_base, stride_os, q_start, q_len = out_args
+        o_desc, COARSE, coarse_off, out_row, out_col, out_base, stride_os, q_start, q_len = out_args
         stages: gl.constexpr = k_smem.shape[0]
         BLOCK_M: gl.constexpr = q_smem.shape[0]
         HEAD_DIM: gl.constexpr = q_smem.shape[1]
@@ -237,7 +236,7 @@ if HAVE_GLUON:
         # (zero-filled); key columns past a partial key tile are masked to -inf, so p = 0 there.
         bufs = (q_smem, k_smem, v_smem)
         bars = (q_bar, q_free, k_bars, v_bars, empty_bars)
-        out_args = (o_desc, OUT, COARSE, bh.to(gl.int64) * COARSE_STRIDE_BH + tile_q * HEAD_DIM,
+        out_args = (o_desc, COARSE, bh.to(gl.int64) * COARSE_STRIDE_BH + tile_q * HEAD_DIM,
                     b * out_row_b + n * out_row_n + q_start, n * out_col_n,
                     OUT + b.to(gl.int64) * stride_ob + n.to(gl.int64) * stride_on, stride_os, q_start, q_len)
         descs = (q_desc, k_desc, v_desc, g_desc, kb_desc, vb_desc)
