@@ -46,7 +46,8 @@ except (ImportError, AttributeError):  # pragma: no cover - depends on the insta
 BLOCK = 64  # tokens per VSA tile: query rows per program and key rows per step
 STAGES = 3  # K/V ring depth: tile j + 2 loads while tile j is processed
 ROW_BOX = 16  # rows per TMA box of a partial key tile
-# registers per thread of the TMA warp; the consumer warpgroup gets the rest of MAX_REGS
+# registers per thread of the TMA warp; the consumer warpgroup gets the rest of MAX_REGS (216). 24 measured
+# -3% / +1% at Wan-1.3B / 14B (session 3, device run 15): noise, so the tutorial-safe 40 stays.
 PRODUCER_REGS = gl.constexpr(40) if HAVE_GLUON else 40
 MAX_REGS = 128  # per thread at launch: 2 programs of 4 + 4 warps (the TMA warp counts as a warpgroup) per SM
 
@@ -79,13 +80,10 @@ if HAVE_GLUON:
                     _tma_load(vb_desc, [row + rows, col0], v_bar, v_smem.index(slot).slice(rows, ROW_BOX, dim=0))
 
     @gluon.jit
-    def _softmax_step(s, entry, m_i, l_i, qk_scale, offs_n, MASK_BRANCH: gl.constexpr = False):
-        """Online-softmax update for one key tile's scores (exp2 domain): p, the new m_i and l_i, and alpha."""
-        if MASK_BRANCH:
-            if (entry & 127) < s.shape[1]:
-                s = gl.where((offs_n < (entry & 127))[None, :], s, float("-inf"))
-        else:
-            s = gl.where((offs_n < (entry & 127))[None, :], s, float("-inf"))  # columns past a partial key tile
+    def _softmax_step(s, entry, m_i, l_i, qk_scale, offs_n):
+        """Online-softmax update for one key tile's scores (exp2 domain): p, the new m_i and l_i, and alpha.
+        The mask applies to every tile: behind a branch for partial tiles only it measured 2% slower at 1.3B."""
+        s = gl.where((offs_n < (entry & 127))[None, :], s, float("-inf"))  # columns past a partial key tile
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)  # finite: every tile owns >= 1 real token
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(s * qk_scale - m_new[:, None])
@@ -115,7 +113,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(bufs, bars, out_args, index_row, topk, qk_scale, HAS_GATE: gl.constexpr,
-                  MASK_BRANCH: gl.constexpr, num_warps: gl.constexpr):
+                  num_warps: gl.constexpr):
         """One warpgroup: the online softmax over the selected key tiles, then the gated coarse term and the
         store. Iteration j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back and waits only for S_j."""
         q_smem, k_smem, v_smem = bufs
@@ -161,7 +159,7 @@ if HAVE_GLUON:
             mbarrier.wait(v_bars.index(prev), ((j - 1) // stages) & 1)
             o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
             s = warpgroup_mma_wait(1, deps=[s_tok])  # S_j is ready; P_{j-1} V_{j-1} may still run
-            p, m_i, l_i, alpha = _softmax_step(s, entry, m_i, l_i, qk_scale, offs_n, MASK_BRANCH)
+            p, m_i, l_i, alpha = _softmax_step(s, entry, m_i, l_i, qk_scale, offs_n)
             acc, p_op = warpgroup_mma_wait(0, deps=[o_tok, p_op])
             mbarrier.arrive(empty_bars.index(prev), count=1)  # both products of slot prev are done
             p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -203,7 +201,6 @@ if HAVE_GLUON:
         TILE_OFFSETS, SPANS,  # int32 [T + 1]; int32 [B*N, T, topk] packed key spans
         COARSE_STRIDE_BH, num_heads, num_tiles, topk, qk_scale,
         HAS_GATE: gl.constexpr, NUM_STAGES: gl.constexpr, ROW_BOX: gl.constexpr, num_warps: gl.constexpr,
-        MASK_BRANCH: gl.constexpr = False, PRODUCER_REGS_ARG: gl.constexpr = PRODUCER_REGS,
     ):
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
@@ -246,10 +243,10 @@ if HAVE_GLUON:
                     OUT + b.to(gl.int64) * stride_ob + n.to(gl.int64) * stride_on, stride_os, q_start, q_len)
         descs = (q_desc, k_desc, v_desc, g_desc, kb_desc, vb_desc)
         gl.warp_specialize([
-            (_consumer, (bufs, bars, out_args, index_row, topk, qk_scale, HAS_GATE, MASK_BRANCH, num_warps)),
+            (_consumer, (bufs, bars, out_args, index_row, topk, qk_scale, HAS_GATE, num_warps)),
             (_producer, (descs, bufs, bars, index_row, topk, b * desc_row_b + n * desc_row_n, n * desc_col_n,
                          q_start, HAS_GATE, ROW_BOX)),
-        ], [1], [PRODUCER_REGS_ARG])
+        ], [1], [PRODUCER_REGS])
 
 
 def gluon_fine_supported(q: torch.Tensor) -> bool:
@@ -260,8 +257,7 @@ def gluon_fine_supported(q: torch.Tensor) -> bool:
 
 def launch_gluon_fine(views, out_view, out: torch.Tensor, tile_offsets: torch.Tensor, spans: torch.Tensor,
                       coarse: torch.Tensor | None, gate_view, qk_scale: float, stages: int = STAGES,
-                      row_box: int = ROW_BOX, mask_branch: bool = False,
-                      producer_regs: int = PRODUCER_REGS) -> torch.Tensor:
+                      row_box: int = ROW_BOX) -> torch.Tensor:
     """views: (2D row view, row_b, row_n, col_n) of q, k, v (shared geometry); gate_view the gate's (or None);
     out_view the output's. spans: int32 [B, N, T, topk] packed key spans. Writes out and returns it."""
     batch, heads, _, head_dim = out.shape
@@ -278,6 +274,5 @@ def launch_gluon_fine(views, out_view, out: torch.Tensor, tile_offsets: torch.Te
     _vsa_fine_gluon_kernel[(num_tiles, batch * heads)](
         *descs, g_desc, o_desc, *row_descs, out, coarse if has_gate else out, *out.stride()[:3], *views[0][1:],
         *out_view[1:], tile_offsets, spans, num_tiles * head_dim, heads, num_tiles, topk, qk_scale,
-        HAS_GATE=has_gate, NUM_STAGES=stages, ROW_BOX=row_box, MASK_BRANCH=mask_branch,
-        PRODUCER_REGS_ARG=producer_regs, num_warps=4, maxnreg=MAX_REGS)
+        HAS_GATE=has_gate, NUM_STAGES=stages, ROW_BOX=row_box, num_warps=4, maxnreg=MAX_REGS)
     return out

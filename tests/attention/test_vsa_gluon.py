@@ -32,8 +32,7 @@ def _compile_for_hopper(has_gate: bool, stages: int, row_box: int):
     tile = mangle_type(vsa_gluon.TensorDescriptor.from_tensor(rows, [vsa_gluon.BLOCK, 128], layout))
     box = mangle_type(vsa_gluon.TensorDescriptor.from_tensor(rows, [row_box or vsa_gluon.BLOCK, 128], layout))
     kernel = vsa_gluon._vsa_fine_gluon_kernel
-    constants = dict(HAS_GATE=has_gate, NUM_STAGES=stages, ROW_BOX=row_box, MASK_BRANCH=False,
-                     PRODUCER_REGS_ARG=int(vsa_gluon.PRODUCER_REGS), num_warps=4)
+    constants = dict(HAS_GATE=has_gate, NUM_STAGES=stages, ROW_BOX=row_box, num_warps=4)
     types = dict(q_desc=tile, k_desc=tile, v_desc=tile, g_desc=tile, o_desc=tile, kb_desc=box, vb_desc=box,
                  OUT="*bf16", COARSE="*bf16", TILE_OFFSETS="*i32", SPANS="*i32", qk_scale="fp32")
     signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in kernel.arg_names}
