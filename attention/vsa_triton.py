@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -293,14 +294,40 @@ def _default_load_mode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int
     return 2 if all(_host_desc_view(x) is not None for x in (q, k, v)) else 0
 
 
-def _gluon_serves(q: torch.Tensor, out: torch.Tensor, gate: torch.Tensor | None) -> bool:
-    """Whether the Gluon kernel (load mode 3) takes this call: Hopper, bf16/fp16, D = 128, TMA views of the output
-    and gate too, and not switched off with TESSERA_VSA_GLUON=0."""
-    if os.environ.get("TESSERA_VSA_GLUON", "1") == "0":
+_GLUON_BROKEN: list[str] = []  # why the Gluon kernel did not compile in this process, if it did not
+
+
+def _gluon_serves(q, k, v, out, gate) -> bool:
+    """Whether the Gluon kernel (load mode 3) takes this call: Hopper, bf16/fp16, D = 128, TMA views of all
+    tensors, it compiled with this triton, and TESSERA_VSA_GLUON=0 does not switch it off."""
+    if os.environ.get("TESSERA_VSA_GLUON", "1") == "0" or _GLUON_BROKEN:
         return False
     from attention.vsa_gluon import gluon_fine_supported
 
-    return gluon_fine_supported(q) and all(_host_desc_view(x) is not None for x in (out, gate) if x is not None)
+    return gluon_fine_supported(q) and all(_host_desc_view(x) is not None for x in (q, k, v, out, gate)
+                                           if x is not None)
+
+
+def _run_gluon(q, k, v, out, gate, coarse, tile_offsets, spans, config, forced: bool) -> torch.Tensor | None:
+    """The Gluon fine kernel (``attention.vsa_gluon``). Gluon is experimental and its API moves between triton
+    releases: unless ``forced``, a compile error is reported once as a warning and returns None, and the Triton
+    kernel serves this and every later call."""
+    from triton.compiler.errors import CompilationError
+
+    from attention import vsa_gluon
+
+    views = [_host_desc_view(x) for x in (q, k, v)]
+    gate_view = None if gate is None else _host_desc_view(gate)
+    try:
+        return vsa_gluon.launch_gluon_fine(views, _host_desc_view(out), out, tile_offsets, spans, coarse, gate_view,
+                                           _LOG2E / math.sqrt(q.shape[-1]), **(config or {}))
+    except CompilationError as exc:
+        if forced:
+            raise
+        _GLUON_BROKEN.append(str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
+        warnings.warn(f"vsa_fine_attention: the Gluon kernel does not compile with triton {triton.__version__} "
+                      f"({_GLUON_BROKEN[0]}); the Triton kernel serves instead", RuntimeWarning, stacklevel=3)
+        return None
 
 
 def _host_desc_view(x: torch.Tensor):
@@ -335,26 +362,22 @@ def _launch(
     coarse_arg = coarse if has_gate else q
     grid = (num_tiles, batch * heads)
     mode = _default_load_mode(q, k, v) if load_mode is None else load_mode
-    gluon_ok = spans and load_mode is None and config is None and mode == 2
-    if gluon_ok and _gluon_serves(q, out, gate if has_gate else None):
-        mode = 3
+    gluon_args = (q, k, v, out, gate if has_gate else None, coarse if has_gate else None, tile_offsets, block_index)
+    if mode == 3:  # forced (benchmarks, tests): packed spans and TMA views required
+        return _run_gluon(*gluon_args, config, forced=True)
+    if spans and load_mode is None and config is None and mode == 2 and _gluon_serves(*gluon_args[:5]):
+        result = _run_gluon(*gluon_args, None, forced=False)
+        if result is not None:
+            return result
     qkv, desc_geometry = (q, k, v), (0, 0, 0)
-    if mode >= 2:
-        views = [_host_desc_view(x) for x in (q, k, v)]
     if mode == 2:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
+        views = [_host_desc_view(x) for x in (q, k, v)]
         qkv = tuple(TensorDescriptor.from_tensor(view[0], [_TILE_TOKENS, head_dim]) for view in views)
         desc_geometry = views[0][1:]
     args = (*qkv, out, gate_arg, coarse_arg, *q.stride()[:3], *out.stride()[:3], *desc_geometry, tile_offsets,
             block_index, num_tiles * head_dim, heads, num_tiles, topk, _LOG2E / math.sqrt(head_dim))
-    if mode == 3:  # the Gluon kernel (attention/vsa_gluon.py): packed spans and TMA views required
-        from attention.vsa_gluon import launch_gluon_fine
-
-        out_view = _host_desc_view(out)
-        gate_view = _host_desc_view(gate) if has_gate else None
-        return launch_gluon_fine(views, out_view, out, tile_offsets, block_index, coarse if has_gate else None,
-                                 gate_view, _LOG2E / math.sqrt(head_dim), **(config or {}))
     interpret = _INTERPRET or not q.is_cuda
     dot_in_fp32 = interpret and q.dtype == torch.bfloat16
     meta = dict(HEAD_DIM=head_dim, BLOCK_M=_TILE_TOKENS, BLOCK_N=_TILE_TOKENS, LOAD_MODE=mode,

@@ -80,3 +80,31 @@ def test_a_fourth_stage_would_not_fit_two_programs() -> None:
     """The ring depth is the shared memory budget: the limit the check above enforces is a real one."""
     kernel = _compile_for_hopper(True, vsa_gluon.STAGES + 1, vsa_gluon.ROW_BOX)
     assert 2 * (kernel.metadata.shared + RESERVED_SMEM_PER_PROGRAM) > H100_SMEM_PER_SM
+
+
+def test_a_compile_error_hands_the_call_to_the_triton_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gluon's API moves between triton releases: a kernel that no longer compiles warns once, names the error and
+    leaves the call (and every later one) to the Triton kernel; a forced Gluon launch raises it instead."""
+    from triton.compiler.errors import CompilationError
+
+    from attention import vsa_triton
+
+    def no_longer_compiles(*args, **kwargs):
+        raise CompilationError(None, None, "tma.async_copy_global_to_shared has been removed")
+
+    monkeypatch.setattr(vsa_gluon, "launch_gluon_fine", no_longer_compiles)
+    monkeypatch.setattr(vsa_triton, "_GLUON_BROKEN", [])
+    q = torch.randn(1, 2, 64, 128, dtype=torch.bfloat16)
+    offsets = torch.tensor([0, 64], dtype=torch.int32)
+    spans = torch.full((1, 2, 1, 1), 64, dtype=torch.int32)  # tile 0: start 0, 64 tokens
+    call = (q, q, q, torch.empty_like(q), None, None, offsets, spans, None)
+    with pytest.raises(CompilationError):
+        vsa_triton._run_gluon(*call, forced=True)
+    assert vsa_triton._GLUON_BROKEN == []
+    with pytest.warns(RuntimeWarning, match="async_copy_global_to_shared has been removed"):
+        assert vsa_triton._run_gluon(*call, forced=False) is None
+    assert vsa_triton._GLUON_BROKEN == ["tma.async_copy_global_to_shared has been removed"]
+    monkeypatch.setattr(vsa_gluon, "gluon_fine_supported", lambda q: True)  # as on an H100
+    assert not vsa_triton._gluon_serves(q, q, q, q, None)
+    monkeypatch.setattr(vsa_triton, "_GLUON_BROKEN", [])
+    assert vsa_triton._gluon_serves(q, q, q, q, None)
