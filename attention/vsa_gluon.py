@@ -43,7 +43,8 @@ try:  # Gluon is in triton >= 3.5; without it the Triton kernel serves every dev
 except (ImportError, AttributeError):  # pragma: no cover - depends on the installed triton
     HAVE_GLUON = False
 
-BLOCK = 64  # tokens per VSA tile: query rows per program and key rows per step
+from attention.vsa_triton import _TILE_TOKENS as BLOCK  # noqa: E402  (query rows per program, key rows per step)
+
 STAGES = 3  # K/V ring depth: tile j + 2 loads while tile j is processed
 ROW_BOX = 16  # rows per TMA box of a partial key tile
 # registers per thread of the TMA warp; the consumer warpgroup gets the rest of MAX_REGS (216). 24 measured

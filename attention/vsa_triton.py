@@ -297,30 +297,34 @@ def _default_load_mode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int
 _GLUON_BROKEN: list[str] = []  # why the Gluon kernel did not compile in this process, if it did not
 
 
-def _gluon_serves(q, k, v, out, gate) -> bool:
-    """Whether the Gluon kernel (load mode 3) takes this call: Hopper, bf16/fp16, D = 128, TMA views of all
-    tensors, it compiled with this triton, and TESSERA_VSA_GLUON=0 does not switch it off."""
+def _gluon_views(q, k, v, out, gate) -> list | None:
+    """The TMA row views (``_host_desc_view``) of q, k, v, out and gate (None for no gate) when the Gluon kernel
+    (load mode 3) takes this call, else None. Called where load mode 2 already holds (CUDA, 16-bit, D = 128,
+    views of q, k, v); it adds: compute capability 9.x, views of out and the gate, the kernel compiled with this
+    triton, and TESSERA_VSA_GLUON=0 not set."""
     if os.environ.get("TESSERA_VSA_GLUON", "1") == "0" or _GLUON_BROKEN:
-        return False
+        return None
     from attention.vsa_gluon import gluon_fine_supported
 
-    return gluon_fine_supported(q) and all(_host_desc_view(x) is not None for x in (q, k, v, out, gate)
-                                           if x is not None)
+    if not gluon_fine_supported(q):
+        return None
+    views = [None if x is None else _host_desc_view(x) for x in (q, k, v, out, gate)]
+    if any(view is None for view in views[:4]) or (gate is not None and views[4] is None):
+        return None
+    return views
 
 
-def _run_gluon(q, k, v, out, gate, coarse, tile_offsets, spans, config, forced: bool) -> torch.Tensor | None:
-    """The Gluon fine kernel (``attention.vsa_gluon``). Gluon is experimental and its API moves between triton
-    releases: unless ``forced``, a compile error is reported once as a warning and returns None, and the Triton
-    kernel serves this and every later call."""
+def _run_gluon(views, out, coarse, tile_offsets, spans, config, forced: bool) -> torch.Tensor | None:
+    """The Gluon fine kernel (``attention.vsa_gluon``) on the views of q, k, v, out, gate (``_gluon_views``).
+    Gluon is experimental and its API moves between triton releases: unless ``forced``, a compile error is
+    reported once as a warning and returns None, and the Triton kernel serves this and every later call."""
     from triton.compiler.errors import CompilationError
 
     from attention import vsa_gluon
 
-    views = [_host_desc_view(x) for x in (q, k, v)]
-    gate_view = None if gate is None else _host_desc_view(gate)
     try:
-        return vsa_gluon.launch_gluon_fine(views, _host_desc_view(out), out, tile_offsets, spans, coarse, gate_view,
-                                           _LOG2E / math.sqrt(q.shape[-1]), **(config or {}))
+        return vsa_gluon.launch_gluon_fine(views[:3], views[3], out, tile_offsets, spans, coarse, views[4],
+                                           _LOG2E / math.sqrt(out.shape[-1]), **(config or {}))
     except CompilationError as exc:
         if forced:
             raise
@@ -362,11 +366,14 @@ def _launch(
     coarse_arg = coarse if has_gate else q
     grid = (num_tiles, batch * heads)
     mode = _default_load_mode(q, k, v) if load_mode is None else load_mode
-    gluon_args = (q, k, v, out, gate if has_gate else None, coarse if has_gate else None, tile_offsets, block_index)
+    gluon_tensors = (q, k, v, out, gate if has_gate else None)
+    gluon_rest = (out, coarse if has_gate else None, tile_offsets, block_index)
     if mode == 3:  # forced (benchmarks, tests): packed spans and TMA views required
-        return _run_gluon(*gluon_args, config, forced=True)
-    if spans and load_mode is None and config is None and mode == 2 and _gluon_serves(*gluon_args[:5]):
-        result = _run_gluon(*gluon_args, None, forced=False)
+        views = [None if x is None else _host_desc_view(x) for x in gluon_tensors]
+        return _run_gluon(views, *gluon_rest, config, forced=True)
+    views = _gluon_views(*gluon_tensors) if spans and load_mode is None and config is None and mode == 2 else None
+    if views is not None:
+        result = _run_gluon(views, *gluon_rest, None, forced=False)
         if result is not None:
             return result
     qkv, desc_geometry = (q, k, v), (0, 0, 0)

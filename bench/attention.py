@@ -98,7 +98,7 @@ def bench_shape(name: str, sparsities: list[float], args, results: dict) -> None
         pairs = (sizes[block_index.long()].sum(-1) * sizes).sum().item()  # real (query, key) pairs
         real_flops = 4.0 * pairs * HEAD_DIM
         ms_fine = time_ms(fine)
-        add(f"vsa fine s={sparsity}", ms_fine,
+        add(f"vsa fine triton tile ids s={sparsity}", ms_fine,
             {"topk": metadata.topk, "real_tflops": real_flops / ms_fine / 1e9})
         def select(metadata=metadata):
             means = vsa_triton.vsa_tile_means((q, k, v), metadata.tile_offsets, metadata.num_tiles)

@@ -97,7 +97,9 @@ def test_a_compile_error_hands_the_call_to_the_triton_kernel(monkeypatch: pytest
     q = torch.randn(1, 2, 64, 128, dtype=torch.bfloat16)
     offsets = torch.tensor([0, 64], dtype=torch.int32)
     spans = torch.full((1, 2, 1, 1), 64, dtype=torch.int32)  # tile 0: start 0, 64 tokens
-    call = (q, q, q, torch.empty_like(q), None, None, offsets, spans, None)
+    out = torch.empty_like(q)
+    views = [vsa_triton._host_desc_view(x) for x in (q, q, q, out)] + [None]
+    call = (views, out, None, offsets, spans, None)
     with pytest.raises(CompilationError):
         vsa_triton._run_gluon(*call, forced=True)
     assert vsa_triton._GLUON_BROKEN == []
@@ -105,6 +107,6 @@ def test_a_compile_error_hands_the_call_to_the_triton_kernel(monkeypatch: pytest
         assert vsa_triton._run_gluon(*call, forced=False) is None
     assert vsa_triton._GLUON_BROKEN == ["tma.async_copy_global_to_shared has been removed"]
     monkeypatch.setattr(vsa_gluon, "gluon_fine_supported", lambda q: True)  # as on an H100
-    assert not vsa_triton._gluon_serves(q, q, q, q, None)
+    assert vsa_triton._gluon_views(q, q, q, out, None) is None
     monkeypatch.setattr(vsa_triton, "_GLUON_BROKEN", [])
-    assert vsa_triton._gluon_serves(q, q, q, q, None)
+    assert vsa_triton._gluon_views(q, q, q, out, None) is not None
