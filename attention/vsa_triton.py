@@ -228,6 +228,7 @@ def _select_kernel(
     TILE_OFFSETS, SPANS,  # with WRITE_SPANS: int32 [C + 1] in, int32 [G, R, topk] out (start << 7 | length)
     C_PAD: tl.constexpr,  # next power of two >= num_cols
     WRITE_SPANS: tl.constexpr,
+    FULL_TILE: tl.constexpr = _TILE_TOKENS,
 ):
     """One score row per program: the topk largest, ties to the lower column (== a stable descending sort).
 
@@ -257,10 +258,14 @@ def _select_kernel(
     take = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= slots_left))
     slot = tl.cumsum(take.to(tl.int32), 0) - 1
     tl.store(OUT + row * topk + slot, cols, mask=take)
-    if WRITE_SPANS:
+    if WRITE_SPANS:  # whole tiles first (each fills a packed key block alone), then partial ones
         start = tl.load(TILE_OFFSETS + cols, mask=take, other=0)
         length = tl.load(TILE_OFFSETS + cols + 1, mask=take, other=0) - start
-        tl.store(SPANS + row * topk + slot, (start << 7) | length, mask=take)
+        whole = take & (length == FULL_TILE)
+        part = take & (length != FULL_TILE)
+        span_slot = tl.where(whole, tl.cumsum(whole.to(tl.int32), 0) - 1,
+                             tl.sum(whole.to(tl.int32), 0) + tl.cumsum(part.to(tl.int32), 0) - 1)
+        tl.store(SPANS + row * topk + span_slot, (start << 7) | length, mask=take)
 
 
 def _autotune_configs() -> list[triton.Config]:
@@ -439,7 +444,7 @@ def vsa_select_from_means(
     """The coarse stage from tile means in two launches: ``(block_index int32 [B, N, T, topk], coarse fp32
     [B, N, T, D], key_spans)``; the first two are the Triton equivalent of
     ``attention.vsa.select_from_tile_means``. With ``tile_offsets`` (int32 [T + 1]), ``key_spans`` holds each
-    selected tile's packed span for ``vsa_fine_attention(key_spans=...)``, else None.
+    selected tile's packed span for ``vsa_fine_attention(key_spans=...)`` (whole tiles first), else None.
 
     Scores are fp32 dot products of the (rounded) means, so they equal the spec's up to summation order;
     the selection of a row is then exactly the spec's on those scores (ties to the lower tile index,

@@ -30,7 +30,7 @@ def _compile_for_hopper(has_gate: bool, stages: int, row_box: int):
     rows = torch.empty(4096, 128, dtype=torch.bfloat16)
     layout = gl.NVMMASharedLayout.get_default_for([vsa_gluon.BLOCK, 128], gl.bfloat16)
     tile = mangle_type(vsa_gluon.TensorDescriptor.from_tensor(rows, [vsa_gluon.BLOCK, 128], layout))
-    box = mangle_type(vsa_gluon.TensorDescriptor.from_tensor(rows, [row_box or vsa_gluon.BLOCK, 128], layout))
+    box = mangle_type(vsa_gluon.TensorDescriptor.from_tensor(rows, [row_box, 128], layout))
     kernel = vsa_gluon._vsa_fine_gluon_kernel
     constants = dict(HAS_GATE=has_gate, NUM_STAGES=stages, ROW_BOX=row_box, num_warps=4)
     types = dict(q_desc=tile, k_desc=tile, v_desc=tile, g_desc=tile, o_desc=tile, kb_desc=box, vb_desc=box,
@@ -110,3 +110,10 @@ def test_a_compile_error_hands_the_call_to_the_triton_kernel(monkeypatch: pytest
     assert vsa_triton._gluon_views(q, q, q, out, None) is None
     monkeypatch.setattr(vsa_triton, "_GLUON_BROKEN", [])
     assert vsa_triton._gluon_views(q, q, q, out, None) is not None
+
+
+def test_a_row_box_the_gpu_tests_do_not_check_is_refused() -> None:
+    q = torch.empty(1, 1, 64, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="row_box must be 16, 32 or 64, got 8"):
+        vsa_gluon.launch_gluon_fine([None] * 3, None, q, None, torch.zeros(1, 1, 1, 1, dtype=torch.int32), None,
+                                    None, 1.0, row_box=8)
