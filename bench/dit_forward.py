@@ -131,6 +131,20 @@ def bench_diffusers(model, cfg: WanConfig, inputs) -> dict:
     return {"forward_ms": ms, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "out": out_ref}
 
 
+def time_ffn_up(model, cfg: WanConfig, latents) -> dict:
+    """One block's FFN up-projection + GELU(tanh) at the forward's token count: the GEMM then a GELU kernel,
+    and the GEMM with cuBLASLt's bias + GELU epilogue (what the model runs on CUDA)."""
+    import torch.nn.functional as F
+
+    from models.wan import linear_gelu_tanh
+
+    tokens = latents.shape[2] * (latents.shape[3] // 2) * (latents.shape[4] // 2)
+    x = torch.randn(1, tokens, cfg.dim, device="cuda", dtype=torch.bfloat16)
+    proj = model.blocks[0].ffn.net[0].proj
+    return {"separate_gelu": cuda_time_ms(lambda: F.gelu(proj(x), approximate="tanh"), 3, 10),
+            "fused_epilogue": cuda_time_ms(lambda: linear_gelu_tanh(x, proj), 3, 10)}
+
+
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -161,6 +175,8 @@ def main() -> None:
     inputs = (latents, timestep, text)
 
     results = {"preset": args.preset, "shape": shape, "gpu": torch.cuda.get_device_name(), "runs": []}
+    results["ffn_up_gelu_ms"] = time_ffn_up(model, cfg, latents)
+    print(json.dumps({"ffn_up_gelu_ms": results["ffn_up_gelu_ms"]}))
     results["runs"].append(bench_ours(model, cfg, "dense", 0.0, inputs, args.iters))
     for sparsity in args.sparsity:
         results["runs"].append(bench_ours(model, cfg, "vsa", sparsity, inputs, args.iters))

@@ -254,6 +254,27 @@ class _ConditionEmbedder(nn.Module):
         return temb_BC, modulation_B6C, self.text_embedder(text_BLC)
 
 
+@torch.library.custom_op("tessera::linear_gelu_tanh", mutates_args=())
+def _linear_gelu_tanh_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU(tanh)(x @ weight^T + bias) as one cuBLASLt GEMM with the bias + GELU epilogue: the FFN's wide
+    activation is written once, not written, read and written again by a separate GELU kernel. CUDA only (the
+    CPU build of ``_addmm_activation`` applies the exact GELU). An opaque op, so torch.compile keeps it whole."""
+    out = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+@_linear_gelu_tanh_cuda.register_fake
+def _linear_gelu_tanh_fake(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def linear_gelu_tanh(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """GELU(tanh)(linear(x)): the fused cuBLASLt epilogue on CUDA, the composite elsewhere."""
+    if x.is_cuda and linear.bias is not None and x.dtype == linear.weight.dtype:
+        return _linear_gelu_tanh_cuda(x, linear.weight, linear.bias)
+    return F.gelu(linear(x), approximate="tanh")
+
+
 class _FeedForward(nn.Module):
     """diffusers FeedForward(activation_fn="gelu-approximate"): ``net.0.proj`` -> GELU(tanh) -> ``net.2``."""
 
@@ -264,7 +285,7 @@ class _FeedForward(nn.Module):
         self.net = nn.ModuleList([proj, nn.Identity(), nn.Linear(ffn_dim, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+        return self.net[2](linear_gelu_tanh(x, self.net[0].proj))
 
 
 class WanAttention(nn.Module):
