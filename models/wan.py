@@ -269,8 +269,9 @@ def _linear_gelu_tanh_fake(x, weight, bias):
 
 
 def linear_gelu_tanh(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """GELU(tanh)(linear(x)): the fused cuBLASLt epilogue on CUDA, the composite elsewhere."""
-    if x.is_cuda and linear.bias is not None and x.dtype == linear.weight.dtype:
+    """GELU(tanh)(linear(x)): the fused cuBLASLt epilogue on CUDA without autograd (inference), else the
+    composite (the fused op has no backward)."""
+    if x.is_cuda and not torch.is_grad_enabled() and linear.bias is not None and x.dtype == linear.weight.dtype:
         return _linear_gelu_tanh_cuda(x, linear.weight, linear.bias)
     return F.gelu(linear(x), approximate="tanh")
 

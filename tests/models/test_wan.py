@@ -256,8 +256,11 @@ def test_gpu_fused_linear_gelu_matches_the_composite(dtype: torch.dtype) -> None
     x = torch.randn(3, 77, 200, generator=gen).to(dtype).cuda()
     expected = torch.nn.functional.gelu(
         torch.nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double()), approximate="tanh")
-    for fn in (linear_gelu_tanh, torch.compile(linear_gelu_tanh, fullgraph=True)):
-        got = fn(x, linear)
-        assert got.shape == (3, 77, 333) and got.dtype == dtype
-        err = ((got.double() - expected).norm() / expected.norm()).item()
-        assert err < (1e-2 if dtype == torch.bfloat16 else 1e-5), err  # fp32: the erf GELU would miss
+    with torch.no_grad():  # inference: the fused op
+        for fn in (linear_gelu_tanh, torch.compile(linear_gelu_tanh, fullgraph=True)):
+            got = fn(x, linear)
+            assert got.shape == (3, 77, 333) and got.dtype == dtype
+            err = ((got.double() - expected).norm() / expected.norm()).item()
+            assert err < (1e-2 if dtype == torch.bfloat16 else 1e-5), err  # fp32: the erf GELU would miss
+    linear_gelu_tanh(x, linear).sum().backward()  # with autograd: the composite, which has a backward
+    assert linear.weight.grad is not None
