@@ -35,6 +35,36 @@ def time_ms(fn) -> float:
     return cuda_time_ms(fn, warmup=5, iters=20)
 
 
+def graph_ms(fn) -> float | None:
+    """Median of 20 replays of fn captured in a CUDA graph: GPU time without the host's launch work (which an
+    eager call exposes when its kernels take less time than launching them). None if fn cannot be captured."""
+    try:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return cuda_time_ms(graph.replay, warmup=3, iters=20)
+    except Exception as exc:  # noqa: BLE001 - a benchmark row, not a failure
+        print(f"graph capture failed: {type(exc).__name__}: {exc}")
+        return None
+
+
+def host_us(fn, calls: int = 50) -> float:
+    """Host microseconds per eager call: the launch work, with the GPU kept busy enough not to stall it."""
+    import time
+
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))  # ~1 s of GPU spin: the calls below only queue
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
 def masked_dense_rows(q, k, v, gate, coarse, metadata, block_index, query_tiles) -> torch.Tensor:
     """fp32 reference on a few query tiles: dense attention with the non-selected key tiles masked out."""
     offsets = metadata.tile_offsets.tolist()
@@ -86,6 +116,8 @@ def bench_shape(name: str, sparsities: list[float], args, results: dict) -> None
                            (SDPBackend.FLASH_ATTENTION, "dense sdpa flash")):
         with sdpa_kernel([backend]):
             add(label, time_ms(lambda: F.scaled_dot_product_attention(q, k, v)))
+            if backend == SDPBackend.CUDNN_ATTENTION:
+                add(label + " graph", graph_ms(lambda: F.scaled_dot_product_attention(q, k, v)) or float("nan"))
     for sparsity in sparsities:
         metadata = attention.build_vsa_metadata(grid, sparsity, "cuda")
         vsa = attention.VSAAttention(metadata, impl="triton")
@@ -119,7 +151,9 @@ def bench_shape(name: str, sparsities: list[float], args, results: dict) -> None
             "same_rows": same_rows, "coarse_rel_err": coarse_err}
         if args.variants and sparsity == 0.9:
             time_variants(name, q, k, v, gate, metadata, block_index, coarse, out, add)
-        add(f"vsa full s={sparsity}", time_ms(lambda: vsa(q, k, v, gate)), {"topk": metadata.topk})  # noqa: B023
+        full = lambda: vsa(q, k, v, gate)  # noqa: B023, E731
+        add(f"vsa full s={sparsity}", time_ms(full), {"topk": metadata.topk, "host_us": host_us(full)})
+        add(f"vsa full graph s={sparsity}", graph_ms(full) or float("nan"), {"topk": metadata.topk})
         tiles = [0, T // 2, T - 1]  # the last tile is partial on every axis at these grids
         expected = masked_dense_rows(q, k, v, gate, coarse, metadata, block_index, tiles)
         offs = metadata.tile_offsets.tolist()
@@ -161,7 +195,7 @@ def time_variants(name, q, k, v, gate, metadata, block_index, coarse, reference,
         offsets = metadata.tile_offsets.long()
         uniform = torch.rand(spans.shape[:-1] + (metadata.num_tiles,), device=q.device).topk(metadata.topk).indices
         starts, lengths = offsets[uniform], offsets[uniform + 1] - offsets[uniform]
-        uniform_spans = ((starts << 7) | lengths).gather(-1, (lengths != 64).int().sort(-1, stable=True).indices)
+        uniform_spans = ((starts << 7) | lengths).gather(-1, (lengths != 64).int().sort(dim=-1, stable=True).indices)
         for label, row_spans in (("", spans), (" uniform", uniform_spans.int())):
             blocks = packed_blocks(row_spans).float().mean().item()
             print(f"{name}{label}: topk {metadata.topk}, packed key blocks per query tile {blocks:.2f}")
@@ -218,7 +252,8 @@ def run_peer(name, sparsity, metadata, q, k, v, gate, add) -> None:
         return video_sparse_attn(padded[0], padded[1], padded[2], sizes, sizes, metadata.topk,
                                  block_size=(4, 4, 4), compress_attn_weight=padded[3])
 
-    add(f"peer fastvideo full s={sparsity}", time_ms(call), {"topk": metadata.topk})
+    add(f"peer fastvideo full s={sparsity}", time_ms(call), {"topk": metadata.topk, "host_us": host_us(call)})
+    add(f"peer fastvideo full graph s={sparsity}", graph_ms(call) or float("nan"), {"topk": metadata.topk})
 
 
 def main() -> None:
