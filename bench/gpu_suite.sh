@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 for part in $parts; do
   case $part in
-    tests) python3 -m pytest -q -m gpu tests/attention/test_vsa_triton.py tests/models/test_qk_norm_rope.py tests/models/test_wan.py tests/runtime/test_scheduler.py 2>&1 | tee "$OUT/tests.log" ;;
+    tests) python3 -m pytest -q -m gpu tests/attention/test_vsa_triton.py tests/models/test_qk_norm_rope.py tests/models/test_modulated_norm.py tests/models/test_wan.py tests/runtime/test_scheduler.py 2>&1 | tee "$OUT/tests.log" ;;
     attention) python3 bench/attention.py --peer --out "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" ;;
     variants) python3 bench/attention.py --sparsity 0.9 --variants --out "$OUT/variants.json" 2>&1 | tee "$OUT/variants.log" ;;
     profile) python3 bench/profile_vsa.py --forward 2>&1 | tee "$OUT/profile.log" ;;

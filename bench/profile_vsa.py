@@ -1,9 +1,11 @@
 """Kernel-level profile of the VSA path at the Wan-1.3B 480p shape: where the milliseconds go.
 
-    python bench/profile_vsa.py [--forward]
+    python bench/profile_vsa.py [--forward] [--host]
 
 Prints torch.profiler's CUDA-time table for one VSA attention call (coarse stage + fine kernel) and, with
 --forward, for one whole DiT forward (random bf16 weights, compiled token-local stages, sparsity 0.9).
+With --host, cProfile's table for the host side of 200 eager VSA calls (the launch work, which an eager call
+exposes when it outlasts the kernels queued before the fine kernel).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def table(fn, title: str, rows: int = 18) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--forward", action="store_true")
+    parser.add_argument("--host", action="store_true")
     args = parser.parse_args()
     metadata = attention.build_vsa_metadata(GRID, 0.9, "cuda")
     S = metadata.total_seq_length
@@ -46,6 +49,18 @@ def main() -> None:
                      .transpose(1, 2) for _ in range(4))
     vsa = attention.VSAAttention(metadata, impl="triton")
     table(lambda: vsa(q, k, v, gate), "one VSA call, 1.3B 480p, sparsity 0.9")
+    if args.host:
+        import cProfile
+        import pstats
+
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(4e9))  # the GPU spins: the calls below only queue
+        with cProfile.Profile() as host:
+            for _ in range(200):
+                vsa(q, k, v, gate)
+        torch.cuda.synchronize()
+        print("\n=== host side of 200 eager VSA calls")
+        pstats.Stats(host).sort_stats("tottime").print_stats(25)
     if args.forward:
         from models import WanConfig, build_wan_on_meta, materialize_random_
         from parallel import build_mesh

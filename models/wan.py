@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention.dense import DenseAttention
+from models.modulated_norm import modulated_layer_norm
 from models.qk_norm_rope import qk_norm_rope
 
 # Parameters diffusers keeps in fp32 whatever the model dtype (its `_keep_in_fp32_modules`, matched
@@ -309,16 +310,16 @@ class WanAttention(nn.Module):
         x_BSC: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         with_gate: bool,
-        fused_qk: bool = False,
+        fused: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """q, k (RMSNorm over all heads, then RoPE), v and the VSA gate (when asked and present): [B,S,N,D].
 
-        ``fused_qk``: norm + RoPE of q and k in one Triton launch (``models.qk_norm_rope``), else the composite.
+        ``fused``: norm + RoPE of q and k in one Triton launch (``models.qk_norm_rope``), else the composite.
         """
         heads = (self.num_heads, -1)
         q_BSND, k_BSND = qk_norm_rope(
             self.to_q(x_BSC), self.to_k(x_BSC), self.norm_q.weight, self.norm_k.weight, self.norm_q.eps,
-            *rope, self.num_heads, fused_qk,
+            *rope, self.num_heads, fused,
         )
         v_BSND = self.to_v(x_BSC).unflatten(2, heads)
         gate_BSND = None
@@ -374,12 +375,13 @@ class WanBlock(nn.Module):
         modulation_B6C: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         with_gate: bool,
-        fused_qk: bool = False,
+        fused: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Stage 1a (token-local): modulated norm -> q, k (RMSNorm, RoPE), v, optional VSA gate [B,S,N,D]."""
+        """Stage 1a (token-local): modulated norm -> q, k (RMSNorm, RoPE), v, optional VSA gate [B,S,N,D].
+        ``fused``: the Triton ops for the modulated norm and q/k norm + RoPE, else the composites."""
         shift, scale = self._modulation(modulation_B6C)[:2]
-        h_BSC = (self.norm1(x_BSC.float()) * (1 + scale) + shift).type_as(x_BSC)
-        return self.attn1.self_attention_inputs(h_BSC, rope, with_gate, fused_qk)
+        h_BSC = modulated_layer_norm(x_BSC, 1 + scale, shift, self.norm1.eps, fused)
+        return self.attn1.self_attention_inputs(h_BSC, rope, with_gate, fused)
 
     def attention_residual(
         self, x_BSC: torch.Tensor, out_BSND: torch.Tensor, modulation_B6C: torch.Tensor
@@ -390,13 +392,18 @@ class WanBlock(nn.Module):
         out_BSC = self.attn1.to_out[0](out_BSND.flatten(2).type_as(x_BSC))
         return (x_BSC.float() + out_BSC * gate).type_as(x_BSC)
 
-    def text_and_ffn(self, x_BSC: torch.Tensor, text_BLC: torch.Tensor, modulation_B6C: torch.Tensor) -> torch.Tensor:
+    def text_and_ffn(
+        self, x_BSC: torch.Tensor, text_BLC: torch.Tensor, modulation_B6C: torch.Tensor, fused: bool = False
+    ) -> torch.Tensor:
         """Stages 2-3 (token-local): cross-attention to the (unsharded) text tokens, no RoPE, no mask; then
-        the modulated FFN."""
+        the modulated FFN. ``fused``: the Triton op for the two norms, else the composites."""
         c_shift, c_scale, c_gate = self._modulation(modulation_B6C)[3:]
-        h_BSC = x_BSC if self.norm2 is None else self.norm2(x_BSC.float()).type_as(x_BSC)
+        h_BSC = x_BSC
+        if self.norm2 is not None:
+            h_BSC = (modulated_layer_norm(x_BSC, self.norm2.weight, self.norm2.bias, self.norm2.eps, fused)
+                     if fused else self.norm2(x_BSC.float()).type_as(x_BSC))
         x_BSC = x_BSC + self.attn2.cross_attention(h_BSC, text_BLC)
-        h_BSC = (self.norm3(x_BSC.float()) * (1 + c_scale) + c_shift).type_as(x_BSC)
+        h_BSC = modulated_layer_norm(x_BSC, 1 + c_scale, c_shift, self.norm3.eps, fused)
         out_BSC = self.ffn(h_BSC)
         return (x_BSC.float() + out_BSC.float() * c_gate).type_as(x_BSC)
 
@@ -427,14 +434,15 @@ class WanTransformer(nn.Module):
 
         The attention call between them stays eager (collectives, custom kernels). Blocks share parameters'
         shapes, so one graph per stage serves all blocks (dynamo treats module parameters as inputs). On CUDA,
-        q/k RMSNorm + RoPE run as one Triton op (``tessera::qk_norm_rope``). Call after the weights are on
+        q/k RMSNorm + RoPE run as one Triton op (``tessera::qk_norm_rope``) and each LayerNorm with its
+        modulation or affine as another (``tessera::modulated_layer_norm``). Call after the weights are on
         their device.
         """
-        fused_qk = next(self.parameters()).device.type == "cuda"  # the Triton q/k norm + RoPE kernel
+        fused = next(self.parameters()).device.type == "cuda"  # the Triton norm kernels
         stages = (
-            functools.partial(WanBlock.attention_inputs, fused_qk=fused_qk),
+            functools.partial(WanBlock.attention_inputs, fused=fused),
             WanBlock.attention_residual,
-            WanBlock.text_and_ffn,
+            functools.partial(WanBlock.text_and_ffn, fused=fused),
         )
         self._block_stages = tuple(torch.compile(fn, dynamic=False) for fn in stages)
 

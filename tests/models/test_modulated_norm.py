@@ -1,0 +1,75 @@
+"""The LayerNorm + modulation Triton kernel (models/modulated_norm.py) against the torch composite (the spec).
+
+CPU checks run the kernel under TRITON_INTERPRET=1 in a subprocess (this file run as a script), as for the q/k
+norm kernel: another test module may already have imported triton in this process without the interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+
+def _check(dtype: torch.dtype, device: str = "cpu") -> None:
+    from models.modulated_norm import modulated_layer_norm
+
+    gen = torch.Generator().manual_seed(5)
+    # widths no power of two; a per-batch modulation ([B, 1, C]) and one shared affine ([C]); an offset mean
+    for batch, seq_len, width, shared in ((2, 37, 48, False), (3, 5, 1536, False), (2, 9, 200, True)):
+        x = (torch.randn(batch, seq_len, width, generator=gen) * 3 + 1.5).to(device=device, dtype=dtype)
+        shape = (width,) if shared else (batch, 1, width)
+        a = (1 + 0.5 * torch.randn(shape, generator=gen)).to(device)
+        b = torch.randn(shape, generator=gen).to(device)
+        got = modulated_layer_norm(x, a, b, 1e-6, fused=True)
+        expected = modulated_layer_norm(x, a, b, 1e-6, fused=False)
+        assert got.shape == x.shape and got.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        else:  # roundings may land one ulp apart; the CPU interpreter truncates fp32 -> bf16 (often apart)
+            torch.testing.assert_close(got.float(), expected.float(), rtol=2**-6, atol=2**-6)
+            if device == "cuda":
+                assert (got != expected).float().mean() < 0.05
+        # the modulation rows really belong to their batch: swapping them changes the result
+        if not shared:
+            swapped = modulated_layer_norm(x, a.flip(0), b.flip(0), 1e-6, fused=True)
+            assert not torch.equal(swapped, got)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_interpreted_kernel_matches_composite(run_triton_interpreted, dtype_name: str) -> None:
+    proc = run_triton_interpreted(__file__, dtype_name)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_bad_modulation_shape_is_named() -> None:
+    from models.modulated_norm import modulated_layer_norm_triton
+
+    x = torch.zeros(2, 3, 8)
+    with pytest.raises(ValueError, match=r"a and b must be \[2, 1, 8\] or \[8\]"):
+        modulated_layer_norm_triton(x, torch.ones(3, 1, 8), torch.zeros(3, 1, 8), 1e-6)
+
+
+def test_fake_impl_keeps_shape_and_dtype() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from models.modulated_norm import modulated_layer_norm
+
+    with FakeTensorMode():
+        x = torch.empty(2, 7, 48, dtype=torch.bfloat16)
+        out = modulated_layer_norm(x, torch.empty(2, 1, 48), torch.empty(2, 1, 48), 1e-6, fused=True)
+    assert out.shape == (2, 7, 48) and out.dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_matches_composite() -> None:
+    _check(torch.bfloat16, "cuda")
+    _check(torch.float32, "cuda")
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    _check(getattr(torch, sys.argv[1]))
+    print("ok")
