@@ -29,14 +29,18 @@ def _kernel():
 
     @triton.jit
     def modulated_layer_norm_kernel(
-        X, A, B, OUT,  # X, OUT: [rows, C] row-major (rows = batch * seq_len); A, B: fp32 rows of C
+        X, R, A, B, X_OUT, OUT,  # X, R, X_OUT, OUT: [rows, C] row-major (rows = batch * seq_len); A, B: fp32
         seq_len, stride_ab, eps,  # stride_ab: elements between batch rows of A and B (0: one row for all)
-        C: tl.constexpr, BLOCK_C: tl.constexpr,
+        C: tl.constexpr, BLOCK_C: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_C)
         ok = cols < C
-        x = tl.load(X + row * C + cols, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(X + row * C + cols, mask=ok, other=0.0)
+        if HAS_RESIDUAL:  # x + r rounded to x's dtype, as torch adds them; normalised after the rounding
+            x = (x.to(tl.float32) + tl.load(R + row * C + cols, mask=ok, other=0.0).to(tl.float32)).to(x.dtype)
+            tl.store(X_OUT + row * C + cols, x, mask=ok)
+        x = x.to(tl.float32)
         mean = tl.sum(x, 0) / C
         centred = tl.where(ok, x - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 0) / C + eps)  # biased variance, as F.layer_norm
@@ -48,8 +52,11 @@ def _kernel():
     return triton, modulated_layer_norm_kernel
 
 
-def modulated_layer_norm_triton(x_BSC: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
-    """The kernel: one program per token row. Same contract as the reference."""
+def modulated_layer_norm_triton(
+    x_BSC: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, residual_BSC: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel: one program per token row. Returns (x + residual, the normalised x + residual) with a
+    residual, else (x, the normalised x)."""
     triton, kernel = _kernel()
     batch, seq_len, width = x_BSC.shape
     a_rows, b_rows = (t.float().reshape(-1, width).contiguous() for t in (a, b))
@@ -57,23 +64,38 @@ def modulated_layer_norm_triton(x_BSC: torch.Tensor, a: torch.Tensor, b: torch.T
         raise ValueError(f"modulated_layer_norm: a and b must be [{batch}, 1, {width}] or [{width}], "
                          f"got {tuple(a.shape)} and {tuple(b.shape)}")
     x = x_BSC.contiguous()
+    x_sum = x if residual_BSC is None else torch.empty_like(x)
     out = torch.empty_like(x)
     block = triton.next_power_of_2(width)
     kernel[(batch * seq_len,)](
-        x, a_rows, b_rows, out, seq_len, width if a_rows.shape[0] > 1 else 0, eps,
-        C=width, BLOCK_C=block, num_warps=max(1, min(16, block // 256)),
+        x, x if residual_BSC is None else residual_BSC.to(x.dtype).contiguous(), a_rows, b_rows, x_sum, out,
+        seq_len, width if a_rows.shape[0] > 1 else 0, eps,
+        C=width, BLOCK_C=block, HAS_RESIDUAL=residual_BSC is not None, num_warps=max(1, min(16, block // 256)),
     )
-    return out
+    return x_sum, out
 
 
 @torch.library.custom_op("tessera::modulated_layer_norm", mutates_args=())
 def _modulated_layer_norm_op(x_BSC: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
-    return modulated_layer_norm_triton(x_BSC, a, b, eps)
+    return modulated_layer_norm_triton(x_BSC, a, b, eps)[1]
 
 
 @_modulated_layer_norm_op.register_fake
 def _modulated_layer_norm_fake(x_BSC, a, b, eps):
     return torch.empty_like(x_BSC, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("tessera::add_modulated_layer_norm", mutates_args=())
+def _add_modulated_layer_norm_op(
+    x_BSC: torch.Tensor, residual_BSC: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return modulated_layer_norm_triton(x_BSC, a, b, eps, residual_BSC)
+
+
+@_add_modulated_layer_norm_op.register_fake
+def _add_modulated_layer_norm_fake(x_BSC, residual_BSC, a, b, eps):
+    return (torch.empty_like(x_BSC, memory_format=torch.contiguous_format),
+            torch.empty_like(x_BSC, memory_format=torch.contiguous_format))
 
 
 def modulated_layer_norm(x_BSC: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float,
@@ -83,3 +105,13 @@ def modulated_layer_norm(x_BSC: torch.Tensor, a: torch.Tensor, b: torch.Tensor, 
     if not fused:
         return modulated_layer_norm_reference(x_BSC, a, b, eps)
     return _modulated_layer_norm_op(x_BSC, a, b, eps)
+
+
+def add_modulated_layer_norm(x_BSC: torch.Tensor, residual_BSC: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                             eps: float, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x + residual`` and ``modulated_layer_norm`` of it, in one pass when ``fused`` (the residual add of
+    cross-attention with norm3 and its modulation)."""
+    if not fused:
+        x_BSC = x_BSC + residual_BSC
+        return x_BSC, modulated_layer_norm_reference(x_BSC, a, b, eps)
+    return _add_modulated_layer_norm_op(x_BSC, residual_BSC, a, b, eps)

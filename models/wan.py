@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention.dense import DenseAttention
-from models.modulated_norm import modulated_layer_norm
+from models.modulated_norm import add_modulated_layer_norm, modulated_layer_norm
 from models.qk_norm_rope import qk_norm_rope
 
 # Parameters diffusers keeps in fp32 whatever the model dtype (its `_keep_in_fp32_modules`, matched
@@ -402,8 +402,8 @@ class WanBlock(nn.Module):
         if self.norm2 is not None:
             h_BSC = (modulated_layer_norm(x_BSC, self.norm2.weight, self.norm2.bias, self.norm2.eps, fused)
                      if fused else self.norm2(x_BSC.float()).type_as(x_BSC))
-        x_BSC = x_BSC + self.attn2.cross_attention(h_BSC, text_BLC)
-        h_BSC = modulated_layer_norm(x_BSC, 1 + c_scale, c_shift, self.norm3.eps, fused)
+        x_BSC, h_BSC = add_modulated_layer_norm(
+            x_BSC, self.attn2.cross_attention(h_BSC, text_BLC), 1 + c_scale, c_shift, self.norm3.eps, fused)
         out_BSC = self.ffn(h_BSC)
         return (x_BSC.float() + out_BSC.float() * c_gate).type_as(x_BSC)
 

@@ -14,7 +14,7 @@ import torch
 
 
 def _check(dtype: torch.dtype, device: str = "cpu") -> None:
-    from models.modulated_norm import modulated_layer_norm
+    from models.modulated_norm import add_modulated_layer_norm, modulated_layer_norm
 
     gen = torch.Generator().manual_seed(5)
     # widths no power of two; a per-batch modulation ([B, 1, C]) and one shared affine ([C]); an offset mean
@@ -32,6 +32,19 @@ def _check(dtype: torch.dtype, device: str = "cpu") -> None:
             torch.testing.assert_close(got.float(), expected.float(), rtol=2**-6, atol=2**-6)
             if device == "cuda":
                 assert (got != expected).float().mean() < 0.05
+        # with the residual add in the same pass: the sum rounded to x's dtype, then normalised
+        residual = (torch.randn(batch, seq_len, width, generator=gen) * 2).to(device=device, dtype=dtype)
+        got_sum, got_h = add_modulated_layer_norm(x, residual, a, b, 1e-6, fused=True)
+        expected_sum, expected_h = add_modulated_layer_norm(x, residual, a, b, 1e-6, fused=False)
+        if dtype == torch.float32 or device == "cuda":  # one fp32 add, one rounding: the same bits
+            torch.testing.assert_close(got_sum, expected_sum, rtol=0, atol=0)
+        else:  # the interpreter truncates fp32 -> bf16: one ulp apart at most
+            torch.testing.assert_close(got_sum.float(), expected_sum.float(), rtol=2**-7, atol=0)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got_h, expected_h, rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(got_h.float(), expected_h.float(), rtol=2**-6, atol=2**-6)
+        assert not torch.equal(got_h, got)
         # the modulation rows really belong to their batch: swapping them changes the result
         if not shared:
             swapped = modulated_layer_norm(x, a.flip(0), b.flip(0), 1e-6, fused=True)
@@ -55,12 +68,14 @@ def test_bad_modulation_shape_is_named() -> None:
 def test_fake_impl_keeps_shape_and_dtype() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from models.modulated_norm import modulated_layer_norm
+    from models.modulated_norm import add_modulated_layer_norm, modulated_layer_norm
 
     with FakeTensorMode():
         x = torch.empty(2, 7, 48, dtype=torch.bfloat16)
         out = modulated_layer_norm(x, torch.empty(2, 1, 48), torch.empty(2, 1, 48), 1e-6, fused=True)
+        both = add_modulated_layer_norm(x, x, torch.empty(48), torch.empty(48), 1e-6, fused=True)
     assert out.shape == (2, 7, 48) and out.dtype == torch.bfloat16
+    assert all(t.shape == (2, 7, 48) and t.dtype == torch.bfloat16 for t in both)
 
 
 @pytest.mark.gpu
