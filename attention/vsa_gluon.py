@@ -9,8 +9,9 @@ compiler does not produce (measured in ``bench/attention.py --variants``):
   64-row key block, so partial tiles share blocks instead of each padding one (a whole tile at a block start
   moves as one 64-row box). The producer writes which rows of a slot are real keys beside the slot, and the
   consumer masks the rest. Random inputs select partial tiles often: 40.5 blocks instead of 63 tiles per query
-  tile at Wan-1.3B / 0.9, 1.69 ms instead of 2.11 (one 16-row box per partial tile's 16 tokens, no packing),
-  24.7 instead of 35.5 ms at 14B (device run 1 of session 4).
+  tile at Wan-1.3B / 0.9, and 1.51-1.69 ms against 2.11 with a block per tile (session 3's kernel); 24.5-24.7
+  against 35.5 ms at 14B. On a uniform draw of tiles (52.2 blocks), 1.89 against 2.28 ms with a 64-row box per
+  tile (session 4, device runs 1 and 5).
 - Iteration j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back and waits only for S_j
   (FlashAttention-3's order); ptxas still moves the second wait ahead of the exponentials, so the overlap
   inside one program is partial. Q is the register operand of Q K^T, so its buffer takes the gate tile early.

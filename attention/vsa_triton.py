@@ -554,8 +554,9 @@ def vsa_fine_attention(
         itself: each program reads its own query rows before it writes exactly those rows, so the output
         needs no allocation of its own (the caller gives up q). This path calls the kernel directly,
         not through the `tessera::vsa_fine` op (which is for torch.compile graphs).
-    key_spans: optional int32 like block_index, each entry ``start << 7 | length`` of that key tile (written by
-        ``vsa_select_from_means`` with tile_offsets): the kernel then skips the tile-offset lookups.
+    key_spans: optional int32 of block_index's shape, each entry ``start << 7 | length`` of a selected key tile
+        (written by ``vsa_select_from_means`` with tile_offsets, whole tiles first; any order serves): the
+        kernel then reads only these, not block_index or the tile offsets of key tiles.
     Shapes are checked here with no host sync; call it outside the hot loop's validation.
     """
     if q_BNSD.dtype not in _SUPPORTED_DTYPES:
