@@ -51,9 +51,39 @@ def _check(dtype: torch.dtype, device: str = "cpu") -> None:
             assert not torch.equal(swapped, got)
 
 
-@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
-def test_interpreted_kernel_matches_composite(run_triton_interpreted, dtype_name: str) -> None:
-    proc = run_triton_interpreted(__file__, dtype_name)
+def _check_model_wiring() -> None:
+    """A Wan block's token-local stages with the fused ops (the Triton q/k norm + RoPE and norm kernels, as on
+    CUDA) equal the stages with the composites: each norm gets its own modulation or affine."""
+    from models import WanConfig, build_wan_on_meta, materialize_random_
+
+    cfg = WanConfig(num_attention_heads=2, attention_head_dim=16, ffn_dim=48, num_layers=1, text_dim=24,
+                    freq_dim=32, gate_compress=True)
+    block = materialize_random_(build_wan_on_meta(cfg), seed=5, device="cpu", dtype=torch.float32).blocks[0]
+    gen = torch.Generator().manual_seed(4)
+    block.norm2.weight.data.uniform_(0.5, 1.5, generator=gen)  # norm2's affine away from (1, 0): a mix-up shows
+    block.norm2.bias.data.normal_(generator=gen)
+    seq_len, width = 23, cfg.dim
+    x = torch.randn(1, seq_len, width, generator=gen) * 2 + 0.5
+    text = torch.randn(1, 7, width, generator=gen)
+    modulation = torch.randn(1, 6, width, generator=gen)
+    angle = torch.rand(seq_len, cfg.attention_head_dim // 2, generator=gen) * 20
+    rope = (angle.cos(), angle.sin())
+
+    def rel(got, expected):
+        return ((got - expected).norm() / expected.norm()).item()
+
+    fused = block.attention_inputs(x, modulation, rope, True, fused=True)
+    composite = block.attention_inputs(x, modulation, rope, True, fused=False)
+    for got, expected in zip(fused[:3], composite[:3], strict=True):  # q, k, v (the gate starts at zero)
+        assert rel(got, expected) < 1e-5, rel(got, expected)
+    got = block.text_and_ffn(x, text, modulation, fused=True)
+    expected = block.text_and_ffn(x, text, modulation, fused=False)
+    assert rel(got, expected) < 1e-5, rel(got, expected)
+
+
+@pytest.mark.parametrize("what", ["float32", "bfloat16", "model"])
+def test_interpreted_kernel_matches_composite(run_triton_interpreted, what: str) -> None:
+    proc = run_triton_interpreted(__file__, what)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -86,5 +116,5 @@ def test_gpu_kernel_matches_composite() -> None:
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    _check(getattr(torch, sys.argv[1]))
+    _check_model_wiring() if sys.argv[1] == "model" else _check(getattr(torch, sys.argv[1]))
     print("ok")
