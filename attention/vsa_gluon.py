@@ -18,7 +18,7 @@ compiler does not produce (measured in ``bench/attention.py --variants``):
 - Q + 3 K/V stages are 113 KiB of shared memory and 128 registers per thread at launch (the consumer takes
   216 of them with setmaxnreg): two programs per SM, so one's softmax overlaps the other's products.
 
-Only for compute capability 9.x, 16-bit inputs, D = 128 and layouts with TMA views (``vsa_triton._gluon_serves``
+Only for compute capability 9.x, 16-bit inputs, D = 128 and layouts with TMA views (``vsa_triton._gluon_views``
 checks); everything else takes the Triton kernel. Gluon has no interpreter: the GPU tests check this kernel
 against the torch spec, and a CPU test compiles it for sm_90 and checks its resource use.
 """
@@ -64,7 +64,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _num_blocks(index_row, topk, BLOCK_N: gl.constexpr, ROW_BOX: gl.constexpr, layout: gl.constexpr):
         """How many BLOCK_N-row key blocks the packed stream of this row's spans fills: every span takes
-        ceil(length / ROW_BOX) boxes, BLOCK_N // ROW_BOX boxes to a block."""
+        ceil(length / ROW_BOX) boxes, BLOCK_N // ROW_BOX boxes to a block. Producer and consumer each count for
+        themselves (one cached read of the row), so no barrier hands the count over."""
         chunk: gl.constexpr = layout.size_per_thread[0] * layout.threads_per_warp[0] * layout.warps_per_cta[0]
         boxes = topk * 0
         for c in range(0, topk, chunk):

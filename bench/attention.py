@@ -184,18 +184,20 @@ def time_variants(name, q, k, v, gate, metadata, block_index, coarse, reference,
                                           gate, config=dict(num_warps=4, num_stages=stages), spans=use_spans)
             err = ((call().float() - reference.float()).norm() / reference.float().norm()).item()
             add(f"fine stages={stages} spans={int(use_spans)}", time_ms(call), {"diff_vs_default": err})
-    from attention.vsa_gluon import gluon_fine_supported
+    from attention.vsa_gluon import BLOCK, ROW_BOX, gluon_fine_supported
 
     if gluon_fine_supported(q):
-        def packed_blocks(spans):
-            return ((spans & 127) + 15).div(16, rounding_mode="floor").sum(-1).add(3).div(4, rounding_mode="floor")
+        def packed_blocks(spans):  # the Gluon kernel's count: ROW_BOX-row boxes, BLOCK // ROW_BOX to a block
+            boxes = ((spans & 127) + ROW_BOX - 1).div(ROW_BOX, rounding_mode="floor").sum(-1)
+            return (boxes + BLOCK // ROW_BOX - 1).div(BLOCK // ROW_BOX, rounding_mode="floor")
 
         # the same kernel on a uniform draw of topk tiles per row: real videos need not favour partial tiles
         # the way random inputs do (their means over fewer tokens score higher), so packing gains less there
         offsets = metadata.tile_offsets.long()
         uniform = torch.rand(spans.shape[:-1] + (metadata.num_tiles,), device=q.device).topk(metadata.topk).indices
         starts, lengths = offsets[uniform], offsets[uniform + 1] - offsets[uniform]
-        uniform_spans = ((starts << 7) | lengths).gather(-1, (lengths != 64).int().sort(dim=-1, stable=True).indices)
+        whole_first = (lengths != BLOCK).int().sort(dim=-1, stable=True).indices  # the select kernel's order
+        uniform_spans = ((starts << 7) | lengths).gather(-1, whole_first)
         for label, row_spans in (("", spans), (" uniform", uniform_spans.int())):
             blocks = packed_blocks(row_spans).float().mean().item()
             print(f"{name}{label}: topk {metadata.topk}, packed key blocks per query tile {blocks:.2f}")
