@@ -95,7 +95,34 @@ def test_tile_untile_reuses_buffer_and_keeps_pads_zero():
 
     x2 = torch.randn(S, 4)  # shape change (no batch dims) -> new buffer
     buf2 = tile(x2, m)
+    assert buf2 is m.tile_buf and buf2.data_ptr() not in (data_ptr, buf16.data_ptr())
     assert buf2.shape == (padded_len, 4) and torch.equal(untile(buf2, m), x2)
+
+
+@pytest.mark.parametrize(
+    "grid, tile_size, lead",
+    [((8, 9, 13), (4, 4, 4), (1, 2)), ((5, 7, 9), (2, 3, 4), (3,)), ((4, 4, 4), (4, 4, 4), ()),
+     ((6, 5, 11), (3, 2, 5), (2, 1))],
+)
+def test_tile_untile_other_grids_and_steps(grid, tile_size, lead):
+    """Other grids and tile shapes (with and without pad slots), fp32 and bf16, over several 'steps':
+    tile puts each raster token in its tile's slot (the slow tables), pads stay zero, untile inverts it."""
+    m = build_vsa_metadata(grid, 0.5, "cpu", tile=tile_size)
+    *_, combined = _slow_tables(grid, tile_size)
+    S, padded_len = math.prod(grid), m.num_tiles * math.prod(tile_size)
+    pad_mask = torch.ones(padded_len, dtype=torch.bool)
+    pad_mask[torch.tensor(combined)] = False
+    for dtype in (torch.float32, torch.bfloat16):
+        data_ptr = None
+        for step in range(3):
+            x = (torch.randn(*lead, S, 5, generator=torch.Generator().manual_seed(step)) + 0.5).to(dtype)
+            buf = tile(x, m)
+            assert buf is m.tile_buf and buf.dtype == dtype and buf.shape == (*lead, padded_len, 5)
+            data_ptr = data_ptr or buf.data_ptr()
+            assert buf.data_ptr() == data_ptr  # reused across steps
+            assert torch.equal(buf[..., torch.tensor(combined), :], x)
+            assert torch.count_nonzero(buf[..., pad_mask, :]) == 0
+            assert torch.equal(untile(buf, m), x)
 
 
 @pytest.mark.parametrize("grid", [(3, 8, 8), (8, 2, 8), (8, 8, 3), (1, 1, 1)])

@@ -6,6 +6,9 @@ Every case compares against single-process SDPA on the full sequence (fp32, rela
 
 from __future__ import annotations
 
+import contextlib
+from collections import Counter
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -63,6 +66,35 @@ def _reference(backend, q_BSND, k_BSND, v_BSND, gate_BSND) -> torch.Tensor:
     return out_BNSD.transpose(1, 2)
 
 
+# every torch.distributed collective and point-to-point call Ulysses could reach for
+_COMM_CALLS = ("all_to_all_single", "all_to_all", "all_gather", "all_gather_into_tensor", "all_reduce",
+               "reduce_scatter", "reduce_scatter_tensor", "broadcast", "scatter", "gather", "send", "recv",
+               "isend", "irecv", "batch_isend_irecv")
+
+
+@contextlib.contextmanager
+def _count_comm():
+    """Counts the torch.distributed calls made inside; yields (Counter of names, send sizes of all_to_all_single)."""
+    counts, a2a_send_numel = Counter(), []
+    originals = {name: getattr(dist, name) for name in _COMM_CALLS if hasattr(dist, name)}
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            if name == "all_to_all_single":
+                a2a_send_numel.append(args[1].numel())  # (output, input, ...)
+            return fn(*args, **kwargs)
+        return call
+
+    for name, fn in originals.items():
+        setattr(dist, name, counted(name, fn))
+    try:
+        yield counts, a2a_send_numel
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item() if ref.numel() else 0.0
 
@@ -77,7 +109,13 @@ def _check_ulysses(mesh, seed_offset: int) -> dict[str, float]:
         q, k, v, gate = _inputs(1000 * seed_offset + case_index, B, S, N, D, strided)
         ref = _reference(backend, q, k, v, gate)
 
-        local_out = attn(plan.shard(q), plan.shard(k), plan.shard(v), plan.shard(gate))
+        with _count_comm() as (counts, a2a_send_numel):
+            local_out = attn(plan.shard(q), plan.shard(k), plan.shard(v), plan.shard(gate))
+        # ONE all-to-all carries q, k, v (and the gate) to head shards, ONE brings the output back; nothing else
+        assert dict(counts) == {"all_to_all_single": 2}, dict(counts)
+        per_token_head = (4 if gated else 3) * B * D
+        expected = [per_token_head * plan.local_size * N, B * S * attn.num_local_heads * D]
+        assert a2a_send_numel == expected, (a2a_send_numel, expected, attn)
         assert local_out.shape == (B, plan.local_size, N, D), local_out.shape
         name = f"B{B}_S{S}_N{N}_D{D}_gated{gated}_strided{strided}"
         errors[f"ulysses/{name}"] = _rel_err(local_out, plan.shard(ref))
