@@ -1,12 +1,18 @@
 """One Wan DiT forward on one GPU: time, attention share, layout share, peak memory; dense vs VSA.
 
-    python bench/dit_forward.py --preset 1.3b --out bench_dit.json [--diffusers] [--sparsity 0.9]
+    python bench/dit_forward.py --preset 1.3b --out bench_dit.json [--diffusers] [--sparsity 0.9] [--sp 2 4 8]
 
 Random bf16 weights, B=1, latents for 480x832x81 (1.3B) or 720x1280x81 (14B). The attention share comes
 from CUDA events around every self-attention call inside the real forward; the layout share times the
-token permutation into and out of tile order plus the RoPE-table permutation at the same shapes.
+token permutation into and out of tile order at the same shapes, plus (sp > 1) the Ulysses packing copies.
 With --diffusers, diffusers' WanTransformer3DModel (SDPA, cuDNN backend) runs the same forward with the
 same weights as the reference.
+
+--sp N: one rank's share of an N-rank sequence-parallel forward on this ONE GPU. A fake process group
+(torch's testing backend "fake": this process is rank 0 of N, collectives return at once and move nothing)
+stands in for NCCL, so the rank computes on its token shard and head slice and does every layout copy,
+but nothing is communicated: the time is the rank's compute and layout work, a bound on scaling without
+the all-to-alls. The packing time comes from CUDA events around the four copies of every Ulysses call.
 """
 
 from __future__ import annotations
@@ -65,7 +71,38 @@ class _MemoryProbe:
         return out
 
 
-def bench_ours(model, cfg: WanConfig, backend: str, sparsity: float, inputs, iters: int) -> dict:
+_PACKING = ("_pack_by_heads", "_unpack_by_tokens", "_pack_by_tokens", "_unpack_by_heads")
+
+
+def packing_ms(model, ctx, inputs) -> float:
+    """Milliseconds of the Ulysses packing copies in one forward: CUDA events around each copy method."""
+    events: list = []
+
+    def timed(method):
+        def call(*args):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = method(*args)
+            end.record()
+            events.append((start, end))
+            return out
+        return call
+
+    wrappers = {id(a): a for a in ctx.attn}.values()  # one UlyssesAttention per backend, shared by blocks
+    for attn in wrappers:
+        for name in _PACKING:
+            setattr(attn, name, timed(getattr(attn, name)))
+    try:
+        model(*inputs, ctx=ctx)
+        torch.cuda.synchronize()
+    finally:
+        for attn in wrappers:
+            for name in _PACKING:
+                delattr(attn, name)  # back to the class's methods
+    return sum(s.elapsed_time(e) for s, e in events)
+
+
+def bench_ours(model, cfg: WanConfig, backend: str, sparsity: float, inputs, iters: int, sp: int = 1) -> dict:
     device = torch.device("cuda")
     latents, timestep, text = inputs
     grid = (latents.shape[2], latents.shape[3] // 2, latents.shape[4] // 2)
@@ -73,7 +110,7 @@ def bench_ours(model, cfg: WanConfig, backend: str, sparsity: float, inputs, ite
         AttentionConfig(backend=backend, sparsity=sparsity), num_layers=cfg.num_layers, num_steps=1,
         grid_thw=grid, head_dim=cfg.attention_head_dim, dtype=torch.bfloat16, device=device,
     )
-    mesh = build_mesh(cfg=1, sp=1, device=device)
+    mesh = build_mesh(cfg=1, sp=sp, device=device)
     state = build_request_state(model, plan, grid, mesh, VSAMetadataCache())
     ctx = state.context_for_step(0)
     model(latents, timestep, text, ctx=ctx)  # compile + Triton autotune (its benchmark buffers) before the peak
@@ -102,9 +139,12 @@ def bench_ours(model, cfg: WanConfig, backend: str, sparsity: float, inputs, ite
                         dtype=torch.bfloat16)
         y = torch.randn(1, num_tokens, 64, device=device, dtype=torch.bfloat16)  # proj_out channels
         layout_ms = cuda_time_ms(lambda: (x[:, ctx.token_order], y[:, ctx.token_order_inverse]), 2, 10)
+    packing = packing_ms(model, ctx, inputs) if sp > 1 else 0.0
+    layout_ms += packing
     return {
-        "backend": backend, "sparsity": sparsity if backend == "vsa" else None,
-        "forward_ms": forward_ms, "attention_ms": attention_ms, "attention_share": attention_ms / forward_ms,
+        "backend": backend, "sparsity": sparsity if backend == "vsa" else None, "sp": sp,
+        "packing_ms": packing, "forward_ms": forward_ms, "attention_ms": attention_ms,
+        "attention_share": attention_ms / forward_ms,
         "layout_ms": layout_ms, "layout_share": layout_ms / forward_ms, "peak_gib": peak / 2**30,
         "peak_inside_attention_gib": peaks["attention"] / 2**30, "peak_outside_attention_gib": peaks["outside"] / 2**30,
     }
@@ -153,8 +193,12 @@ def main() -> None:
     parser.add_argument("--diffusers", action="store_true")
     parser.add_argument("--iters", type=int, default=5, help="timed forwards (median) after 2 warm-ups")
     parser.add_argument("--no-compile", action="store_true", help="eager token-local stages")
+    parser.add_argument("--sp", type=int, nargs="+", default=[1],
+                        help="sequence-parallel degrees; > 1: one rank's work under a fake process group (see above)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.diffusers and args.sp != [1]:
+        parser.error("--diffusers compares the whole forward: run it with --sp 1")
     shape = SHAPES[args.preset]
     cfg = WanConfig(
         patch_size=(1, 2, 2), num_attention_heads=shape["heads"], attention_head_dim=128, in_channels=16,
@@ -177,19 +221,25 @@ def main() -> None:
     results = {"preset": args.preset, "shape": shape, "gpu": torch.cuda.get_device_name(), "runs": []}
     results["ffn_up_gelu_ms"] = time_ffn_up(model, cfg, latents)
     print(json.dumps({"ffn_up_gelu_ms": results["ffn_up_gelu_ms"]}))
-    results["runs"].append(bench_ours(model, cfg, "dense", 0.0, inputs, args.iters))
-    for sparsity in args.sparsity:
-        results["runs"].append(bench_ours(model, cfg, "vsa", sparsity, inputs, args.iters))
-    dense_ms = results["runs"][0]["forward_ms"]
-    for run in results["runs"]:
-        run["speedup_vs_our_dense"] = dense_ms / run["forward_ms"]
-        print(json.dumps(run))
+    for sp in args.sp:
+        if sp > 1:
+            from torch.testing._internal.distributed.fake_pg import FakeStore
+
+            torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=sp)
+        runs = [bench_ours(model, cfg, "dense", 0.0, inputs, args.iters, sp)]
+        runs += [bench_ours(model, cfg, "vsa", sparsity, inputs, args.iters, sp) for sparsity in args.sparsity]
+        if sp > 1:
+            torch.distributed.destroy_process_group()
+        for run in runs:
+            run["speedup_vs_our_dense"] = runs[0]["forward_ms"] / run["forward_ms"]
+            print(json.dumps(run))
+        results["runs"] += runs
     if args.diffusers:
         ours_out = model(*inputs, ctx=None)
         ref = bench_diffusers(model, cfg, inputs)
         err = ((ours_out.float() - ref.pop("out").float()).norm() / ours_out.float().norm()).item()
         ref["rel_err_vs_ours_dense"] = err
-        ref["our_dense_speedup"] = ref["forward_ms"] / dense_ms
+        ref["our_dense_speedup"] = ref["forward_ms"] / results["runs"][0]["forward_ms"]
         results["diffusers"] = ref
         print(json.dumps({"diffusers": ref}))
     if args.out:
