@@ -13,7 +13,6 @@ N heads, D head dim; ``local_*`` is this rank's contiguous shard of the token se
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -428,6 +427,7 @@ class WanTransformer(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
         self._dense = _LocalSelfAttention(DenseAttention())
         self._block_stages = (WanBlock.attention_inputs, WanBlock.attention_residual, WanBlock.text_and_ffn)
+        self._fused_ops = False  # compile_blocks sets it on CUDA
 
     def compile_blocks(self) -> None:
         """torch.compile the token-local block stages (norms, modulation, RoPE, GELU fuse into few kernels).
@@ -438,12 +438,11 @@ class WanTransformer(nn.Module):
         modulation or affine as another (``tessera::modulated_layer_norm``). Call after the weights are on
         their device.
         """
-        fused = next(self.parameters()).device.type == "cuda"  # the Triton norm kernels
-        stages = (
-            functools.partial(WanBlock.attention_inputs, fused=fused),
-            WanBlock.attention_residual,
-            functools.partial(WanBlock.text_and_ffn, fused=fused),
-        )
+        self._fused_ops = next(self.parameters()).device.type == "cuda"  # the Triton norm kernels
+        # The functions themselves, not wrappers: dynamo caches compiled graphs per code object, up to its
+        # recompile limit (8), and functools.partial objects all share one wrapper's code. Shared, three stages
+        # x (gate or not) x a few video shapes hit the limit and fell back to eager (device run 4, sp 8).
+        stages = (WanBlock.attention_inputs, WanBlock.attention_residual, WanBlock.text_and_ffn)
         self._block_stages = tuple(torch.compile(fn, dynamic=False) for fn in stages)
 
     def grid_thw(self, latent_shape_FHW: Sequence[int]) -> tuple[int, int, int]:
@@ -520,14 +519,15 @@ class WanTransformer(nn.Module):
         #    stage is split from cross-attention + FFN so that the attention output and the block's input are
         #    gone before the FFN's wide hidden activation, the forward's memory peak.
         attention_inputs, attention_residual, text_and_ffn = self._block_stages
+        fused = self._fused_ops
         for block, attn in zip(self.blocks, attns, strict=True):
             local_x_BSC = attention_residual(
                 block,
                 local_x_BSC,
-                attn(*attention_inputs(block, local_x_BSC, modulation_B6C, rope, attn.uses_gate)),
+                attn(*attention_inputs(block, local_x_BSC, modulation_B6C, rope, attn.uses_gate, fused)),
                 modulation_B6C,
             )
-            local_x_BSC = text_and_ffn(block, local_x_BSC, text_BLC, modulation_B6C)
+            local_x_BSC = text_and_ffn(block, local_x_BSC, text_BLC, modulation_B6C, fused)
 
         # 4. Output norm and projection (token-local, so before the gather: fewer channels to move).
         shift, scale = (self.scale_shift_table + temb_BC.unsqueeze(1)).chunk(2, dim=1)

@@ -15,7 +15,8 @@ Copies per call (each one pass over the data, no other temporaries):
              backend gets contiguous q, k, v, gate;
   3/4. the same two on the way back: ``[B, N_local, S, D]`` -> chunks per token shard ->
        ``[B, S_local, N, D]``.
-With even splits each copy is one strided ``copy_`` per input; uneven splits copy chunk by chunk.
+With even splits each copy is one strided copy per input; uneven splits copy chunk by chunk. Copies move 8-byte
+words (``_copy_rows``): a 16-bit copy of these permuted views ran at ~1.3 TB/s on H100.
 """
 
 from __future__ import annotations
@@ -32,6 +33,28 @@ if TYPE_CHECKING:
     from parallel.mesh import ParallelMesh
 
 __all__ = ["UlyssesAttention"]
+
+
+def _as_words(x: torch.Tensor) -> torch.Tensor | None:
+    """x's bytes viewed as int64 words when its rows allow it (D contiguous, every stride and the offset whole
+    words), else None."""
+    size = x.element_size()
+    if size >= 8 or x.stride(-1) != 1 or (x.shape[-1] * size) % 8 or x.storage_offset() * size % 8:
+        return None
+    if any(stride * size % 8 for stride in x.stride()[:-1]):
+        return None
+    return x.view(torch.int64)
+
+
+def _copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)``, as 8-byte words when both have dst's dtype and word-aligned rows: a permuted copy of
+    16-bit rows then moves a quarter of the elements (the bytes are the same). A dtype change copies values."""
+    if dst.dtype == src.dtype:
+        dst_words, src_words = _as_words(dst), _as_words(src)
+        if dst_words is not None and src_words is not None:
+            dst_words.copy_(src_words)
+            return
+    dst.copy_(src)
 
 
 def _offsets(sizes: tuple[int, ...]) -> tuple[int, ...]:
@@ -158,7 +181,7 @@ class UlyssesAttention:
             n = self.num_heads // sp
             send_rTBSND = send.view(sp, T, B, S_local, n, D)
             for t, x_BSND in enumerate(inputs):
-                send_rTBSND[:, t].copy_(x_BSND.unflatten(2, (sp, n)).permute(2, 0, 1, 3, 4))
+                _copy_rows(send_rTBSND[:, t], x_BSND.unflatten(2, (sp, n)).permute(2, 0, 1, 3, 4))
             return send
         start = 0
         for r, n in enumerate(self.head_sizes):
@@ -167,7 +190,7 @@ class UlyssesAttention:
             chunk_TBSND = send[start : start + T * B * S_local * n * D].view(T, B, S_local, n, D)
             heads = slice(self.head_offsets[r], self.head_offsets[r + 1])
             for t, x_BSND in enumerate(inputs):
-                chunk_TBSND[t].copy_(x_BSND[:, :, heads])
+                _copy_rows(chunk_TBSND[t], x_BSND[:, :, heads])
             start += T * B * S_local * n * D
         return send
 
@@ -178,12 +201,12 @@ class UlyssesAttention:
         if self._even_seq:
             s = S // sp
             recv_sTBSND = recv.view(sp, T, B, s, n, D)
-            out_TBNSD.view(T, B, n, sp, s, D).copy_(recv_sTBSND.permute(1, 2, 4, 0, 3, 5))
+            _copy_rows(out_TBNSD.view(T, B, n, sp, s, D), recv_sTBSND.permute(1, 2, 4, 0, 3, 5))
             return out_TBNSD
         start = 0
         for offset, s in zip(self.seq_plan.offsets[:-1], self.seq_plan.sizes, strict=True):
             chunk_TBSND = recv[start : start + T * B * s * n * D].view(T, B, s, n, D)
-            out_TBNSD[:, :, :, offset : offset + s].copy_(chunk_TBSND.transpose(2, 3))
+            _copy_rows(out_TBNSD[:, :, :, offset : offset + s], chunk_TBSND.transpose(2, 3))
             start += T * B * s * n * D
         return out_TBNSD
 
@@ -193,12 +216,12 @@ class UlyssesAttention:
         send = out_BNSD.new_empty(B * S * n * D)
         if self._even_seq:
             s = S // sp
-            send.view(sp, B, s, n, D).copy_(out_BNSD.unflatten(2, (sp, s)).permute(2, 0, 3, 1, 4))
+            _copy_rows(send.view(sp, B, s, n, D), out_BNSD.unflatten(2, (sp, s)).permute(2, 0, 3, 1, 4))
             return send
         start = 0
         for offset, s in zip(self.seq_plan.offsets[:-1], self.seq_plan.sizes, strict=True):
             chunk_BSND = send[start : start + B * s * n * D].view(B, s, n, D)
-            chunk_BSND.copy_(out_BNSD[:, :, offset : offset + s].transpose(1, 2))
+            _copy_rows(chunk_BSND, out_BNSD[:, :, offset : offset + s].transpose(1, 2))
             start += B * s * n * D
         return send
 
@@ -208,11 +231,11 @@ class UlyssesAttention:
         out_BSND = recv.new_empty((B, S_local, N, D))
         if self._even_heads:
             n = N // sp
-            out_BSND.view(B, S_local, sp, n, D).copy_(recv.view(sp, B, S_local, n, D).permute(1, 2, 0, 3, 4))
+            _copy_rows(out_BSND.view(B, S_local, sp, n, D), recv.view(sp, B, S_local, n, D).permute(1, 2, 0, 3, 4))
             return out_BSND
         start = 0
         for r, n in enumerate(self.head_sizes):
             chunk_BSND = recv[start : start + B * S_local * n * D].view(B, S_local, n, D)
-            out_BSND[:, :, self.head_offsets[r] : self.head_offsets[r + 1]].copy_(chunk_BSND)
+            _copy_rows(out_BSND[:, :, self.head_offsets[r] : self.head_offsets[r + 1]], chunk_BSND)
             start += B * S_local * n * D
         return out_BSND

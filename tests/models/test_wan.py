@@ -235,10 +235,16 @@ def test_compiled_block_stages_match_eager():
     latents = torch.randn(1, 16, 3, 6, 10)
     timestep = torch.tensor([321.0])
     text = torch.randn(1, 7, 24)
-    eager = model(latents, timestep, text)
+    other = torch.randn(1, 16, 2, 4, 6)  # a second video shape
+    eager, eager_other = model(latents, timestep, text), model(other, timestep, text)
     model.compile_blocks()
-    compiled = model(latents, timestep, text)
+    # Each stage is its own code object with its own dynamo cache: with a limit of 2 graphs per code object,
+    # two video shapes compile (a cache shared by the three stages holds 3 graphs after one shape and would
+    # fail here, where by default it silently falls back to eager).
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        compiled, compiled_other = model(latents, timestep, text), model(other, timestep, text)
     assert ((compiled - eager).norm() / eager.norm()).item() < 1e-5
+    assert ((compiled_other - eager_other).norm() / eager_other.norm()).item() < 1e-5
 
 
 @pytest.mark.gpu
