@@ -237,6 +237,7 @@ def test_compiled_block_stages_match_eager():
     text = torch.randn(1, 7, 24)
     other = torch.randn(1, 16, 2, 4, 6)  # a second video shape
     eager, eager_other = model(latents, timestep, text), model(other, timestep, text)
+    torch._dynamo.reset()  # earlier tests compiled the same stage functions (caches are per code object)
     model.compile_blocks()
     # Each stage is its own code object with its own dynamo cache: with a limit of 2 graphs per code object,
     # two video shapes compile (a cache shared by the three stages holds 3 graphs after one shape and would
