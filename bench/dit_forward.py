@@ -102,7 +102,8 @@ def packing_ms(model, ctx, inputs) -> float:
     return sum(s.elapsed_time(e) for s, e in events)
 
 
-def bench_ours(model, cfg: WanConfig, backend: str, sparsity: float, inputs, iters: int, sp: int = 1) -> dict:
+def bench_ours(model, cfg: WanConfig, backend: str, sparsity: float, inputs, iters: int, sp: int = 1,
+               graphs: bool = False) -> dict:
     device = torch.device("cuda")
     latents, timestep, text = inputs
     grid = (latents.shape[2], latents.shape[3] // 2, latents.shape[4] // 2)
@@ -139,11 +140,20 @@ def bench_ours(model, cfg: WanConfig, backend: str, sparsity: float, inputs, ite
                         dtype=torch.bfloat16)
         y = torch.randn(1, num_tokens, 64, device=device, dtype=torch.bfloat16)  # proj_out channels
         layout_ms = cuda_time_ms(lambda: (x[:, ctx.token_order], y[:, ctx.token_order_inverse]), 2, 10)
+    graphed_ms = None
+    if graphs:  # the same forward replayed from a CUDA graph (runtime/graphs.py): no host launch work
+        from runtime.graphs import GraphedForward
+
+        graphed = GraphedForward(model, enabled=True)
+        graphed_ms = cuda_time_ms(lambda: graphed(latents, timestep, text, ctx=ctx), iters=iters)
+        assert graphed.graphs, graphed.disabled_because
+        del graphed
+        torch.cuda.empty_cache()
     packing = packing_ms(model, ctx, inputs) if sp > 1 else 0.0
     layout_ms += packing
     return {
         "backend": backend, "sparsity": sparsity if backend == "vsa" else None, "sp": sp,
-        "packing_ms": packing, "forward_ms": forward_ms, "attention_ms": attention_ms,
+        "packing_ms": packing, "forward_ms": forward_ms, "graphed_forward_ms": graphed_ms, "attention_ms": attention_ms,
         "attention_share": attention_ms / forward_ms,
         "layout_ms": layout_ms, "layout_share": layout_ms / forward_ms, "peak_gib": peak / 2**30,
         "peak_inside_attention_gib": peaks["attention"] / 2**30, "peak_outside_attention_gib": peaks["outside"] / 2**30,
@@ -195,10 +205,12 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="eager token-local stages")
     parser.add_argument("--sp", type=int, nargs="+", default=[1],
                         help="sequence-parallel degrees; > 1: one rank's work under a fake process group (see above)")
+    parser.add_argument("--cuda-graph", action="store_true", help="also time the forward replayed from a CUDA graph")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.diffusers and args.sp != [1]:
         parser.error("--diffusers compares the whole forward: run it with --sp 1")
+    torch._dynamo.config.recompile_limit = 64  # one process, many shapes (--sp): every stage compiles per shape
     shape = SHAPES[args.preset]
     cfg = WanConfig(
         patch_size=(1, 2, 2), num_attention_heads=shape["heads"], attention_head_dim=128, in_channels=16,
@@ -226,8 +238,9 @@ def main() -> None:
             from torch.testing._internal.distributed.fake_pg import FakeStore
 
             torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=sp)
-        runs = [bench_ours(model, cfg, "dense", 0.0, inputs, args.iters, sp)]
-        runs += [bench_ours(model, cfg, "vsa", sparsity, inputs, args.iters, sp) for sparsity in args.sparsity]
+        runs = [bench_ours(model, cfg, "dense", 0.0, inputs, args.iters, sp, args.cuda_graph)]
+        runs += [bench_ours(model, cfg, "vsa", sparsity, inputs, args.iters, sp, args.cuda_graph)
+                 for sparsity in args.sparsity]
         if sp > 1:
             torch.distributed.destroy_process_group()
         for run in runs:

@@ -17,14 +17,14 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 for part in $parts; do
   case $part in
-    tests) python3 -m pytest -q -m gpu tests/attention/test_vsa_triton.py tests/models/test_qk_norm_rope.py tests/models/test_modulated_norm.py tests/models/test_wan.py tests/runtime/test_scheduler.py 2>&1 | tee "$OUT/tests.log" ;;
+    tests) python3 -m pytest -q -m gpu tests/attention/test_vsa_triton.py tests/models/test_qk_norm_rope.py tests/models/test_modulated_norm.py tests/models/test_wan.py tests/runtime/test_scheduler.py tests/runtime/test_graphs.py 2>&1 | tee "$OUT/tests.log" ;;
     attention) python3 bench/attention.py --peer --out "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" ;;
     variants) python3 bench/attention.py --sparsity 0.9 --variants --out "$OUT/variants.json" 2>&1 | tee "$OUT/variants.log" ;;
     profile) python3 bench/profile_vsa.py --forward 2>&1 | tee "$OUT/profile.log" ;;
-    dit13) python3 bench/dit_forward.py --preset 1.3b --diffusers --out "$OUT/dit_1.3b.json" 2>&1 | tee "$OUT/dit_1.3b.log" ;;
+    dit13) python3 bench/dit_forward.py --preset 1.3b --diffusers --cuda-graph --out "$OUT/dit_1.3b.json" 2>&1 | tee "$OUT/dit_1.3b.log" ;;
     e2e) python3 bench/end_to_end.py --text-layers 2 --steps 10 --backend vsa --out "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" ;;
     sp2) bash bench/sp_gpu_check.sh 2>&1 | tee "$OUT/sp2.log" ;;
-    sp13) python3 bench/dit_forward.py --preset 1.3b --sp 2 4 8 --iters 3 --out "$OUT/dit_1.3b_sp.json" 2>&1 | tee "$OUT/dit_1.3b_sp.log" ;;
+    sp13) python3 bench/dit_forward.py --preset 1.3b --sp 2 4 8 --iters 3 --cuda-graph --out "$OUT/dit_1.3b_sp.json" 2>&1 | tee "$OUT/dit_1.3b_sp.log" ;;
     dit14) python3 bench/dit_forward.py --preset 14b --iters 2 --out "$OUT/dit_14b.json" 2>&1 | tee "$OUT/dit_14b.log" ;;
   esac
 done

@@ -17,6 +17,7 @@ RANDOM_WEIGHT_PRESETS = ("wan-tiny",)
 DTYPES = ("float32", "bfloat16")
 SCHEDULERS = ("unipc", "euler")
 BACKENDS = ("dense", "vsa", "auto")
+CUDA_GRAPHS = ("auto", "true", "false")  # OmegaConf turns true/on into "True": compared lower-cased
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,6 +25,9 @@ class ModelConfig:
     preset: str = "wan-tiny"
     path: str | None = None
     dtype: str = "float32"
+    # Replay each step's DiT forward from a CUDA graph (runtime/graphs.py): "auto" (on CUDA with one rank),
+    # "true" (also under SP / CFG-parallel, capturing the NCCL collectives), "false".
+    cuda_graphs: str = "auto"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,6 +95,7 @@ class GenerateConfig:
         _check_choice("scheduler", self.scheduler, SCHEDULERS)
         _check_choice("model.preset", self.model.preset, PRESETS)
         _check_choice("model.dtype", self.model.dtype, DTYPES)
+        _check_choice("model.cuda_graphs", str(self.model.cuda_graphs).lower(), CUDA_GRAPHS)
         if self.model.path is None and self.model.preset not in RANDOM_WEIGHT_PRESETS:
             raise ValueError(
                 f"model.path is missing: preset {self.model.preset!r} needs a local checkpoint. "

@@ -23,6 +23,7 @@ from runtime.checkpoint import resolve_checkpoint
 from runtime.conditioning import draw_initial_noise
 from runtime.config import GenerateConfig
 from runtime.faults import NO_FAULTS, FaultPlan, inject_step_faults
+from runtime.graphs import GraphedForward, resolve_cuda_graphs
 from runtime.guards import Interrupted, NonFiniteLatentsError, Progress, RankFailure, first_nonfinite_step_synced
 from runtime.output import check_output_path, write_json_atomic, write_latents_atomic, write_video_atomic
 from runtime.plan import AttentionPlan, build_attention_plan
@@ -150,6 +151,7 @@ def _generate(
     scheduler.prepare(device, torch.float32)
     timesteps = scheduler.timesteps.to(device)
     state = build_request_state(model, plan, token_grid(cfg, model_cfg), mesh, VSAMetadataCache())
+    forward = GraphedForward(model, resolve_cuda_graphs(cfg.model.cuda_graphs, device, mesh.world_size))
     warmup_collectives(mesh)
     t_loop = time.perf_counter()
 
@@ -165,7 +167,7 @@ def _generate(
             latents = inject_step_faults(step_faults[step], latents, step, mesh.rank)
         timestep = timesteps[step].expand(batch)
         model_in = latents.to(dtype).expand(batch, -1, -1, -1, -1)
-        pred = model(model_in, timestep, text, ctx=state.context_for_step(step)).float()
+        pred = forward(model_in, timestep, text, ctx=state.context_for_step(step)).float()
         if use_cfg:
             cond, uncond = _cfg_branches(pred, mesh)
             pred = uncond + cfg.guidance_scale * (cond - uncond)
@@ -197,7 +199,10 @@ def _generate(
         },
         "step_seconds": step_seconds,
         "denoise_seconds": loop_seconds,
+        "cuda_graphs": {"enabled": forward.enabled, "graphs": len(forward.graphs),
+                        "disabled_because": forward.disabled_because},
     }
+    del forward  # its graphs hold the forward's activations in their memory pool
     if is_main:
         del model, state  # the VAE decode needs the memory more than the finished DiT
         free_device_memory(device)

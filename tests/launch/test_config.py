@@ -9,8 +9,8 @@ from launch.generate import main
 
 EXACT_KEYS = {
     "prompt", "negative_prompt", "seed", "num_frames", "height", "width", "num_steps", "guidance_scale",
-    "flow_shift", "scheduler", "model.preset", "model.path", "model.dtype", "parallel.sp", "parallel.cfg",
-    "parallel.timeout_s",
+    "flow_shift", "scheduler", "model.preset", "model.path", "model.dtype", "model.cuda_graphs", "parallel.sp",
+    "parallel.cfg", "parallel.timeout_s",
     "attention.backend", "attention.sparsity", "attention.dense_blocks", "attention.dense_steps",
     "output.path", "output.overwrite", "output.save_latents",
 }
@@ -78,12 +78,21 @@ def test_resolve_errors_name_the_key(argv, exc, needle):
         (["model.preset=wan2.1-t2v-1.3b"], 1, "model.path"),
         (["scheduler=ddim"], 1, "scheduler"),
         (["model.dtype=float16"], 1, "model.dtype"),
+        (["model.cuda_graphs=sometimes"], 1, "model.cuda_graphs"),
     ],
 )
 def test_validate_errors_name_the_key(argv, world, needle):
     cfg, _ = resolve_config(argv)
     with pytest.raises((ValueError, TypeError), match=needle):
         cfg.validate(world_size=world)
+
+
+@pytest.mark.parametrize(("value", "expected"),
+                         [("auto", "auto"), ("true", "True"), ("off", "False"), ("FALSE", "False")])
+def test_cuda_graphs_accepts_auto_and_booleans(value, expected):
+    cfg, _ = resolve_config([f"model.cuda_graphs={value}"])
+    cfg.validate(world_size=1)
+    assert cfg.model.cuda_graphs == expected  # OmegaConf spells booleans as "True" / "False"
 
 
 def test_parse_overrides_keeps_values_verbatim():
