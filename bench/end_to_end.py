@@ -135,7 +135,7 @@ def main() -> None:
     assert generate_main(argv) == 0
     result["generate_wall_seconds"] = time.perf_counter() - t0
     report = json.loads(out.with_suffix(".json").read_text())
-    for key in ("total_seconds", "denoise_seconds", "peak_memory_bytes", "step_seconds"):
+    for key in ("total_seconds", "denoise_seconds", "peak_memory_bytes", "step_seconds", "cuda_graphs"):
         result[f"generate_{key}"] = report.get(key)
 
     # 4. VAE decode of the final latents, alone.
