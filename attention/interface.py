@@ -16,7 +16,9 @@ class AttentionBackend(Protocol):
 
     ``backend(q_BNSD, k_BNSD, v_BNSD, gate_BNSD)`` returns ``out_BNSD`` with the dtype of ``q``.
     ``gate_BNSD`` is passed (non-None) only to backends with ``uses_gate=True``; a gated backend
-    treats ``None`` as "no gated branch".
+    treats ``None`` as "no gated branch". Inputs may be strided views (D contiguous). A backend with
+    ``writes_out = True`` also takes ``out_BNSD=`` (q's shape and dtype, any D-contiguous layout), writes the
+    result there and returns it: the SP wrapper passes its send buffer, saving a copy.
     """
 
     name: str

@@ -302,6 +302,7 @@ class VSAAttention:
 
     name: str = "vsa"
     uses_gate: bool = True
+    writes_out: bool = True  # takes out_BNSD= (AttentionBackend)
 
     def __init__(
         self, metadata: VSAMetadata, impl: Literal["auto", "torch", "triton"] = "auto", consume_q: bool = False
@@ -325,9 +326,11 @@ class VSAAttention:
         k_BNSD: torch.Tensor,
         v_BNSD: torch.Tensor,
         gate_BNSD: torch.Tensor | None,
+        out_BNSD: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self._fine is None:
-            return vsa_attention_reference(q_BNSD, k_BNSD, v_BNSD, gate_BNSD, self.metadata)
+            result = vsa_attention_reference(q_BNSD, k_BNSD, v_BNSD, gate_BNSD, self.metadata)
+            return result if out_BNSD is None else out_BNSD.copy_(result)
         m = self.metadata
         q_c, k_c, v_c = self._tile_means((q_BNSD, k_BNSD, v_BNSD), m.tile_offsets, m.num_tiles)
         block_index_BNTK, coarse_BNTD, key_spans = self._select(q_c, k_c, v_c, m.topk, m.tile_offsets)
@@ -339,7 +342,7 @@ class VSAAttention:
             block_index_BNTK,
             coarse_BNTD if gate_BNSD is not None else None,
             gate_BNSD,
-            out_BNSD=q_BNSD if self.consume_q else None,
+            out_BNSD=out_BNSD if out_BNSD is not None else (q_BNSD if self.consume_q else None),
             key_spans=key_spans,
         )
 

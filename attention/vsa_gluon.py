@@ -243,8 +243,8 @@ if HAVE_GLUON:
         kb_desc, vb_desc,  # K and V again with ROW_BOX-row blocks
         OUT, COARSE,  # pointers: OUT for partial query tiles, COARSE [B*N, T, D]
         stride_ob, stride_on, stride_os,
-        desc_row_b, desc_row_n, desc_col_n,  # q, k, v, gate: row/column of (b, n, token 0) in the 2D views
-        out_row_b, out_row_n, out_col_n,  # the same for the output's view
+        desc_row_b, desc_row_n, desc_col_n, desc_col_b,  # q, k, v, gate: row/column of (b, n, token 0) in the 2D views
+        out_row_b, out_row_n, out_col_n, out_col_b,  # the same for the output's view
         TILE_OFFSETS, SPANS,  # int32 [T + 1]; int32 [B*N, T, topk] packed key spans
         COARSE_STRIDE_BH, num_heads, num_tiles, topk, qk_scale,
         HAS_GATE: gl.constexpr, NUM_STAGES: gl.constexpr, ROW_BOX: gl.constexpr, num_warps: gl.constexpr,
@@ -290,12 +290,13 @@ if HAVE_GLUON:
         bufs = (q_smem, k_smem, v_smem, flag_smem)
         bars = (q_bar, q_free, k_bars, v_bars, empty_bars)
         out_args = (o_desc, COARSE, bh.to(gl.int64) * COARSE_STRIDE_BH + tile_q * HEAD_DIM,
-                    b * out_row_b + n * out_row_n + q_start, n * out_col_n,
+                    b * out_row_b + n * out_row_n + q_start, b * out_col_b + n * out_col_n,
                     OUT + b.to(gl.int64) * stride_ob + n.to(gl.int64) * stride_on, stride_os, q_start, q_len)
         descs = (q_desc, k_desc, v_desc, g_desc, kb_desc, vb_desc)
         gl.warp_specialize([
             (_consumer, (bufs, bars, out_args, index_row, topk, qk_scale, HAS_GATE, ROW_BOX, num_warps)),
-            (_producer, (descs, bufs, bars, index_row, topk, b * desc_row_b + n * desc_row_n, n * desc_col_n,
+            (_producer, (descs, bufs, bars, index_row, topk, b * desc_row_b + n * desc_row_n,
+                         b * desc_col_b + n * desc_col_n,
                          q_start, HAS_GATE, ROW_BOX)),
         ], [1], [PRODUCER_REGS])
 

@@ -79,7 +79,7 @@ def _vsa_fine_kernel(
     OUT, GATE, COARSE,  # pointers; GATE shares q's layout
     stride_qb, stride_qn, stride_qs,  # q, k, v and gate share one layout (checked by the caller)
     stride_ob, stride_on, stride_os,  # OUT: q's layout when q is dense, else contiguous
-    desc_row_b, desc_row_n, desc_col_n,  # LOAD_MODE 2: row/column of (b, n, token 0) in the 2D view
+    desc_row_b, desc_row_n, desc_col_n, desc_col_b,  # LOAD_MODE 2: row/column of (b, n, token 0) in the 2D view
     TILE_OFFSETS,  # int32 [T + 1]
     BLOCK_INDEX,  # int32 [B*N, T, topk]
     COARSE_STRIDE_BH,  # elements between consecutive (b, n) rows of COARSE [B*N, T, D]
@@ -115,7 +115,7 @@ def _vsa_fine_kernel(
     desc_row, desc_col = 0, 0  # LOAD_MODE 2: where (b, n, token 0) lies in the 2D row views
     if LOAD_MODE == 2:
         desc_row = (b * desc_row_b + n * desc_row_n).to(tl.int32)
-        desc_col = (n * desc_col_n).to(tl.int32)
+        desc_col = (b * desc_col_b + n * desc_col_n).to(tl.int32)
         q = Q.load([desc_row + q_start, desc_col])
     else:
         q = tl.load(Q + io_offsets, mask=row_mask[:, None], other=0.0)
@@ -340,15 +340,22 @@ def _run_gluon(views, out, coarse, tile_offsets, spans, config, forced: bool) ->
 
 
 def _host_desc_view(x: torch.Tensor):
-    """(2D row view, row_b, row_n, col_n) such that token s of (b, n) is row b*row_b + n*row_n + s at
-    column n*col_n, for a BSND-contiguous ([B, S, N, D] viewed as BNSD) or BNSD-contiguous x; else None."""
+    """(2D row view, row_b, row_n, col_n, col_b) such that token s of (b, n) is row b*row_b + n*row_n + s at column
+    b*col_b + n*col_n, else None. Three layouts: BSND-contiguous ([B, S, N, D] viewed as BNSD), BNSD-contiguous,
+    and token-major ``[S, ..., B, N, D]`` slices (batch and heads inside one token row of any pitch, as Ulysses
+    receives q, k, v and the gate, or hands the output back)."""
     batch, heads, seq, dim = x.shape
     if x.data_ptr() % 16:
         return None
-    if x.stride() == (seq * heads * dim, dim, heads * dim, 1):
-        return x.transpose(1, 2).reshape(batch * seq, heads * dim), seq, 0, dim
-    if x.stride() == (heads * seq * dim, seq * dim, dim, 1):
-        return x.reshape(batch * heads * seq, dim), heads * seq, seq, 0
+    sb, sn, ss, sd = x.stride()
+    if sd != 1:
+        return None
+    if (sb, sn, ss) == (seq * heads * dim, dim, heads * dim):
+        return x.transpose(1, 2).reshape(batch * seq, heads * dim), seq, 0, dim, 0
+    if (sb, sn, ss) == (heads * seq * dim, seq * dim, dim):
+        return x.reshape(batch * heads * seq, dim), heads * seq, seq, 0, 0
+    if (sn == dim or heads == 1) and (sb == heads * dim or batch == 1) and ss >= batch * heads * dim and ss % 8 == 0:
+        return torch.as_strided(x, (seq, batch * heads * dim), (ss, 1)), 0, 0, dim, heads * dim
     return None
 
 
@@ -381,7 +388,7 @@ def _launch(
         result = _run_gluon(views, *gluon_rest, None, forced=False)
         if result is not None:
             return result
-    qkv, desc_geometry = (q, k, v), (0, 0, 0)
+    qkv, desc_geometry = (q, k, v), (0, 0, 0, 0)
     if mode == 2:
         from triton.tools.tensor_descriptor import TensorDescriptor
 

@@ -12,7 +12,7 @@ same weights as the reference.
 (torch's testing backend "fake": this process is rank 0 of N, collectives return at once and move nothing)
 stands in for NCCL, so the rank computes on its token shard and head slice and does every layout copy,
 but nothing is communicated: the time is the rank's compute and layout work, a bound on scaling without
-the all-to-alls. The packing time comes from CUDA events around the four copies of every Ulysses call.
+the all-to-alls. The packing time comes from CUDA events around the copies of every Ulysses call.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class _MemoryProbe:
         return out
 
 
-_PACKING = ("_pack_by_heads", "_unpack_by_tokens", "_pack_by_tokens", "_unpack_by_heads")
+_PACKING = ("_pack_by_heads", "_pack_output", "_unpack_by_heads")  # Ulysses' copies (parallel/ulysses.py)
 
 
 def packing_ms(model, ctx, inputs) -> float:

@@ -8,15 +8,15 @@ back. Token shards and head slices may both be uneven (``split_sizes``); a rank 
 
 Legend: B batch, S tokens, N heads, D head dim, T stacked inputs (q, k, v[, gate]); ``local_*`` = shard.
 
-Copies per call (each one pass over the data, no other temporaries):
-  1. pack:   q, k, v, gate -> 1-D send buffer, grouped by destination rank (its head slice), because
-             ``all_to_all_single`` needs each destination's chunk contiguous;
-  2. unpack: receive buffer (grouped by source rank = token shard) -> ``[T, B, N_local, S, D]`` so the
-             backend gets contiguous q, k, v, gate;
-  3/4. the same two on the way back: ``[B, N_local, S, D]`` -> chunks per token shard ->
-       ``[B, S_local, N, D]``.
-With even splits each copy is one strided copy per input; uneven splits copy chunk by chunk. Copies move 8-byte
-words (``_copy_rows``): a 16-bit copy of these permuted views ran at ~1.3 TB/s on H100.
+Every chunk of both exchanges is TOKEN-MAJOR (``[tokens, T, B, heads, D]``), so the chunks a rank receives,
+concatenated in rank order, are already the full sequence in order: the receive buffer is ``[S, T, B, N_local,
+D]`` and the backend reads q, k, v, gate as strided views of it, and writes its output straight into the
+return send buffer ``[S, B, N_local, D]`` (backends with ``writes_out``; others' output is copied there). Two
+copies per call remain, each one pass over the data in 8-byte words (``_copy_rows``):
+  1. pack: q, k, v, gate -> the send buffer, grouped by destination rank (its head slice), because
+     ``all_to_all_single`` needs each destination's chunk contiguous;
+  2. unpack: the returned chunks (grouped by source rank = head slice) -> ``[B, S_local, N, D]``.
+(Session 4's layout had two more, an unpack of the receive buffer and a pack of the output.)
 """
 
 from __future__ import annotations
@@ -114,7 +114,6 @@ class UlyssesAttention:
         self.head_offsets: tuple[int, ...] = _offsets(self.head_sizes)
         self.num_local_heads: int = self.head_sizes[sp_rank]
         self._even_heads = num_heads % sp_size == 0
-        self._even_seq = seq_plan.is_even
 
     @classmethod
     def from_mesh(
@@ -146,27 +145,31 @@ class UlyssesAttention:
 
         inputs = (q_BSND, k_BSND, v_BSND) if gate_BSND is None else (q_BSND, k_BSND, v_BSND, gate_BSND)
         B, S_local, N, D = q_BSND.shape
-        T = len(inputs)
+        T, S, n = len(inputs), self.seq_plan.seq_len, self.num_local_heads
 
-        # Forward exchange: token shard x all heads -> full sequence x local heads.
+        # Forward exchange: token shard x all heads -> full sequence x local heads; the receive buffer is
+        # [S, T, B, n, D] in sequence order (token-major chunks), read in place through strided views.
         send = self._pack_by_heads(inputs, B, S_local, D)
-        elems_per_token_head = T * B * D
-        send_splits = [elems_per_token_head * S_local * n for n in self.head_sizes]
-        recv_splits = [elems_per_token_head * s * self.num_local_heads for s in self.seq_plan.sizes]
+        send_splits = [T * B * D * S_local * h for h in self.head_sizes]
+        recv_splits = [T * B * D * s * n for s in self.seq_plan.sizes]
         recv = send.new_empty(sum(recv_splits))
         dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.sp_group)
-        local_TBNSD = self._unpack_by_tokens(recv, T, B, D)
+        recv_STBND = recv.view(S, T, B, n, D)
+        local_BNSD = [recv_STBND[:, t].permute(1, 2, 0, 3) for t in range(T)]
 
-        if self.num_local_heads == 0:
-            local_out_BNSD = local_TBNSD.new_empty((B, 0, self.seq_plan.seq_len, D))
-        else:
-            local_gate_BNSD = local_TBNSD[3] if T == 4 else None
-            local_out_BNSD = self.backend(local_TBNSD[0], local_TBNSD[1], local_TBNSD[2], local_gate_BNSD)
+        # The backend's output goes into the return send buffer [S, B, n, D]: token shard s's chunk is contiguous.
+        send_out = recv.new_empty(S * B * n * D)
+        out_BNSD = send_out.view(S, B, n, D).permute(1, 2, 0, 3)
+        if n > 0:
+            gate_local = local_BNSD[3] if T == 4 else None
+            if getattr(self.backend, "writes_out", False):
+                self.backend(*local_BNSD[:3], gate_local, out_BNSD=out_BNSD)
+            else:
+                self._pack_output(out_BNSD, self.backend(*local_BNSD[:3], gate_local))
 
         # Backward exchange: full sequence x local heads -> token shard x all heads.
-        send_out = self._pack_by_tokens(local_out_BNSD, B, D)
-        send_splits = [B * D * s * self.num_local_heads for s in self.seq_plan.sizes]
-        recv_splits = [B * D * S_local * n for n in self.head_sizes]
+        send_splits = [B * D * s * n for s in self.seq_plan.sizes]
+        recv_splits = [B * D * S_local * h for h in self.head_sizes]
         recv_out = send_out.new_empty(sum(recv_splits))
         dist.all_to_all_single(recv_out, send_out, recv_splits, send_splits, group=self.sp_group)
         return self._unpack_by_heads(recv_out, B, S_local, N, D)
@@ -174,68 +177,41 @@ class UlyssesAttention:
     # -- packing: each is exactly one pass over the data ------------------------------------------
 
     def _pack_by_heads(self, inputs: tuple[torch.Tensor, ...], B: int, S_local: int, D: int) -> torch.Tensor:
-        """``T x [B, S_local, N, D]`` -> 1-D buffer; chunk for rank r is ``[T, B, S_local, N_r, D]``."""
+        """``T x [B, S_local, N, D]`` -> 1-D buffer; chunk for rank r is ``[S_local, T, B, N_r, D]``."""
         T, sp = len(inputs), self.sp_size
         send = inputs[0].new_empty(T * B * S_local * self.num_heads * D)
         if self._even_heads:
             n = self.num_heads // sp
-            send_rTBSND = send.view(sp, T, B, S_local, n, D)
+            send_rSTBND = send.view(sp, S_local, T, B, n, D)
             for t, x_BSND in enumerate(inputs):
-                _copy_rows(send_rTBSND[:, t], x_BSND.unflatten(2, (sp, n)).permute(2, 0, 1, 3, 4))
+                _copy_rows(send_rSTBND[:, :, t], x_BSND.unflatten(2, (sp, n)).permute(2, 1, 0, 3, 4))
             return send
         start = 0
         for r, n in enumerate(self.head_sizes):
             if n == 0:
                 continue
-            chunk_TBSND = send[start : start + T * B * S_local * n * D].view(T, B, S_local, n, D)
+            chunk_STBND = send[start : start + T * B * S_local * n * D].view(S_local, T, B, n, D)
             heads = slice(self.head_offsets[r], self.head_offsets[r + 1])
             for t, x_BSND in enumerate(inputs):
-                _copy_rows(chunk_TBSND[t], x_BSND[:, :, heads])
+                _copy_rows(chunk_STBND[:, t], x_BSND[:, :, heads].transpose(0, 1))
             start += T * B * S_local * n * D
         return send
 
-    def _unpack_by_tokens(self, recv: torch.Tensor, T: int, B: int, D: int) -> torch.Tensor:
-        """1-D buffer of chunks ``[T, B, S_s, N_local, D]`` per source rank s -> ``[T, B, N_local, S, D]``."""
-        n, S, sp = self.num_local_heads, self.seq_plan.seq_len, self.sp_size
-        out_TBNSD = recv.new_empty((T, B, n, S, D))
-        if self._even_seq:
-            s = S // sp
-            recv_sTBSND = recv.view(sp, T, B, s, n, D)
-            _copy_rows(out_TBNSD.view(T, B, n, sp, s, D), recv_sTBSND.permute(1, 2, 4, 0, 3, 5))
-            return out_TBNSD
-        start = 0
-        for offset, s in zip(self.seq_plan.offsets[:-1], self.seq_plan.sizes, strict=True):
-            chunk_TBSND = recv[start : start + T * B * s * n * D].view(T, B, s, n, D)
-            _copy_rows(out_TBNSD[:, :, :, offset : offset + s], chunk_TBSND.transpose(2, 3))
-            start += T * B * s * n * D
-        return out_TBNSD
-
-    def _pack_by_tokens(self, out_BNSD: torch.Tensor, B: int, D: int) -> torch.Tensor:
-        """``[B, N_local, S, D]`` -> 1-D buffer; chunk for rank s is ``[B, S_s, N_local, D]``."""
-        n, S, sp = self.num_local_heads, self.seq_plan.seq_len, self.sp_size
-        send = out_BNSD.new_empty(B * S * n * D)
-        if self._even_seq:
-            s = S // sp
-            _copy_rows(send.view(sp, B, s, n, D), out_BNSD.unflatten(2, (sp, s)).permute(2, 0, 3, 1, 4))
-            return send
-        start = 0
-        for offset, s in zip(self.seq_plan.offsets[:-1], self.seq_plan.sizes, strict=True):
-            chunk_BSND = send[start : start + B * s * n * D].view(B, s, n, D)
-            _copy_rows(chunk_BSND, out_BNSD[:, :, offset : offset + s].transpose(1, 2))
-            start += B * s * n * D
-        return send
+    def _pack_output(self, out_BNSD: torch.Tensor, result_BNSD: torch.Tensor) -> None:
+        """A backend without ``writes_out``: its result -> the return send buffer (a third copy)."""
+        _copy_rows(out_BNSD, result_BNSD)
 
     def _unpack_by_heads(self, recv: torch.Tensor, B: int, S_local: int, N: int, D: int) -> torch.Tensor:
-        """1-D buffer of chunks ``[B, S_local, N_r, D]`` per source rank r -> ``[B, S_local, N, D]``."""
+        """1-D buffer of chunks ``[S_local, B, N_r, D]`` per source rank r -> ``[B, S_local, N, D]``."""
         sp = self.sp_size
         out_BSND = recv.new_empty((B, S_local, N, D))
         if self._even_heads:
             n = N // sp
-            _copy_rows(out_BSND.view(B, S_local, sp, n, D), recv.view(sp, B, S_local, n, D).permute(1, 2, 0, 3, 4))
+            _copy_rows(out_BSND.view(B, S_local, sp, n, D), recv.view(sp, S_local, B, n, D).permute(2, 1, 0, 3, 4))
             return out_BSND
         start = 0
         for r, n in enumerate(self.head_sizes):
-            chunk_BSND = recv[start : start + B * S_local * n * D].view(B, S_local, n, D)
-            _copy_rows(out_BSND[:, :, self.head_offsets[r] : self.head_offsets[r + 1]], chunk_BSND)
+            chunk_SBND = recv[start : start + B * S_local * n * D].view(S_local, B, n, D)
+            _copy_rows(out_BSND[:, :, self.head_offsets[r] : self.head_offsets[r + 1]], chunk_SBND.transpose(0, 1))
             start += B * S_local * n * D
         return out_BSND

@@ -95,6 +95,14 @@ def _check_layouts_and_means() -> None:
     expected = reference_vsa_fine(q, k, v, metadata.tile_offsets, block_index, coarse, gate)
     err = (strided - expected).norm() / expected.norm()
     assert err < 1e-4, f"strided layout: rel err {err:.2e}"
+    # Ulysses' receive buffer [S, 4, B, N, D] read in place, the output written into a [S, B, N, D] send buffer
+    recv = torch.stack([x.permute(2, 0, 1, 3) for x in (q, k, v, gate)], dim=1).contiguous()
+    tq, tk, tv, tg = (recv[:, i].permute(1, 2, 0, 3) for i in range(4))
+    send = torch.full((seq_len, batch, heads, head_dim), float("nan"))
+    token_major = vsa_fine_attention(tq, tk, tv, metadata.tile_offsets, block_index, coarse, tg,
+                                     out_BNSD=send.permute(1, 2, 0, 3))
+    assert token_major.data_ptr() == send.data_ptr()
+    torch.testing.assert_close(send.permute(1, 2, 0, 3), strided, rtol=0, atol=0)
     q_buffer = q.clone()  # out may alias q: every program reads its query rows before writing them
     in_place = vsa_fine_attention(q_buffer, k, v, metadata.tile_offsets, block_index, coarse, gate, out_BNSD=q_buffer)
     assert in_place.data_ptr() == q_buffer.data_ptr()
@@ -238,7 +246,7 @@ def test_gpu_kernel_d128_bf16() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layout", ["bnsd", "bsnd", "fused_qkv"])
+@pytest.mark.parametrize("layout", ["bnsd", "bsnd", "fused_qkv", "token_major"])
 @pytest.mark.parametrize("load_mode", [None, 0])
 def test_gpu_load_modes_and_layouts(layout: str, load_mode: int | None) -> None:
     """Every load path (default: host TMA descriptors where the layout allows, else and 0: masked pointer
@@ -258,9 +266,12 @@ def test_gpu_load_modes_and_layouts(layout: str, load_mode: int | None) -> None:
     elif layout == "bsnd":
         base = torch.randn(4, batch, seq_len, heads, head_dim, generator=gen).to(torch.bfloat16)
         views = lambda x: [t.transpose(1, 2) for t in x.unbind(0)]  # noqa: E731
-    else:  # views into one [B, S, 4, N, D] projection: no 2D row view, so masked pointer loads
+    elif layout == "fused_qkv":  # views into one [B, S, 4, N, D] projection: no 2D row view, masked pointer loads
         base = torch.randn(batch, seq_len, 4, heads, head_dim, generator=gen).to(torch.bfloat16)
         views = lambda x: [t.transpose(1, 2) for t in x.unbind(2)]  # noqa: E731
+    else:  # Ulysses' receive buffer [S, 4, B, N, D]: a 2D row view with batch and heads inside each token row
+        base = torch.randn(seq_len, 4, batch, heads, head_dim, generator=gen).to(torch.bfloat16)
+        views = lambda x: [t.permute(1, 2, 0, 3) for t in x.unbind(1)]  # noqa: E731
     coarse = torch.randn(batch, heads, num_tiles, head_dim, generator=gen).to(torch.bfloat16)
     scores = torch.rand(batch, heads, num_tiles, num_tiles, generator=gen)
     scores[..., -1] = 2.0  # the partial last tile in every selection
@@ -271,13 +282,16 @@ def test_gpu_load_modes_and_layouts(layout: str, load_mode: int | None) -> None:
     got = vsa_triton._launch(*dev[:3], offsets.cuda(), block_index.cuda(), coarse.cuda(), dev[3],
                              load_mode=load_mode)
     # the output keeps a dense q's layout; a q sliced out of a fused buffer gets a dense one in q's stride order
-    assert got.stride() == (dev[0].stride() if layout != "fused_qkv" else torch.empty_like(dev[0]).stride())
+    dense_q = layout in ("bnsd", "bsnd")
+    assert got.stride() == (dev[0].stride() if dense_q else torch.empty_like(dev[0]).stride())
+    if load_mode is None:  # the layouts with a 2D row view take the TMA path
+        assert (vsa_triton._default_load_mode(*dev[:3]) == 2) == (layout != "fused_qkv")
     err = (got.float().cpu() - expected).norm() / expected.norm()
     assert err < 1e-2, f"{layout} load_mode={load_mode}: rel err {err:.2e}"
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layout", ["bnsd", "bsnd"])
+@pytest.mark.parametrize("layout", ["bnsd", "bsnd", "token_major"])
 @pytest.mark.parametrize("config", [dict(), dict(stages=2), dict(row_box=32), dict(row_box=64)])
 def test_gpu_gluon_kernel_matches_reference(layout: str, config: dict) -> None:
     """The Gluon fine kernel (load mode 3) against the fp32 reference: partial query and key tiles in the middle
@@ -296,9 +310,12 @@ def test_gpu_gluon_kernel_matches_reference(layout: str, config: dict) -> None:
     base = torch.randn(shape, generator=gen)
     if layout == "bsnd":
         base = base.transpose(2, 3)
+    if layout == "token_major":  # Ulysses' receive buffer [S, 4, B, N, D]
+        base = torch.randn(seq_len, 4, batch, heads, 128, generator=gen).permute(1, 2, 3, 0, 4)
     base[0, :, 1] *= 4.0  # head 1: growing logits, so the running max moves by far more than 2**8
     base[1, :, 1] *= torch.linspace(0.5, 6.0, seq_len)[:, None]
     q, k, v, gate = base.to(torch.bfloat16).unbind(0)
+    dev_all = base.to(torch.bfloat16).cuda().unbind(0)  # sliced on the GPU: the views keep their strides
     coarse = torch.randn(batch, heads, num_tiles, 128, generator=gen).to(torch.bfloat16)
     for topk in (1, 2, 3, 4, 9, num_tiles):
         scores = torch.rand(batch, heads, num_tiles, num_tiles, generator=gen)
@@ -309,14 +326,18 @@ def test_gpu_gluon_kernel_matches_reference(layout: str, config: dict) -> None:
         for with_gate in (False, True):
             g, c = (gate, coarse) if with_gate else (None, None)
             expected = reference_vsa_fine(q, k, v, offsets, block_index, c, g)
-            dev = [t.cuda() for t in (q, k, v)]
-            for into_q in (False, True):
+            dev = list(dev_all[:3])
+            send = torch.empty(seq_len, batch, heads, 128, device="cuda", dtype=torch.bfloat16)  # Ulysses' send
+            outs = {"new": None, "into_q": dev[0], "send": send.permute(1, 2, 0, 3)}
+            for into_q, out in outs.items():
+                if into_q == "send" and layout != "token_major":
+                    continue
                 got = vsa_triton._launch(*dev, offsets.cuda(), spans, None if c is None else c.cuda(),
-                                         None if g is None else g.cuda(), load_mode=3, config=config, spans=True,
-                                         out=dev[0] if into_q else None)
-                assert got.stride() == dev[0].stride()
+                                         None if g is None else dev_all[3], load_mode=3, config=config, spans=True,
+                                         out=out)
+                assert got.stride() == (torch.empty_like(dev[0]) if out is None else out).stride()
                 err = (got.float().cpu() - expected).norm() / expected.norm()
-                assert err < 1e-2, f"{layout} {config} topk={topk} gate={with_gate} into_q={into_q}: {err:.2e}"
+                assert err < 1e-2, f"{layout} {config} topk={topk} gate={with_gate} out={into_q}: {err:.2e}"
 
 
 @pytest.mark.gpu
@@ -411,3 +432,31 @@ if __name__ == "__main__":
     else:
         _check_case(getattr(torch, sys.argv[1]), int(sys.argv[2]), seed=int(sys.argv[2]))
     print("ok")
+
+
+@pytest.mark.parametrize("layout", ["bsnd", "bnsd", "token_major", "token_major_b1", "fused_qkv"])
+def test_host_desc_view_addresses_every_row(layout: str) -> None:
+    """The TMA path's 2D row view: token s of (b, n) sits at row b*row_b + n*row_n + s, columns b*col_b + n*col_n
+    onwards, for each layout it accepts; a fused [B, S, 4, N, D] slice (no uniform row pitch) gets None."""
+    from attention.vsa_triton import _host_desc_view
+
+    B, N, S, D = (1 if layout == "token_major_b1" else 2), 3, 11, 16
+    base = torch.randn(S * 4 * B * N * D)
+    if layout == "bsnd":
+        x = base[: B * S * N * D].view(B, S, N, D).transpose(1, 2)
+    elif layout == "bnsd":
+        x = base[: B * N * S * D].view(B, N, S, D)
+    elif layout.startswith("token_major"):
+        x = base.view(S, 4, B, N, D)[:, 2].permute(1, 2, 0, 3)  # the third input of Ulysses' receive buffer
+    else:
+        x = base.view(B, S, 4, N, D)[:, :, 1].transpose(1, 2)
+    view = _host_desc_view(x)
+    if layout == "fused_qkv":
+        assert view is None
+        return
+    rows, row_b, row_n, col_n, col_b = view
+    for b in range(B):
+        for n in range(N):
+            for s in range(S):
+                col = b * col_b + n * col_n
+                assert torch.equal(rows[b * row_b + n * row_n + s, col : col + D], x[b, n, s]), (b, n, s)
