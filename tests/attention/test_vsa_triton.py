@@ -315,7 +315,6 @@ def test_gpu_gluon_kernel_matches_reference(layout: str, config: dict) -> None:
     base[0, :, 1] *= 4.0  # head 1: growing logits, so the running max moves by far more than 2**8
     base[1, :, 1] *= torch.linspace(0.5, 6.0, seq_len)[:, None]
     q, k, v, gate = base.to(torch.bfloat16).unbind(0)
-    dev_all = base.to(torch.bfloat16).cuda().unbind(0)  # sliced on the GPU: the views keep their strides
     coarse = torch.randn(batch, heads, num_tiles, 128, generator=gen).to(torch.bfloat16)
     for topk in (1, 2, 3, 4, 9, num_tiles):
         scores = torch.rand(batch, heads, num_tiles, num_tiles, generator=gen)
@@ -326,9 +325,10 @@ def test_gpu_gluon_kernel_matches_reference(layout: str, config: dict) -> None:
         for with_gate in (False, True):
             g, c = (gate, coarse) if with_gate else (None, None)
             expected = reference_vsa_fine(q, k, v, offsets, block_index, c, g)
+            dev_all = base.to(torch.bfloat16).cuda().unbind(0)  # fresh (into_q overwrites q); sliced on the GPU
             dev = list(dev_all[:3])
             send = torch.empty(seq_len, batch, heads, 128, device="cuda", dtype=torch.bfloat16)  # Ulysses' send
-            outs = {"new": None, "into_q": dev[0], "send": send.permute(1, 2, 0, 3)}
+            outs = {"new": None, "send": send.permute(1, 2, 0, 3), "into_q": dev[0]}  # into_q last: it overwrites q
             for into_q, out in outs.items():
                 if into_q == "send" and layout != "token_major":
                     continue
