@@ -1,9 +1,10 @@
 """CUDA-graph replay of the DiT forward: the host's launch work runs once per step plan, not once per step.
 
 Each block launches ~20 kernels through Python (torch.compile's wrappers, four VSA launches with TMA descriptors,
-the Ulysses copies); on the device runs' hosts that is ~2.5-3.5 ms per block. One rank's share of a 4-rank 1.3B
-forward takes ~2 ms of GPU time per block under VSA, so without graphs the host sets the pace there
-(`bench/dit_forward.py --sp 4`). A replay launches the whole forward at once.
+the Ulysses copies). When a rank's GPU work per block gets short, the host sets the pace: one rank of an 8-rank
+1.3B VSA forward took 97 ms eager and 34 ms replayed (`bench/dit_forward.py --sp 8 --cuda-graph`, fake process
+group, session 5). A replay launches the whole forward at once. Build one GraphedForward per request: graphs are
+keyed by the forward context's identity.
 
 One graph per (forward context, input shapes): a request has one context per distinct step plan (dense steps,
 per-step sparsity), all graphs share one memory pool (they never run at once, and each keeps only its static
