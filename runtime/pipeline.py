@@ -151,7 +151,8 @@ def _generate(
     scheduler.prepare(device, torch.float32)
     timesteps = scheduler.timesteps.to(device)
     state = build_request_state(model, plan, token_grid(cfg, model_cfg), mesh, VSAMetadataCache())
-    forward = GraphedForward(model, resolve_cuda_graphs(cfg.model.cuda_graphs, device, mesh.world_size))
+    graphs = resolve_cuda_graphs(cfg.model.cuda_graphs, device, mesh.world_size)
+    forward = GraphedForward(model, enabled=graphs != "never", adaptive=graphs == "adaptive")
     warmup_collectives(mesh)
     t_loop = time.perf_counter()
 
@@ -199,8 +200,7 @@ def _generate(
         },
         "step_seconds": step_seconds,
         "denoise_seconds": loop_seconds,
-        "cuda_graphs": {"enabled": forward.enabled, "graphs": len(forward.graphs),
-                        "disabled_because": forward.disabled_because},
+        "cuda_graphs": forward.report(),
     }
     del forward  # its graphs hold the forward's activations in their memory pool
     if is_main:

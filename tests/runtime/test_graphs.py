@@ -10,16 +10,22 @@ from attention import VSAMetadataCache
 from models import WanConfig, build_wan_on_meta, materialize_random_
 from parallel import build_mesh
 from runtime import AttentionConfig, build_attention_plan
-from runtime.graphs import GraphedForward, resolve_cuda_graphs
+from runtime.graphs import GraphedForward, host_bound, resolve_cuda_graphs
 from runtime.request import build_request_state
 
 
 @pytest.mark.parametrize(("setting", "device", "world", "expected"), [
-    ("auto", "cpu", 1, False), ("true", "cpu", 1, False), ("auto", "cuda", 1, True), ("auto", "cuda", 2, False),
-    ("True", "cuda", 4, True), ("False", "cuda", 1, False), ("false", "cuda", 1, False),
+    ("auto", "cpu", 1, "never"), ("true", "cpu", 1, "never"), ("auto", "cuda", 1, "adaptive"),
+    ("auto", "cuda", 2, "never"), ("True", "cuda", 4, "always"), ("False", "cuda", 1, "never"),
+    ("false", "cuda", 1, "never"),
 ])
 def test_resolve_cuda_graphs(setting, device, world, expected):
-    assert resolve_cuda_graphs(setting, torch.device(device), world) is expected
+    assert resolve_cuda_graphs(setting, torch.device(device), world) == expected
+
+
+def test_host_bound_compares_issue_time_with_the_span():
+    assert host_bound(0.097, 0.099)  # sp 8 eager: the GPU waits for the launches
+    assert not host_bound(0.09, 0.44)  # 1.3B at one rank: the GPU sets the pace
 
 
 def test_disabled_is_the_plain_forward():
@@ -67,6 +73,32 @@ def test_gpu_replays_equal_the_eager_forward():
                 assert got.data_ptr() not in {entry[2].data_ptr() for entry in forward.graphs.values()}
                 assert torch.equal(got, expected), (rep, step, (got.float() - expected.float()).abs().max())
     assert forward.enabled and forward.disabled_because is None and len(forward.graphs) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bound", ["host", "gpu"])
+def test_gpu_adaptive_captures_only_host_bound_plans(bound, monkeypatch):
+    """auto: two eager calls per plan (compile, then timed), then a capture only if the timed call was
+    host-bound; every output equals the eager forward either way."""
+    import runtime.graphs as graphs
+
+    monkeypatch.setattr(graphs, "host_bound", lambda host, span: bound == "host")
+    device = torch.device("cuda")
+    model, state, grid = _request(device)
+    forward = GraphedForward(model, enabled=True, adaptive=True)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    text = torch.randn(2, 7, 24, device=device, generator=gen, dtype=torch.bfloat16)
+    ctx = state.context_for_step(1)
+    with torch.inference_mode():
+        for call in range(4):
+            latents = torch.randn(2, 4, grid[0], 2 * grid[1], 2 * grid[2], device=device, generator=gen,
+                                  dtype=torch.bfloat16)
+            timestep = torch.tensor([700.0, 10.0 * call], device=device)
+            got = forward(latents, timestep, text, ctx=ctx)
+            assert torch.equal(got, model(latents, timestep, text, ctx=ctx)), call
+            assert len(forward.graphs) == (1 if bound == "host" and call >= 2 else 0), call
+    (probe,) = forward.report()["probes"]
+    assert probe["host_bound"] == (bound == "host") and probe["span_s"] > 0 and probe["host_s"] > 0
 
 
 @pytest.mark.gpu
