@@ -310,7 +310,8 @@ def gluon_fine_supported(q: torch.Tensor) -> bool:
 def launch_gluon_fine(views, out_view, out: torch.Tensor, tile_offsets: torch.Tensor, spans: torch.Tensor,
                       coarse: torch.Tensor | None, gate_view, qk_scale: float, stages: int = STAGES,
                       row_box: int = ROW_BOX) -> torch.Tensor:
-    """views: (2D row view, row_b, row_n, col_n) of q, k, v (shared geometry); gate_view the gate's (or None);
+    """views: (2D row view, row_b, row_n, col_n, col_b) of q, k, v (``vsa_triton._host_desc_view``, one shared
+    geometry); gate_view the gate's (or None);
     out_view the output's. spans: int32 [B, N, T, topk] packed key spans, in any order (whole tiles first wastes
     the fewest boxes). row_box: rows per box of the key stream (16, 32 or 64, the sizes the GPU tests check; 64
     gives every partial tile a block of its own). Writes out and returns it."""

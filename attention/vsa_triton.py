@@ -289,31 +289,38 @@ _vsa_fine_kernel_tuned = triton.autotune(
 _TMA_CONFIGS = {2: dict(num_warps=4, num_stages=3)}
 
 
-def _default_load_mode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
-    """2 (TMA, host descriptors) on Hopper and newer for 16-bit D=128 inputs in a BSND- or BNSD-contiguous layout,
-    else 0 (masked pointer loads)."""
+def _tma_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list | None:
+    """The TMA row views (``_host_desc_view``) of q, k, v when load mode 2 serves them: Hopper and newer, 16-bit,
+    D = 128, a layout with a 2D row view; else None."""
     if not q.is_cuda or _INTERPRET or q.dtype not in (torch.bfloat16, torch.float16):
-        return 0
+        return None
     if torch.cuda.get_device_capability(q.device)[0] < 9 or q.shape[-1] != 128:
-        return 0  # the TMA path is measured and checked on GPU at D = 128 only
-    return 2 if all(_host_desc_view(x) is not None for x in (q, k, v)) else 0
+        return None  # the TMA path is measured and checked on GPU at D = 128 only
+    views = [_host_desc_view(x) for x in (q, k, v)]
+    return None if any(view is None for view in views) else views
+
+
+def _default_load_mode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    """2 (TMA, host descriptors) where ``_tma_views`` serves q, k, v, else 0 (masked pointer loads)."""
+    return 0 if _tma_views(q, k, v) is None else 2
 
 
 _GLUON_BROKEN: list[str] = []  # why the Gluon kernel did not compile in this process, if it did not
 
 
-def _gluon_views(q, k, v, out, gate) -> list | None:
+def _gluon_views(q, k, v, out, gate, qkv_views: list | None = None) -> list | None:
     """The TMA row views (``_host_desc_view``) of q, k, v, out and gate (None for no gate) when the Gluon kernel
     (load mode 3) takes this call, else None. Called where load mode 2 already holds (CUDA, 16-bit, D = 128,
-    views of q, k, v); it adds: compute capability 9.x, views of out and the gate, the kernel compiled with this
-    triton, and TESSERA_VSA_GLUON=0 not set."""
+    views of q, k, v: ``qkv_views`` when the caller has them); it adds: compute capability 9.x, views of out and
+    the gate, the kernel compiled with this triton, and TESSERA_VSA_GLUON=0 not set."""
     if os.environ.get("TESSERA_VSA_GLUON", "1") == "0" or _GLUON_BROKEN:
         return None
     from attention.vsa_gluon import gluon_fine_supported
 
     if not gluon_fine_supported(q):
         return None
-    views = [None if x is None else _host_desc_view(x) for x in (q, k, v, out, gate)]
+    qkv_views = qkv_views or [_host_desc_view(x) for x in (q, k, v)]
+    views = [*qkv_views, *(None if x is None else _host_desc_view(x) for x in (out, gate))]
     if any(view is None for view in views[:4]) or (gate is not None and views[4] is None):
         return None
     return views
@@ -377,13 +384,15 @@ def _launch(
     gate_arg = gate if has_gate else q  # never read when HAS_GATE is False
     coarse_arg = coarse if has_gate else q
     grid = (num_tiles, batch * heads)
-    mode = _default_load_mode(q, k, v) if load_mode is None else load_mode
+    qkv_views = _tma_views(q, k, v) if load_mode is None else None  # built once per call (host time)
+    mode = (0 if qkv_views is None else 2) if load_mode is None else load_mode
     gluon_tensors = (q, k, v, out, gate if has_gate else None)
     gluon_rest = (out, coarse if has_gate else None, tile_offsets, block_index)
     if mode == 3:  # forced (benchmarks, tests): packed spans and TMA views required
         views = [None if x is None else _host_desc_view(x) for x in gluon_tensors]
         return _run_gluon(views, *gluon_rest, config, forced=True)
-    views = _gluon_views(*gluon_tensors) if spans and load_mode is None and config is None and mode == 2 else None
+    use_gluon = spans and load_mode is None and config is None and mode == 2
+    views = _gluon_views(*gluon_tensors, qkv_views) if use_gluon else None
     if views is not None:
         result = _run_gluon(views, *gluon_rest, None, forced=False)
         if result is not None:
@@ -392,7 +401,7 @@ def _launch(
     if mode == 2:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        views = [_host_desc_view(x) for x in (q, k, v)]
+        views = qkv_views or [_host_desc_view(x) for x in (q, k, v)]
         qkv = tuple(TensorDescriptor.from_tensor(view[0], [_TILE_TOKENS, head_dim]) for view in views)
         desc_geometry = views[0][1:]
     args = (*qkv, out, gate_arg, coarse_arg, *q.stride()[:3], *out.stride()[:3], *desc_geometry, tile_offsets,

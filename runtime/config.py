@@ -25,8 +25,9 @@ class ModelConfig:
     preset: str = "wan-tiny"
     path: str | None = None
     dtype: str = "float32"
-    # Replay each step's DiT forward from a CUDA graph (runtime/graphs.py): "auto" (on CUDA with one rank),
-    # "true" (also under SP / CFG-parallel, capturing the NCCL collectives), "false".
+    # Replay each step's DiT forward from a CUDA graph (runtime/graphs.py): "auto" (on CUDA with one rank, only
+    # the step plans a timed forward finds host-paced), "true" (always, also under SP / CFG-parallel, capturing
+    # the NCCL collectives), "false".
     cuda_graphs: str = "auto"
 
 
