@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session: carried wheels, GPU-tier tests, attention micro-benchmark (with the FastVideo peer),
 # DiT forward benchmarks. Run from the repo root on the device machine; results land in ${OUT:-bench_out}.
-#   bash bench/gpu_suite.sh [tests] [attention] [variants] [profile] [dit13] [dit14] [sp13] [e2e] [sp2 (2 GPUs)]   (default: tests attention dit13 dit14)
+#   bash bench/gpu_suite.sh [tests] [product] [attention] [variants] [profile] [dit13] [dit14] [sp13] [e2e] [sp2 (2 GPUs)]   (default: tests attention dit13 dit14)
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -18,6 +18,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for part in $parts; do
   case $part in
     tests) python3 -m pytest -q -m gpu tests/attention/test_vsa_triton.py tests/models/test_qk_norm_rope.py tests/models/test_modulated_norm.py tests/models/test_wan.py tests/runtime/test_scheduler.py tests/runtime/test_graphs.py 2>&1 | tee "$OUT/tests.log" ;;
+    product) python3 -m pytest -q -m gpu -s -rA tests/launch/test_cli_gpu.py 2>&1 | tee "$OUT/product.log" ;;
     attention) python3 bench/attention.py --peer --out "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" ;;
     variants) python3 bench/attention.py --sparsity 0.9 --variants --out "$OUT/variants.json" 2>&1 | tee "$OUT/variants.log" ;;
     profile) python3 bench/profile_vsa.py --forward 2>&1 | tee "$OUT/profile.log" ;;

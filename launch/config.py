@@ -3,24 +3,36 @@
 Merge order, lowest first: schema defaults, the preset's `defaults`, the checkpoint's defaults (flow_shift from
 a diffusers `scheduler/scheduler_config.json`), the command line. With `model.path` the architecture comes from
 the checkpoint's config; an explicitly set `model.preset` must agree with it. Every user error is a
-ValueError/TypeError naming the key and the fix, raised before any process group or weight load.
+ValueError/TypeError naming the key and the fix, raised before any process group or weight load. `prompt` and
+`negative_prompt` are taken verbatim (never parsed as YAML); `parallel.sp=auto` becomes an int here.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import fields, is_dataclass
+import re
+from dataclasses import MISSING, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from runtime import PRESETS, GenerateConfig
 from runtime.checkpoint import arch_mismatches, resolve_model
+from runtime.config import fix_example, schema_field
+from runtime.output import next_numbered_path
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 ALIASES = {"VSA_sparsity": "attention.sparsity", "attention.VSA_sparsity": "attention.sparsity"}
+# Free text, taken verbatim: never parsed as YAML ("a fox: running" stays text, `negative_prompt=` is "").
+TEXT_KEYS = ("prompt", "negative_prompt")
+# What a value of each annotated schema type looks like, for type errors.
+_KINDS = {
+    "int": "a whole number", "float": "a number", "bool": "true or false", "str": "a single word",
+    "str | None": "a path or null", "int | str": "auto or a whole number", "list[int]": "a list of whole numbers",
+}
 
 
 def all_keys(schema: Any = GenerateConfig, prefix: str = "") -> dict[str, Any]:
@@ -64,9 +76,13 @@ def parse_overrides(argv: list[str]) -> list[str]:
     return dotlist
 
 
-def resolve_config(argv: list[str]) -> tuple[GenerateConfig, dict]:
-    """Command-line overrides -> (validated-type GenerateConfig, preset architecture dict)."""
-    overrides = OmegaConf.from_dotlist(parse_overrides(argv))
+def resolve_config(argv: list[str], world_size: int = 1) -> tuple[GenerateConfig, dict]:
+    """Command-line overrides -> (validated-type GenerateConfig, preset architecture dict).
+
+    `world_size` is the number of ranks (torchrun's WORLD_SIZE): `parallel.sp=auto` becomes world_size //
+    parallel.cfg here, so everything after launch sees an int (`validate(world_size=...)` reports a misfit)."""
+    dotlist = parse_overrides(argv)
+    text, overrides = _parse_values(dotlist)
     preset = OmegaConf.select(overrides, "model.preset", default=GenerateConfig().model.preset)
     arch, preset_defaults = load_preset(str(preset))
     path = OmegaConf.select(overrides, "model.path", default=None)
@@ -85,25 +101,106 @@ def resolve_config(argv: list[str]) -> tuple[GenerateConfig, dict]:
         )
         cfg = OmegaConf.to_object(merged)
     except ConfigKeyError as err:  # unknown keys are caught above; this is a preset file error
-        raise ValueError(f"bad key in preset {preset!r}: {err.msg}") from None
+        raise ValueError(f"bad key in preset {preset!r}: {_first_line(err.msg)}") from None
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        raise TypeError(f"{key}: {err.msg}. Check the type of {key} (see --help for its default).") from None
+        raise _type_error(err, dict(item.split("=", 1) for item in dotlist)) from None
+    cfg = replace(cfg, **text).resolved(world_size)
+    if cfg.output.path is None:  # each run gets a new file; an explicit path is never silently renamed
+        cfg = replace(cfg, output=replace(cfg.output, path=str(next_numbered_path())))
     return cfg, arch
 
 
-def help_text() -> str:
+def _parse_values(dotlist: list[str]) -> tuple[dict[str, str], DictConfig]:
+    """(verbatim free-text values, OmegaConf of the rest); one ValueError naming the key for unreadable syntax."""
+    text, parsed = {}, []
+    for item in dotlist:
+        key, _, value = item.partition("=")
+        if key in TEXT_KEYS:
+            text[key] = value
+            continue
+        try:
+            parsed.append(OmegaConf.from_dotlist([item]))
+        except (yaml.YAMLError, OmegaConfBaseException):
+            why = "its brackets do not match" if value.count("[") != value.count("]") else (
+                "it is not a number, a word or a list such as [1,2] (expressions are not evaluated)"
+            )
+            raise ValueError(f"{key}={value} cannot be read: {why}. Fix: {fix_example(key)}.") from None
+    return text, OmegaConf.merge(OmegaConf.create(), *parsed)
+
+
+def _type_error(err: OmegaConfBaseException, given: dict[str, str]) -> TypeError:
+    """A one-line TypeError naming the key, the value given and an example of the right syntax."""
+    key = re.sub(r"\[\d+\]$", "", getattr(err, "full_key", None) or "")
+    try:
+        annotation = str(schema_field(key).type)
+    except KeyError:
+        return TypeError(f"{key or '?'}: {_first_line(err.msg)}. Check the type of {key or 'the value'} (see --help).")
+    value = given.get(key, getattr(err, "value", "?"))
+    return TypeError(f"{key}={value} must be {_KINDS.get(annotation, annotation)}. Fix: {fix_example(key)}.")
+
+
+def _first_line(message: str) -> str:
+    return message.splitlines()[0] if message else ""
+
+
+def describe_keys(schema: Any = GenerateConfig, prefix: str = "") -> dict[str, str]:
+    """Flattened `key -> one-line description`, from the schema's field metadata."""
+    docs: dict[str, str] = {}
+    for f in fields(schema):
+        if f.default_factory is not MISSING and is_dataclass(f.default_factory):
+            docs.update(describe_keys(f.default_factory, f"{prefix}{f.name}."))
+        else:
+            docs[f"{prefix}{f.name}"] = f.metadata.get("help", "")
+    return docs
+
+
+def help_text(argv: list[str] | None = None) -> str:
+    """Every key, grouped by section, with its description and its default under the preset named in `argv`."""
+    requested = next((arg.split("=", 1)[1] for arg in reversed(argv or [])
+                      if arg.strip().lstrip("+").startswith("model.preset=")), None)
+    preset = requested if requested in PRESETS else GenerateConfig().model.preset
+    defaults = {**all_keys(), **_flatten(load_preset(preset)[1]), "model.preset": preset}
     lines = [
         "usage: [torchrun --nproc_per_node=N] launch/generate.py [key=value ...]",
         "",
-        "Generate a video with a Wan2.1 DiT. Every key and its default (presets may change generation defaults):",
+        "Generate a video with a Wan2.1 DiT. Defaults are those of model.preset=" + preset
+        + " (add model.preset=<name> to --help for another preset's).",
     ]
-    for key, default in all_keys().items():
-        lines.append(f"  {key:<26} {default!r}")
+    if requested is not None and requested not in PRESETS:
+        lines.append(f"(model.preset={requested} is unknown; presets: {', '.join(PRESETS)})")
+    docs = describe_keys()
+    width = max(map(len, docs)) + 2
+    section = None
+    for key, doc in docs.items():
+        name = f"{key.split('.')[0]}.*" if "." in key else "generation"
+        if name != section:
+            section = name
+            lines += ["", f"{name}:"]
+        lines.append(f"  {key:<{width}}{doc} (default: {_show(defaults[key])})")
     lines += [
         "",
-        f"presets (model.preset): {', '.join(PRESETS)}",
-        "alias: VSA_sparsity=<x> is attention.sparsity=<x>",
-        "example: torchrun --nproc_per_node=2 launch/generate.py parallel.sp=2 prompt='a red fox in snow'",
+        "alias: VSA_sparsity=<x> is attention.sparsity=<x>; prompt and negative_prompt are taken verbatim",
+        "example: torchrun --nproc_per_node=2 launch/generate.py prompt='a red fox in snow' attention.backend=vsa",
     ]
     return "\n".join(lines)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def _show(value: Any) -> str:
+    """A default as one would type it on the command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return repr(value) if value == "" else str(value)

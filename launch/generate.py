@@ -13,9 +13,12 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
+
+import torch
 
 if __package__ in (None, ""):  # run as a script: make the repo's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,16 +32,20 @@ from runtime import (  # noqa: E402
 )
 from runtime.faults import FAULT_ENV, parse_fault_spec  # noqa: E402
 from runtime.guards import Interrupted, NonFiniteLatentsError, RankFailure, is_peer_loss, verify_same_config  # noqa: E402
+from runtime.preflight import preflight_request  # noqa: E402
 
 EXIT_FAILURE = 1
 EXIT_USER_ERROR = 2
+ONE_GPU_ENV = "TESSERA_TEST_ONE_GPU"
+_PEER_EXIT_GRACE_S = 2.0
 _USER_ERRORS = (ValueError, TypeError, FileExistsError)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(arg in ("-h", "--help") for arg in argv):
-        print(help_text())
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the argv: print once
+            print(help_text(argv))
         return 0
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -57,15 +64,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str], rank: int, world_size: int, guard: _SignalGuard) -> int:
+    share_one_gpu = os.environ.get(ONE_GPU_ENV) == "1"  # test-only: every rank on cuda:0 over gloo (README)
     try:
         faults = parse_fault_spec(os.environ.get(FAULT_ENV, ""))  # test-only hook, parsed once (README)
-        cfg, arch = resolve_config([*argv, *faults.overrides_for(rank)])
+        cfg, arch = resolve_config([*argv, *faults.overrides_for(rank)], world_size=world_size)
         cfg.validate(world_size=world_size)
+        # Outputs writable and the request within memory: on every rank, before the group or any weights.
+        device, sharing = _planned_device(share_one_gpu)
+        preflight_request(cfg, arch, rank=rank, device=device, ranks_sharing_device=sharing)
     except (ValueError, TypeError) as err:
         return _user_error(rank, err)
 
     try:
-        _, _, _, device = init_process_group_from_env(cfg.parallel.timeout_s)
+        _, _, _, device = init_process_group_from_env(cfg.parallel.timeout_s, share_one_gpu=share_one_gpu)
         verify_same_config(cfg, arch)  # one all_gather_object: a rank with other arguments fails here
         _generate_on_mesh(cfg, arch, device, faults)
     except RankFailure as failure:
@@ -133,9 +144,24 @@ def _signals_raise_interrupted() -> Iterator[_SignalGuard]:
             signal.signal(sig, handler)
 
 
+def _planned_device(share_one_gpu: bool) -> tuple[torch.device, int]:
+    """(device this rank will run on, how many ranks of this job share its memory), before any process group:
+    torchrun's LOCAL_RANK (never assumed equal to RANK) and LOCAL_WORLD_SIZE."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if not torch.cuda.is_available():
+        return torch.device("cpu"), local_world  # the ranks of one host share its RAM
+    if share_one_gpu:
+        return torch.device("cuda", 0), local_world
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))), 1
+
+
 def _user_error(rank: int, err: Exception) -> int:
+    """Rank 0 prints the error (every rank found the same one); the others wait a moment before exiting, so that
+    torchrun's SIGTERM (sent once any rank exits) does not reach rank 0 before it has printed."""
     if rank == 0:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(_PEER_EXIT_GRACE_S)
     return EXIT_USER_ERROR
 
 

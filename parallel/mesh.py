@@ -115,14 +115,17 @@ def _axis_group(rank_lists: list[list[int]], mine: int, world_size: int) -> dist
 
 
 def init_process_group_from_env(
-    timeout_s: float, *, device_type: str | None = None
+    timeout_s: float, *, device_type: str | None = None, share_one_gpu: bool = False
 ) -> tuple[int, int, int, torch.device]:
     """Initialise the default process group from torchrun's env vars -> ``(rank, world, local_rank, device)``.
 
     NCCL on CUDA (device ``cuda:LOCAL_RANK``, made current), gloo on CPU. ``device_type`` forces
     ``"cuda"`` or ``"cpu"`` (default: CUDA when available). Without the env vars (a plain ``python``
-    run), or with ``WORLD_SIZE=1``, no process group is created and world 1 is returned.
-    ``timeout_s`` bounds every collective: a rank that dies makes the others fail instead of hang.
+    run), or with ``WORLD_SIZE=1``, no process group is created and world 1 is returned; the CUDA device is
+    made current in every case (the allocator's per-device calls need it). ``timeout_s`` bounds every
+    collective: a rank that dies makes the others fail instead of hang. ``share_one_gpu`` (tests only: one GPU
+    at hand) puts every rank on ``cuda:0`` with gloo, which stages CUDA tensors through the host; NCCL
+    refuses two ranks on one device.
     """
     if timeout_s <= 0:
         raise ValueError(f"parallel.timeout_s must be > 0 seconds, got {timeout_s}")
@@ -134,17 +137,12 @@ def init_process_group_from_env(
         raise ValueError("device_type='cuda' but CUDA is not available; use device_type='cpu'")
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
-        return 0, 1, 0, device
+        return 0, 1, 0, _current_device(device_type, 0)
     missing = [name for name in _TORCHRUN_VARS if name not in os.environ]
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # never assumed equal to RANK (several nodes)
+    device = _current_device(device_type, 0 if share_one_gpu else local_rank)
     if world_size == 1:
         return rank, world_size, local_rank, device
     if missing:
@@ -154,7 +152,7 @@ def init_process_group_from_env(
         )
     if dist.is_initialized():
         raise RuntimeError("init_process_group_from_env: a default process group is already initialised")
-    backend = "nccl" if device_type == "cuda" else "gloo"
+    backend = "nccl" if device_type == "cuda" and not share_one_gpu else "gloo"
     kwargs = {"device_id": device} if backend == "nccl" else {}
     dist.init_process_group(
         backend=backend,
@@ -165,6 +163,15 @@ def init_process_group_from_env(
         **kwargs,
     )
     return rank, world_size, local_rank, device
+
+
+def _current_device(device_type: str, index: int) -> torch.device:
+    """The rank's device; a CUDA device is made current (torch.cuda calls without an index use it)."""
+    if device_type != "cuda":
+        return torch.device("cpu")
+    device = torch.device("cuda", index)
+    torch.cuda.set_device(device)
+    return device
 
 
 def warmup_collectives(mesh: ParallelMesh) -> None:

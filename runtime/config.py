@@ -7,7 +7,7 @@ Every user error is a ValueError/TypeError that names the key, the bad value and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,60 +20,94 @@ BACKENDS = ("dense", "vsa", "auto")
 CUDA_GRAPHS = ("auto", "true", "false")  # OmegaConf turns true/on into "True": compared lower-cased
 
 
+def _key(default: Any = MISSING, *, doc: str, example: str | tuple[str, ...], factory: Any = MISSING) -> Any:
+    """A schema field with its one-line `--help` text and example values: the one source of both."""
+    examples = (example,) if isinstance(example, str) else example
+    return field(default=default, default_factory=factory, metadata={"help": doc, "examples": examples})
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    preset: str = "wan-tiny"
-    path: str | None = None
-    dtype: str = "float32"
+    preset: str = _key("wan-tiny", doc=f"architecture + generation defaults: {', '.join(PRESETS)}",
+                       example="wan2.1-t2v-1.3b")
+    path: str | None = _key(None, doc="local checkpoint: a diffusers directory, a folder of .safetensors or one "
+                            ".safetensors file", example="/ckpt/Wan2.1-T2V-1.3B-Diffusers")
+    dtype: str = _key("float32", doc=f"weight and compute dtype: {', '.join(DTYPES)}", example="bfloat16")
     # Replay each step's DiT forward from a CUDA graph (runtime/graphs.py): "auto" (on CUDA with one rank, only
     # the step plans a timed forward finds host-paced), "true" (always, also under SP / CFG-parallel, capturing
     # the NCCL collectives), "false".
-    cuda_graphs: str = "auto"
+    cuda_graphs: str = _key("auto", doc="replay each step's forward from a CUDA graph: auto, true or false",
+                            example="false")
+    # Refuse a request whose estimated memory (weights + activations + decode, per rank) exceeds what the device
+    # has, before any weight loads (runtime/preflight.py); false skips the estimate.
+    memory_check: bool = _key(True, doc="refuse a request that would not fit in device memory, before any "
+                              "weight loads", example="false")
 
 
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
-    sp: int = 1
-    cfg: int = 1
+    # "auto" until `GenerateConfig.resolved(world_size)`; an int everywhere after launch.
+    sp: int | str = _key("auto", doc="sequence-parallel degree; auto = world size / parallel.cfg",
+                         example=("auto", "4"))
+    cfg: int = _key(1, doc="CFG degree: 1 (cond and uncond batched) or 2 (split over 2 ranks)", example="2")
     # Every collective fails after this long instead of hanging on a dead or stuck peer rank.
-    timeout_s: float = 600.0
+    timeout_s: float = _key(600.0, doc="seconds before a collective fails instead of hanging on a dead peer",
+                            example="600")
 
 
 @dataclass(frozen=True, kw_only=True)
 class AttentionConfig:
-    backend: str = "auto"
+    backend: str = _key("auto", doc="dense, vsa (sparse) or auto (vsa where supported, else dense; the report "
+                        "says why)", example="vsa")
     # A float, or a list with one value per denoising step. VSA default 0.9, never a silent 0.
-    sparsity: Any = 0.9
-    dense_blocks: list[int] = field(default_factory=list)
-    dense_steps: int = 0
+    sparsity: Any = _key(0.9, doc="VSA sparsity (fraction of key tiles skipped): one number, or a list with one "
+                         "per step", example=("0.9", "[0.5,0.9,0.9]"))
+    dense_blocks: list[int] = _key(doc="transformer blocks that always run dense attention", example="[0,29]",
+                                   factory=list)
+    dense_steps: int = _key(0, doc="the first N denoising steps run dense attention", example="10")
 
 
 @dataclass(frozen=True, kw_only=True)
 class OutputConfig:
-    path: str = "outputs/video.mp4"
-    overwrite: bool = False
-    save_latents: bool = False
+    path: str | None = _key(None, doc="video file to write, its JSON report beside it (unset: a new numbered "
+                            "file outputs/video-NNN.mp4 per run)", example="outputs/fox.mp4")
+    overwrite: bool = _key(False, doc="replace existing output files", example="true")
+    save_latents: bool = _key(False, doc="also write the final latents (.latents.safetensors)", example="true")
 
 
 @dataclass(frozen=True, kw_only=True)
 class GenerateConfig:
-    prompt: str = "a red fox running through fresh snow, cinematic lighting"
-    negative_prompt: str = ""
-    seed: int = 0
-    num_frames: int = 17
-    height: int = 128
-    width: int = 128
-    num_steps: int = 8
-    guidance_scale: float = 5.0
-    flow_shift: float = 3.0
-    scheduler: str = "unipc"
+    prompt: str = _key("a red fox running through fresh snow, cinematic lighting",
+                       doc="what the video shows (taken verbatim)", example="'a red fox in snow'")
+    negative_prompt: str = _key("", doc="what the video should not show (taken verbatim; empty = none)",
+                                example="'blurry, low quality'")
+    seed: int = _key(0, doc="seed of the initial noise (and of wan-tiny's random weights)", example="42")
+    num_frames: int = _key(17, doc="frames to generate: 4k+1 (the VAE packs 4 frames per latent frame)",
+                           example="81")
+    height: int = _key(128, doc="video height in pixels, a multiple of 16", example="480")
+    width: int = _key(128, doc="video width in pixels, a multiple of 16", example="832")
+    num_steps: int = _key(8, doc="denoising steps", example="50")
+    guidance_scale: float = _key(5.0, doc="classifier-free guidance scale; 1 = no CFG", example="5.0")
+    flow_shift: float = _key(3.0, doc="timestep shift of the flow schedule (Wan: 3.0 at 480p, 5.0 at 720p)",
+                             example="5.0")
+    scheduler: str = _key("unipc", doc=f"sampler: {', '.join(SCHEDULERS)}", example="euler")
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
+    def resolved(self, world_size: int) -> GenerateConfig:
+        """This config with `parallel.sp=auto` replaced by world_size // parallel.cfg: the one place `auto` becomes
+        an int. Left as is when that is undefined (bad parallel.cfg, world size not a multiple): `validate` says
+        why."""
+        par = self.parallel
+        if par.sp != "auto" or par.cfg not in (1, 2) or world_size % par.cfg != 0:
+            return self
+        return replace(self, parallel=replace(par, sp=world_size // par.cfg))
+
     def validate(self, world_size: int | None = None) -> None:
-        """Raise ValueError/TypeError naming the first bad key; cheap, runs before any weight load."""
+        """Raise ValueError/TypeError naming the first bad key; cheap, runs before any weight load. With
+        `world_size`, on `resolved(world_size)`: parallel.sp=auto must have become an int."""
         _check_type("seed", self.seed, int)
         if self.num_frames < 1 or (self.num_frames - 1) % 4 != 0:
             raise ValueError(
@@ -114,8 +148,10 @@ class GenerateConfig:
         par = self.parallel
         if par.cfg not in (1, 2):
             raise ValueError(f"parallel.cfg={par.cfg} must be 1 (batched CFG) or 2 (CFG split over 2 ranks).")
-        if par.sp < 1:
-            raise ValueError(f"parallel.sp={par.sp} must be >= 1.")
+        if par.sp != "auto" and (isinstance(par.sp, bool) or not isinstance(par.sp, int) or par.sp < 1):
+            raise ValueError(
+                f"parallel.sp={par.sp} must be auto or an integer >= 1. Fix: {fix_example('parallel.sp')}."
+            )
         if not math.isfinite(par.timeout_s) or par.timeout_s <= 0:
             raise ValueError(
                 f"parallel.timeout_s={par.timeout_s} must be > 0 seconds (collective timeout), e.g. 600."
@@ -124,11 +160,20 @@ class GenerateConfig:
             raise ValueError(
                 "parallel.cfg=2 needs classifier-free guidance: set guidance_scale != 1 or parallel.cfg=1."
             )
-        if world_size is not None and par.sp * par.cfg != world_size:
+        if world_size is None:
+            return
+        if par.sp == "auto":  # `resolved(world_size)` leaves it only where no whole number fits
+            assert world_size % par.cfg != 0, "parallel.sp=auto: call cfg.resolved(world_size) before validate"
+            raise ValueError(
+                f"parallel.sp=auto: the world size {world_size} is not a multiple of parallel.cfg={par.cfg}, so "
+                f"sp = world size / parallel.cfg is not a whole number. Fix: launch a multiple of {par.cfg} ranks "
+                f"(--nproc_per_node={par.cfg * max(1, world_size // par.cfg)}) or set parallel.cfg=1."
+            )
+        if par.sp != "auto" and par.sp * par.cfg != world_size:
             raise ValueError(
                 f"parallel.sp * parallel.cfg = {par.sp} * {par.cfg} = {par.sp * par.cfg} but the world size is "
-                f"{world_size}. Set parallel.sp={world_size // par.cfg if world_size % par.cfg == 0 else world_size} "
-                f"(and parallel.cfg accordingly) or launch with --nproc_per_node={par.sp * par.cfg}."
+                f"{world_size}. Set parallel.sp=auto (= world size / parallel.cfg) or launch with "
+                f"--nproc_per_node={par.sp * par.cfg}."
             )
 
     def _validate_attention(self) -> None:
@@ -149,21 +194,36 @@ class GenerateConfig:
 
 def sparsity_schedule(sparsity: Any, num_steps: int) -> tuple[float, ...]:
     """One sparsity per step from a float or a per-step list; TypeError/ValueError naming the key."""
-    if isinstance(sparsity, bool):
-        raise TypeError(f"attention.sparsity={sparsity!r} must be a number in [0, 1) or a list of them.")
-    if isinstance(sparsity, (int, float)):
+    fix = f"Fix: {fix_example('attention.sparsity')} (one value per step)."
+    if isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool):
         return (float(sparsity),) * num_steps
-    if isinstance(sparsity, (list, tuple)):
-        if len(sparsity) != num_steps:
-            raise ValueError(
-                f"attention.sparsity has {len(sparsity)} entries but num_steps={num_steps}: "
-                f"give one value per step, or a single number."
-            )
-        for value in sparsity:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"attention.sparsity entry {value!r} must be a number in [0, 1).")
-        return tuple(float(v) for v in sparsity)
-    raise TypeError(f"attention.sparsity={sparsity!r} must be a number in [0, 1) or a list of them.")
+    if not isinstance(sparsity, (list, tuple)):
+        raise TypeError(f"attention.sparsity={sparsity!r} must be a number in [0, 1) or a list of them. {fix}")
+    if len(sparsity) != num_steps:
+        raise ValueError(
+            f"attention.sparsity has {len(sparsity)} entries but num_steps={num_steps}: "
+            f"give one value per step, or a single number. {fix}"
+        )
+    for value in sparsity:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"attention.sparsity entry {value!r} must be a number in [0, 1). {fix}")
+    return tuple(float(v) for v in sparsity)
+
+
+def schema_field(key: str) -> Field:
+    """The dataclass field of a dotted key, e.g. "attention.sparsity"; KeyError when there is none."""
+    schema: Any = GenerateConfig
+    *sections, name = key.split(".")
+    for section in sections:
+        schema = {f.name: f for f in fields(schema)}[section].default_factory
+        if not isinstance(schema, type) or not is_dataclass(schema):
+            raise KeyError(key)
+    return {f.name: f for f in fields(schema)}[name]
+
+
+def fix_example(key: str) -> str:
+    """'e.g. key=<example>[ or key=<example>]' from the schema, for error messages."""
+    return "e.g. " + " or ".join(f"{key}={value}" for value in schema_field(key).metadata["examples"])
 
 
 def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -173,4 +233,4 @@ def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
 
 def _check_type(key: str, value: Any, kind: type) -> None:
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise TypeError(f"{key}={value!r} must be of type {kind.__name__}.")
+        raise TypeError(f"{key}={value!r} must be of type {kind.__name__}. Fix: {fix_example(key)}.")

@@ -20,7 +20,10 @@ import torch
 
 __all__ = [
     "VIDEO_SUFFIXES",
+    "check_output_files",
     "check_output_path",
+    "next_numbered_path",
+    "output_files",
     "write_json_atomic",
     "write_latents_atomic",
     "write_video_atomic",
@@ -40,7 +43,8 @@ def check_output_path(path: str | os.PathLike[str], overwrite: bool, *, key: str
     """Validate a destination before any expensive work; returns it as a Path.
 
     Raises ValueError naming `output.path` when the suffix is not a video container, the path is a directory
-    or its directory is not writable (missing parent directories are fine: writers create them), and naming
+    or no file can be created in its directory (tried: a temp file is created and removed in the nearest
+    existing directory; missing parent directories are fine: writers create them), and naming
     `output.overwrite` when the file exists and `overwrite` is False. Pass `key` to check side files.
     """
     out = Path(path)
@@ -55,16 +59,53 @@ def check_output_path(path: str | os.PathLike[str], overwrite: bool, *, key: str
         raise ValueError(
             f"{key}={str(path)!r}: {existing} is not a directory; choose another output location"
         )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(
-            f"{key}={str(path)!r}: directory {existing} is not writable; choose a writable location"
-        )
+    _probe_writable(existing, f"{key}={str(path)!r}")
     if out.exists() and not overwrite:
         raise ValueError(
             f"{key}={str(path)!r} already exists: set output.overwrite=true to replace it, or choose another "
             "path"
         )
     return out
+
+
+def next_numbered_path(directory: str | os.PathLike[str] = "outputs", stem: str = "video") -> Path:
+    """`directory/stem-NNN.mp4` with the smallest NNN (from 001) above every number already there: the default
+    output, so running the same command twice writes two videos instead of refusing the second."""
+    folder = Path(directory)
+    taken = [int(p.stem.split(".")[0][len(stem) + 1:]) for p in folder.glob(f"{stem}-*")
+             if p.stem.split(".")[0][len(stem) + 1:].isdigit()] if folder.is_dir() else []
+    return folder / f"{stem}-{max(taken, default=0) + 1:03d}.mp4"
+
+
+def output_files(video_path: str | os.PathLike[str], save_latents: bool) -> list[tuple[Path, str]]:
+    """(path, config key) of every file a request writes: the video, its JSON report, optionally the latents."""
+    video = Path(video_path)
+    files = [(video, "output.path"), (video.with_suffix(".json"), "output.path (its JSON report)")]
+    if save_latents:
+        files.append((video.with_suffix(".latents.safetensors"), "output.save_latents"))
+    return files
+
+
+def check_output_files(video_path: str | os.PathLike[str], save_latents: bool, overwrite: bool) -> None:
+    """`check_output_path` for each of `output_files`: runs on every rank before the process group exists, so a
+    bad location fails the whole job at once, with one message from rank 0."""
+    for path, key in output_files(video_path, save_latents):
+        check_output_path(path, overwrite, key=key)
+
+
+def _probe_writable(directory: Path, what: str) -> None:
+    """Create and remove a temp file in ``directory``: the only reliable test (root passes ``os.access``
+    everywhere, and /proc or /sys refuse files whatever the mode bits say). Creating the missing
+    sub-directories of the target needs the same right in the same directory."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tessera-probe-", dir=directory)
+    except OSError as err:
+        raise ValueError(
+            f"{what}: cannot create files in {directory} ({err.strerror or err}); choose a writable location"
+        ) from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
 
 
 def _refuse_existing(out: Path, overwrite: bool) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from attention import VSAMetadataCache
 from models import WanConfig, WanTransformer, build_wan_on_meta, load_wan_weights_, materialize_random_
@@ -25,9 +26,11 @@ from runtime.config import GenerateConfig
 from runtime.faults import NO_FAULTS, FaultPlan, inject_step_faults
 from runtime.graphs import GraphedForward, resolve_cuda_graphs
 from runtime.guards import Interrupted, NonFiniteLatentsError, Progress, RankFailure, first_nonfinite_step_synced
-from runtime.output import check_output_path, write_json_atomic, write_latents_atomic, write_video_atomic
+from runtime.output import output_files, write_json_atomic, write_latents_atomic, write_video_atomic
 from runtime.plan import AttentionPlan, build_attention_plan
-from runtime.request import build_request_state
+from runtime.precision import exact_fp32
+from runtime.report import collect_provenance, gather_rank_stats
+from runtime.request import RequestState, build_request_state
 from runtime.scheduler import build_scheduler
 from runtime.wan_components import (
     ConditioningPlan,
@@ -40,6 +43,9 @@ from runtime.wan_components import (
 LATENT_CHANNELS = 16
 VAE_STRIDE = (4, 8, 8)  # Wan VAE: 4x temporal (after the first frame), 8x spatial
 FPS = 16
+# The report's `stage_seconds`: text_encode includes loading the encoder, load is the DiT's weights, denoise
+# includes first_step; decode and write (the video and latents, not the JSON itself) are measured on rank 0 only.
+STAGES = ("load", "text_encode", "first_step", "denoise", "decode", "write", "total")
 log = logging.getLogger("tessera")
 
 
@@ -59,17 +65,9 @@ def token_grid(cfg: GenerateConfig, model_cfg: WanConfig) -> tuple[int, int, int
     return f // pt, h // ph, w // pw
 
 
-def output_paths(cfg: GenerateConfig) -> list[tuple[Path, str]]:
-    """(path, config key) of every file rank 0 writes: the video, its JSON report, optionally the latents."""
-    video = Path(cfg.output.path)
-    paths = [(video, "output.path"), (video.with_suffix(".json"), "output.path (its JSON report)")]
-    if cfg.output.save_latents:
-        paths.append((video.with_suffix(".latents.safetensors"), "output.save_latents"))
-    return paths
-
-
 def prepare(cfg: GenerateConfig, arch: dict, mesh: ParallelMesh) -> tuple[WanConfig, AttentionPlan]:
-    """Everything checkable before weights load: model config, attention plan, output path."""
+    """Everything checkable before weights load: model config and attention plan (the output files are checked
+    earlier, on every rank, by `runtime.preflight.preflight_request`)."""
     model_cfg = WanConfig(**arch)
     dtype = getattr(torch, cfg.model.dtype)
     plan = build_attention_plan(
@@ -84,9 +82,6 @@ def prepare(cfg: GenerateConfig, arch: dict, mesh: ParallelMesh) -> tuple[WanCon
     if plan.uses_vsa and not model_cfg.gate_compress:
         # VSA blocks carry to_gate_compress; zero-initialised when the checkpoint lacks it.
         model_cfg = dataclasses.replace(model_cfg, gate_compress=True)
-    if mesh.rank == 0:
-        for path, key in output_paths(cfg):
-            check_output_path(path, cfg.output.overwrite, key=key)
     return model_cfg, plan
 
 
@@ -100,6 +95,7 @@ def build_model(cfg: GenerateConfig, model_cfg: WanConfig, device: torch.device)
         weights = resolve_checkpoint(cfg.model.path).weights  # transformer/ of a diffusers directory
         report = load_wan_weights_(model, weights, device=device, dtype=dtype)
         load_info = {"weights": cfg.model.path, "zero_initialised": list(report.zero_initialised)}
+    load_info["parameter_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
     if device.type == "cuda":
         model.compile_blocks()  # fuses the token-local elementwise work; compiled once, on the first step
     return model.eval(), load_info
@@ -115,7 +111,8 @@ def generate(cfg: GenerateConfig, arch: dict, mesh: ParallelMesh, faults: FaultP
     """
     progress = Progress()
     try:
-        return _generate(cfg, arch, mesh, faults, progress)
+        with exact_fp32(getattr(torch, cfg.model.dtype), mesh.device):  # fp32 means no TF32 (runtime/precision.py)
+            return _generate(cfg, arch, mesh, faults, progress)
     except KeyboardInterrupt as err:
         raise Interrupted.at(err, mesh.rank, progress.phase) from err
     except Exception as err:
@@ -130,19 +127,14 @@ def _generate(
     model_cfg, plan = prepare(cfg, arch, mesh)
     conditioning = plan_conditioning(cfg)  # real UMT5 + VAE or the tiny stand-ins; fails before weight load
     device, is_main = mesh.device, mesh.rank == 0
+    provenance = collect_provenance(device)
     _reset_peak_memory(device)
     progress.stage = "load"
     faults.fire_phase("load", mesh.rank)
 
-    # Text first, so the encoder is freed before the DiT loads (peak = max of the two, not the sum).
-    dtype = getattr(torch, cfg.model.dtype)
-    text_encoder = build_text_encoder(conditioning, model_cfg.text_dim, cfg.seed, device, dtype)
-    use_cfg = cfg.guidance_scale != 1.0
+    dtype, use_cfg = getattr(torch, cfg.model.dtype), cfg.guidance_scale != 1.0
     prompts = [cfg.prompt, cfg.negative_prompt] if use_cfg else [cfg.prompt]
-    text = text_encoder.encode(prompts).to(device=device, dtype=dtype)
-    del text_encoder
-    free_device_memory(device)
-    model, load_info = build_model(cfg, model_cfg, device)
+    text, model, load_info, stage_seconds = _load(cfg, model_cfg, conditioning, prompts, mesh)
     if cfg.parallel.cfg == 2:
         text = text[mesh.cfg_rank : mesh.cfg_rank + 1]  # rank 0 of the cfg axis: cond, rank 1: uncond
 
@@ -161,34 +153,83 @@ def _generate(
     step_faults = faults.step_faults(mesh.rank)
     finite_steps = torch.ones(cfg.num_steps, dtype=torch.bool, device=device)  # read once, after the loop
     progress.stage = "step"
-    for step in tqdm(range(cfg.num_steps), desc="denoising", disable=not is_main, leave=False):
-        t0 = time.perf_counter()
-        progress.step = step
-        if step in step_faults:
-            latents = inject_step_faults(step_faults[step], latents, step, mesh.rank)
-        timestep = timesteps[step].expand(batch)
-        model_in = latents.to(dtype).expand(batch, -1, -1, -1, -1)
-        pred = forward(model_in, timestep, text, ctx=state.context_for_step(step)).float()
-        if use_cfg:
-            cond, uncond = _cfg_branches(pred, mesh)
-            pred = uncond + cfg.guidance_scale * (cond - uncond)
-        latents = scheduler.step(pred, step, latents)
-        finite_steps[step] = torch.isfinite(latents).all()  # on the device: no host sync per step
-        step_seconds.append(_elapsed_synced(t0, device))
-    loop_seconds = time.perf_counter() - t_loop
+    with logging_redirect_tqdm():  # log lines above the bar, not through it
+        for step in tqdm(range(cfg.num_steps), desc="denoising", disable=not is_main, leave=True):
+            t0 = time.perf_counter()
+            progress.step = step
+            if step in step_faults:
+                latents = inject_step_faults(step_faults[step], latents, step, mesh.rank)
+            timestep = timesteps[step].expand(batch)
+            model_in = latents.to(dtype).expand(batch, -1, -1, -1, -1)
+            pred = forward(model_in, timestep, text, ctx=state.context_for_step(step)).float()
+            if use_cfg:
+                cond, uncond = _cfg_branches(pred, mesh)
+                pred = uncond + cfg.guidance_scale * (cond - uncond)
+            latents = scheduler.step(pred, step, latents)
+            finite_steps[step] = torch.isfinite(latents).all()  # on the device: no host sync per step
+            step_seconds.append(_elapsed_synced(t0, device))
+            if step == 0:  # the blocks compile on the first step (CUDA): worth knowing before the loop ends
+                _log_main(mesh, "first step (compile) %.2f s", step_seconds[0])
+    stage_seconds["first_step"], stage_seconds["denoise"] = step_seconds[0], time.perf_counter() - t_loop
     nonfinite = first_nonfinite_step_synced(finite_steps)  # also a barrier before rank 0 writes
     if nonfinite is not None:
         progress.step = nonfinite[0]
         raise NonFiniteLatentsError(*nonfinite)
+    # Every rank, once per request (never per step): rank 0 alone goes on to decode and write.
+    ranks = gather_rank_stats({"rank": mesh.rank, "step_seconds": step_seconds,
+                               "peak_memory_bytes": _peak_memory(device), "device": str(device)}, mesh)
     progress.stage = "decode"
 
-    report = {
+    report = _build_report(cfg, model_cfg, mesh, plan, state, load_info)
+    report.update(provenance=provenance, ranks=ranks, step_seconds=step_seconds,
+                  denoise_seconds=stage_seconds["denoise"], stage_seconds=stage_seconds, cuda_graphs=forward.report())
+    del forward  # its graphs hold the forward's activations in their memory pool
+    if is_main:
+        del model, state  # the VAE decode needs the memory more than the finished DiT
+        free_device_memory(device)
+        _write_outputs(progress, faults, cfg, latents, report, t_start, device, conditioning)
+    return GenerateResult(latents=latents, report=report)
+
+
+def _load(
+    cfg: GenerateConfig, model_cfg: WanConfig, conditioning: ConditioningPlan, prompts: list[str], mesh: ParallelMesh
+) -> tuple[torch.Tensor, WanTransformer, dict, dict[str, float | None]]:
+    """Text embeddings [B, L, text_dim] (one row per prompt), the DiT, its load info and stage seconds.
+
+    Text first, so the encoder is freed before the DiT loads (peak = max of the two, not the sum). The stage
+    seconds have every key of the report's `stage_seconds`; those of later stages are None until measured.
+    """
+    device, dtype = mesh.device, getattr(torch, cfg.model.dtype)
+    stage_seconds: dict[str, float | None] = dict.fromkeys(STAGES)
+    t0 = time.perf_counter()
+    text_encoder = build_text_encoder(
+        conditioning, model_cfg.text_dim, cfg.seed, device, dtype, show_progress=mesh.is_main
+    )
+    text = text_encoder.encode(prompts).to(device=device, dtype=dtype)
+    del text_encoder
+    free_device_memory(device)
+    stage_seconds["text_encode"] = _elapsed_synced(t0, device)  # loading the encoder included
+    _log_main(mesh, "text encoded in %.2f s", stage_seconds["text_encode"])
+
+    t0 = time.perf_counter()
+    model, load_info = build_model(cfg, model_cfg, device)
+    stage_seconds["load"] = _elapsed_synced(t0, device)
+    _log_main(mesh, "weights loaded: %.2f GiB in %.2f s", load_info["parameter_bytes"] / 2**30, stage_seconds["load"])
+    return text, model, load_info, stage_seconds
+
+
+def _build_report(
+    cfg: GenerateConfig, model_cfg: WanConfig, mesh: ParallelMesh, plan: AttentionPlan, state: RequestState,
+    load_info: dict,
+) -> dict:
+    """The request's part of the JSON report; the loop's measurements are added by the caller."""
+    return {
         "config": asdict(cfg),
         "architecture": asdict(model_cfg),
         "world_size": mesh.world_size,
         "sp": mesh.sp_size,
         "cfg": mesh.cfg_size,
-        "device": str(device),
+        "device": str(mesh.device),
         "weights": load_info,
         "token_grid": list(state.grid_thw),
         "num_tokens": state.seq_plan.seq_len,
@@ -198,16 +239,7 @@ def _generate(
             "backend_per_block": [list(blocks) for blocks in plan.blocks_per_step],
             "sparsity_per_step": list(plan.sparsity_per_step),
         },
-        "step_seconds": step_seconds,
-        "denoise_seconds": loop_seconds,
-        "cuda_graphs": forward.report(),
     }
-    del forward  # its graphs hold the forward's activations in their memory pool
-    if is_main:
-        del model, state  # the VAE decode needs the memory more than the finished DiT
-        free_device_memory(device)
-        _write_outputs(progress, faults, cfg, latents, report, t_start, device, conditioning)
-    return GenerateResult(latents=latents, report=report)
 
 
 def _cfg_branches(pred: torch.Tensor, mesh: ParallelMesh) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,31 +252,52 @@ def _cfg_branches(pred: torch.Tensor, mesh: ParallelMesh) -> tuple[torch.Tensor,
 
 
 def _write_outputs(
-    progress, faults, cfg, latents, report, t_start, device, conditioning: ConditioningPlan) -> None:
+    progress: Progress,
+    faults: FaultPlan,
+    cfg: GenerateConfig,
+    latents: torch.Tensor,
+    report: dict,
+    t_start: float,
+    device: torch.device,
+    conditioning: ConditioningPlan,
+) -> None:
+    """Rank 0: decode, then write the video, the latents (optionally) and last the report, all or none."""
+    stage_seconds = report["stage_seconds"]
+    t0 = time.perf_counter()
     decoder = build_latent_decoder(conditioning, cfg.seed, device)
     faults.fire_phase("decode", 0)  # only rank 0 decodes and writes
     frames = decoder.decode(latents)[0]
     progress.stage = "write"
     del decoder
+    stage_seconds["decode"] = _elapsed_synced(t0, device)
+    log.info("decode %.2f s", stage_seconds["decode"])
     report["conditioning"] = {"text_encoder": conditioning.text, "decoder": conditioning.decoder}
-    (out, _), (report_path, _), *latents_path = output_paths(cfg)
-    report["total_seconds"] = time.perf_counter() - t_start
-    report["peak_memory_bytes"] = _peak_memory(device)
+    (out, _), (report_path, _), *latents_path = output_files(cfg.output.path, cfg.output.save_latents)
+    report["peak_memory_bytes"] = _peak_memory(device)  # rank 0's, the decode included
     report["latent_shape"] = list(latents.shape)
     report["video"] = {"path": str(out), "frames": int(frames.shape[0]), "height": int(frames.shape[1]),
                        "width": int(frames.shape[2]), "fps": FPS}
     written: list[Path] = []
+    t0 = time.perf_counter()
     try:  # all files or none: a failure (disk full, interrupt) removes those already written
         written.append(write_video_atomic(out, frames.cpu().numpy(), fps=FPS, overwrite=cfg.output.overwrite))
         for path, _ in latents_path:
             written.append(write_latents_atomic(path, latents.float().cpu(), overwrite=cfg.output.overwrite))
         faults.fire_phase("write", 0)
+        stage_seconds["write"] = time.perf_counter() - t0
+        report["total_seconds"] = stage_seconds["total"] = time.perf_counter() - t_start
         written.append(write_json_atomic(report_path, report, overwrite=cfg.output.overwrite))
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
         raise
     log.info("wrote %s (%d frames, %.1f s total)", out, frames.shape[0], report["total_seconds"])
+
+
+def _log_main(mesh: ParallelMesh, msg: str, *args: object) -> None:
+    """One INFO line per job, not per rank: every rank runs the same phase, rank 0 says so."""
+    if mesh.is_main:
+        log.info(msg, *args)
 
 
 def _elapsed_synced(t0: float, device: torch.device) -> float:

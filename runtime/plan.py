@@ -6,6 +6,7 @@ never in the hot loop. The plan is pure data: the runtime turns it into per-step
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,13 @@ def build_attention_plan(
             )
     schedule = sparsity_schedule(cfg.sparsity, num_steps)
     backend, reason = _resolve_backend(cfg.backend, grid_thw, head_dim, dtype, device, num_layers, cfg.dense_blocks)
+    if backend == "vsa" and cfg.dense_steps >= num_steps:
+        # Not an error (a dense baseline with otherwise identical settings), but never silent.
+        backend, reason = "dense", (
+            f"{reason}, but the whole run is dense because attention.dense_steps={cfg.dense_steps} >= "
+            f"num_steps={num_steps}. Fix: set attention.dense_steps below {num_steps} to run any step sparse"
+        )
+        warnings.warn(reason, stacklevel=2)
     dense_blocks = set(cfg.dense_blocks)
     blocks_per_step, sparsity_per_step = [], []
     for step in range(num_steps):

@@ -8,11 +8,13 @@ Shape legend: B batch, L text tokens, C channels, F latent frames, H/W latent he
 
 from __future__ import annotations
 
+import contextlib
 import html
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -72,11 +74,19 @@ def plan_conditioning(cfg: GenerateConfig) -> ConditioningPlan:
 
 
 def build_text_encoder(
-    plan: ConditioningPlan, text_dim: int, seed: int, device: torch.device, dtype: torch.dtype
+    plan: ConditioningPlan,
+    text_dim: int,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    show_progress: bool = True,
 ) -> TextEncoder:
+    """`show_progress=False` hides transformers' loading bars (on every rank but 0, so they appear once)."""
     if plan.text == "tiny":
         return TinyTextEncoder(text_dim, seed=seed, device=device)
-    encoder = UMT5TextEncoder(plan.text_encoder_dir, plan.tokenizer_dir, device=device, dtype=dtype)
+    encoder = UMT5TextEncoder(
+        plan.text_encoder_dir, plan.tokenizer_dir, device=device, dtype=dtype, show_progress=show_progress
+    )
     if encoder.text_dim != text_dim:
         raise ValueError(
             f"the checkpoint's text encoder gives {encoder.text_dim}-dim embeddings but the DiT expects "
@@ -85,10 +95,13 @@ def build_text_encoder(
     return encoder
 
 
-def build_latent_decoder(plan: ConditioningPlan, seed: int, device: torch.device) -> LatentDecoder:
+def build_latent_decoder(
+    plan: ConditioningPlan, seed: int, device: torch.device, show_progress: bool = True
+) -> LatentDecoder:
+    """`show_progress=False` hides diffusers' loading bars (on every rank but 0, so they appear once)."""
     if plan.decoder == "tiny-preview":
         return TinyLatentDecoder(seed=seed)
-    return WanVAEDecoder(plan.vae_dir, device=device)
+    return WanVAEDecoder(plan.vae_dir, device=device, show_progress=show_progress)
 
 
 def free_device_memory(device: torch.device) -> None:
@@ -123,11 +136,14 @@ class UMT5TextEncoder:
         device: torch.device,
         dtype: torch.dtype,
         max_length: int = MAX_SEQUENCE_LENGTH,
+        show_progress: bool = True,
     ) -> None:
+        import transformers.utils.logging
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        self.model = UMT5EncoderModel.from_pretrained(str(text_encoder_dir), dtype=dtype).to(device).eval()
+        with _progress_bars(transformers.utils.logging, show_progress):
+            self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+            self.model = UMT5EncoderModel.from_pretrained(str(text_encoder_dir), dtype=dtype).to(device).eval()
         self.device = device
         self.max_length = max_length
         self.text_dim = int(self.model.config.d_model)
@@ -160,10 +176,14 @@ class WanVAEDecoder:
     `(frame * 255).astype(uint8)` (truncation).
     """
 
-    def __init__(self, vae_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, vae_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32, show_progress: bool = True
+    ) -> None:
+        import diffusers.utils.logging
         from diffusers import AutoencoderKLWan
 
-        self.vae = AutoencoderKLWan.from_pretrained(str(vae_dir), torch_dtype=dtype).to(device).eval()
+        with _progress_bars(diffusers.utils.logging, show_progress):
+            self.vae = AutoencoderKLWan.from_pretrained(str(vae_dir), torch_dtype=dtype).to(device).eval()
         cfg = self.vae.config
         shape = (1, cfg.z_dim, 1, 1, 1)
         self._mean = torch.tensor(cfg.latents_mean, dtype=dtype, device=device).view(shape)
@@ -180,6 +200,22 @@ class WanVAEDecoder:
     def decode(self, latents_BCFHW: Tensor) -> Tensor:
         frames = (self.decode_float(latents_BCFHW) * 255).to(torch.uint8)  # truncation, as export_to_video
         return frames.to(latents_BCFHW.device)
+
+
+@contextlib.contextmanager
+def _progress_bars(hf_logging: ModuleType, show: bool) -> Iterator[None]:
+    """Hide the loading bars of transformers or diffusers (`hf_logging` is its utils.logging) unless `show`.
+
+    The switch is process-global in both libraries: the state before is restored on exit.
+    """
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not show and was_enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not show and was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _require_wan_extra(model_path: Path) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from launch.config import all_keys, help_text, parse_overrides, resolve_config
+from launch.config import all_keys, describe_keys, help_text, parse_overrides, resolve_config
 from launch.generate import main
+from runtime import GenerateConfig
 
 EXACT_KEYS = {
     "prompt", "negative_prompt", "seed", "num_frames", "height", "width", "num_steps", "guidance_scale",
-    "flow_shift", "scheduler", "model.preset", "model.path", "model.dtype", "model.cuda_graphs", "parallel.sp",
+    "flow_shift", "scheduler", "model.preset", "model.path", "model.dtype", "model.cuda_graphs", "model.memory_check",
+    "parallel.sp",
     "parallel.cfg", "parallel.timeout_s",
     "attention.backend", "attention.sparsity", "attention.dense_blocks", "attention.dense_steps",
     "output.path", "output.overwrite", "output.save_latents",
@@ -124,3 +126,108 @@ def test_cli_refuses_to_overwrite(tmp_path, capsys):
     assert "output.overwrite" in capsys.readouterr().err
     assert out.read_bytes() == b"precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["video.mp4"]
+
+
+def test_parallel_sp_auto_is_world_size_over_cfg():
+    assert GenerateConfig().parallel.sp == "auto"  # the schema default; resolved once in launch
+    for argv, world, sp in [([], 1, 1), ([], 4, 4), (["parallel.cfg=2"], 4, 2), (["parallel.sp=auto"], 3, 3)]:
+        cfg, _ = resolve_config(argv, world_size=world)
+        assert cfg.parallel.sp == sp and isinstance(cfg.parallel.sp, int)
+        cfg.validate(world_size=world)
+    cfg, _ = resolve_config(["parallel.sp=2"], world_size=4)  # an explicit integer is still checked
+    assert cfg.parallel.sp == 2
+    with pytest.raises(ValueError, match=r"parallel\.sp \* parallel\.cfg = 2 \* 1 = 2 but the world size is 4"):
+        cfg.validate(world_size=4)
+
+
+def test_parallel_sp_auto_needs_world_size_multiple_of_cfg():
+    cfg, _ = resolve_config(["parallel.cfg=2"], world_size=3)
+    with pytest.raises(ValueError, match=r"parallel\.sp=auto: the world size 3 is not a multiple of parallel\.cfg=2"):
+        cfg.validate(world_size=3)
+    with pytest.raises(AssertionError, match="resolved"):  # a caller bug: validate before resolving
+        GenerateConfig().validate(world_size=2)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc"])
+def test_parallel_sp_must_be_auto_or_positive(value):
+    cfg, _ = resolve_config([f"parallel.sp={value}"])
+    with pytest.raises(ValueError, match=rf"parallel\.sp={value} must be auto or an integer >= 1\. Fix: e\.g\."):
+        cfg.validate(world_size=1)
+
+
+@pytest.mark.parametrize(
+    ("arg", "exc", "example"),
+    [
+        ("attention.dense_blocks=[0,1", ValueError, "attention.dense_blocks=[0,29]"),
+        ("attention.dense_blocks=0,29", TypeError, "attention.dense_blocks=[0,29]"),
+        ("attention.dense_blocks=[a,b]", TypeError, "attention.dense_blocks=[0,29]"),
+        ("attention.sparsity=[0.9]*8", ValueError, "attention.sparsity=[0.5,0.9,0.9]"),
+        ("attention.sparsity=abc", TypeError, "attention.sparsity=0.9"),
+        ("num_steps=[3", ValueError, "num_steps=50"),
+        ("num_steps=1.5", TypeError, "num_steps=50"),
+        ("seed=abc", TypeError, "seed=42"),
+        ("guidance_scale=high", TypeError, "guidance_scale=5.0"),
+        ("output.overwrite=maybe", TypeError, "output.overwrite=true"),
+        ("parallel.sp=2.5", TypeError, "parallel.sp=auto"),
+        ("scheduler=a: b", TypeError, "scheduler=euler"),
+    ],
+)
+def test_malformed_values_give_one_line_naming_key_and_example(arg, exc, example):
+    key, _, value = arg.partition("=")
+    with pytest.raises((ValueError, TypeError)) as info:
+        cfg, _ = resolve_config([arg])
+        cfg.validate(world_size=1)
+    message = str(info.value)
+    assert type(info.value) is exc
+    assert message.startswith(f"{key}=") and value in message  # names the key and the value given
+    assert "Fix: e.g. " in message and example in message.split("Fix: e.g. ")[1]
+    assert "\n" not in message and "yaml" not in message.lower() and "full_key" not in message
+
+
+def test_cli_malformed_value_prints_one_error_line(tmp_path, capsys):
+    code = main(["attention.dense_blocks=[0,1", f"output.path={tmp_path / 'v.mp4'}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and error_lines[0].startswith("error: attention.dense_blocks=[0,1 ")
+    assert "attention.dense_blocks=[0,29]" in error_lines[0] and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_and_free_text_prompts_are_verbatim():
+    cfg, _ = resolve_config(["negative_prompt=", "prompt="])
+    assert cfg.negative_prompt == "" and cfg.prompt == ""
+    cfg.validate(world_size=1)
+    cfg, _ = resolve_config(["prompt=a fox: running [draft] ${x}", "negative_prompt=no"])
+    assert cfg.prompt == "a fox: running [draft] ${x}" and cfg.negative_prompt == "no"  # not YAML: no dict/bool
+
+
+def test_every_key_has_a_one_line_description():
+    docs = describe_keys()
+    assert set(docs) == EXACT_KEYS
+    for key, doc in docs.items():
+        assert doc.strip() and "\n" not in doc, key
+
+
+def test_help_groups_keys_and_shows_the_presets_defaults(capsys):
+    assert main(["--help", "model.preset=wan2.1-t2v-14b"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    headings = [line for line in lines if line.endswith(":") and not line.startswith(" ")]
+    assert headings == ["generation:", "model.*:", "parallel.*:", "attention.*:", "output.*:"]
+    by_key = {line.split()[0]: line for line in lines if line.startswith("  ")}
+    assert set(by_key) == EXACT_KEYS
+    assert by_key["height"].endswith("(default: 720)") and by_key["width"].endswith("(default: 1280)")
+    assert by_key["flow_shift"].endswith("(default: 5.0)") and by_key["parallel.sp"].endswith("(default: auto)")
+    assert "sequence-parallel" in by_key["parallel.sp"]
+    assert main(["--help"]) == 0  # no preset given: the default preset's (wan-tiny) defaults
+    by_key = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert by_key["height"].endswith("(default: 128)") and by_key["model.preset"].endswith("(default: wan-tiny)")
+
+
+def test_help_prints_once_under_torchrun(capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    assert main(["--help"]) == 0
+    assert capsys.readouterr() == ("", "")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["--help"]) == 0
+    assert "parallel.sp" in capsys.readouterr().out

@@ -34,12 +34,14 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def write_diffusers_checkpoint(root: Path, seed: int = 0) -> Path:
+def write_diffusers_checkpoint(root: Path, seed: int = 0, **transformer_overrides) -> Path:
+    """The tiny checkpoint; `transformer_overrides` change TRANSFORMER_CONFIG (e.g. 12 heads x 128 for the GPU
+    kernels)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(seed)
-    transformer = WanTransformer3DModel(**TRANSFORMER_CONFIG)
+    transformer = WanTransformer3DModel(**{**TRANSFORMER_CONFIG, **transformer_overrides})
     with torch.no_grad():  # diffusers zero-inits nothing here, but make every weight clearly non-trivial
         for p in transformer.parameters():
             p.add_(0.02 * torch.randn_like(p))

@@ -51,6 +51,10 @@ def test_two_rank_job_writes_video_report_and_latents(tmp_path):
     assert report["config"]["attention"]["sparsity"] == 0.5
     assert len(report["step_seconds"]) == 3 and report["total_seconds"] > 0
     assert report["peak_memory_bytes"] > 0
+    assert [r["rank"] for r in report["ranks"]] == [0, 1]  # gathered once, after the loop
+    assert all(len(r["step_seconds"]) == 3 and r["peak_memory_bytes"] > 0 for r in report["ranks"])
+    assert report["stage_seconds"]["total"] == report["total_seconds"]
+    assert report["provenance"]["tessera"] and report["provenance"]["timestamp"]
     per_block = report["attention"]["backend_per_block"]
     assert per_block[0] == ["dense"] * 4  # dense_steps=1
     assert per_block[1] == per_block[2] == ["dense", "vsa", "vsa", "vsa"]  # dense_blocks=[0]

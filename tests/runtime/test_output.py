@@ -148,3 +148,18 @@ def test_check_output_path(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="output.path.*not a directory"):
         check_output_path(tmp_path / "file" / "a.mp4", overwrite=False)
     assert (tmp_path / "a.mp4").read_bytes() == b"x"
+
+
+def test_default_output_is_a_new_numbered_file_per_run(tmp_path, monkeypatch):
+    from launch.generate import main
+    from runtime.output import next_numbered_path
+
+    monkeypatch.chdir(tmp_path)
+    assert next_numbered_path() == Path("outputs/video-001.mp4")
+    small = ["num_frames=5", "height=32", "width=32", "num_steps=1"]
+    assert main(small) == 0 and main(small) == 0  # the README's first command, twice in a row
+    names = sorted(p.name for p in (tmp_path / "outputs").iterdir())
+    assert names == ["video-001.json", "video-001.mp4", "video-002.json", "video-002.mp4"]
+    (tmp_path / "outputs" / "video-007.latents.safetensors").touch()  # any file of a number takes it
+    assert next_numbered_path() == Path("outputs/video-008.mp4")
+    assert main([*small, "output.path=outputs/video-001.mp4"]) == 2  # an explicit existing path is still refused

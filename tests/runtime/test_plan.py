@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -63,3 +65,17 @@ def test_auto_prefers_vsa_on_a_gpu():
 def test_plan_errors_name_the_key(att, grid, needle):
     with pytest.raises(ValueError, match=needle):
         plan_for(grid=grid, **att)
+
+
+def test_vsa_with_every_step_dense_warns_and_says_why():
+    with pytest.warns(UserWarning) as record:
+        plan = plan_for(backend="vsa", dense_steps=3, num_steps=3)
+    assert len(record) == 1
+    for text in (str(record[0].message), plan.reason):
+        assert "whole run is dense" in text and "attention.dense_steps=3 >= num_steps=3" in text
+    assert plan.backend == "dense" and not plan.uses_vsa
+    assert plan.blocks_per_step == (("dense",) * 4,) * 3 and plan.sparsity_per_step == (None,) * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one sparse step left: no warning
+        plan = plan_for(backend="vsa", dense_steps=2, num_steps=3)
+    assert plan.backend == "vsa" and plan.uses_vsa and "dense_steps" not in plan.reason

@@ -1,0 +1,172 @@
+"""Memory pre-flight: estimate what one request needs on this rank and refuse it before any weight loads.
+
+The estimate is a sum of the big, shape-determined buffers (weights, the forward's peak activations, the VSA
+reference's score matrix on CPU, the decode), not a simulation: it exists to turn an impossible request
+(`num_frames=100001 height=16384 width=16384`) into a clear error in seconds instead of an allocator traceback
+minutes later. `model.memory_check=false` skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models import WanConfig
+from runtime.checkpoint import resolve_checkpoint
+from runtime.config import GenerateConfig
+from runtime.output import check_output_files
+
+__all__ = [
+    "MemoryEstimate", "available_memory", "check_request_memory", "estimate_request_memory", "preflight_request",
+]
+
+_GIB = 1024**3
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
+# Wan VAE decoder: 96 channels at full resolution, a causal chunk of 4 frames, about four live tensors of that
+# size inside a residual block (input, two convs, the cache); frames come back as float32 [3, T, H, W].
+_VAE_FULL_RES_CHANNELS = 96
+_VAE_LIVE_TENSORS = 4
+_VAE_CHUNK_FRAMES = 4
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one rank needs at its peak; the parts are reported in the error message."""
+
+    weights: int
+    activations: int
+    text_encoder: int
+    decode: int
+
+    @property
+    def peak(self) -> int:
+        # The text encoder is freed before the DiT loads, the DiT before rank 0 decodes.
+        return max(self.text_encoder, self.weights + self.activations, self.decode)
+
+    def describe(self) -> str:
+        parts = (("DiT weights", self.weights), ("activations", self.activations),
+                 ("text encoder", self.text_encoder), ("decode", self.decode))
+        return ", ".join(f"{name} {value / _GIB:.2f} GiB" for name, value in parts if value)
+
+
+def estimate_request_memory(
+    cfg: GenerateConfig, model_cfg: WanConfig, *, sp: int, rank: int, text_encoder_bytes: int = 0
+) -> MemoryEstimate:
+    """Per-rank estimate for `cfg` on a mesh with `sp` sequence-parallel ranks (this rank: `rank`)."""
+    dsize = _DTYPE_BYTES[cfg.model.dtype]
+    weights = _dit_parameter_count(model_cfg) * dsize
+    frames = (cfg.num_frames - 1) // 4 + 1
+    pt, ph, pw = model_cfg.patch_size
+    tokens = (frames // pt) * (cfg.height // 8 // ph) * (cfg.width // 8 // pw)
+    local_tokens = math.ceil(tokens / sp)
+    batch = 2 if cfg.guidance_scale != 1.0 and cfg.parallel.cfg == 1 else 1
+    dim, heads = model_cfg.dim, model_cfg.num_attention_heads
+    # Peak inside a block: the residual stream (fp32 in the modulation math), the FFN's wide activation,
+    # q/k/v/gate and the two all-to-all buffers of the full sequence over this rank's heads.
+    per_token = (model_cfg.ffn_dim + 8 * dim) * dsize + 2 * dim * 4
+    activations = batch * local_tokens * per_token + batch * tokens * 8 * (dim // max(1, min(sp, heads))) * dsize
+    if cfg.attention.backend == "vsa" and cfg.model.path is None and not torch.cuda.is_available():
+        # The CPU reference of VSA materialises [B, N_local, S, S] fp32 scores, probabilities and a mask.
+        activations += batch * math.ceil(heads / sp) * tokens * tokens * 9
+    pixels = cfg.height * cfg.width
+    decode = 0
+    if rank == 0:
+        decode = 4 * 3 * cfg.num_frames * pixels + 3 * cfg.num_frames * pixels  # float frames + uint8 frames
+        if cfg.model.path is not None:
+            decode += _VAE_LIVE_TENSORS * _VAE_FULL_RES_CHANNELS * _VAE_CHUNK_FRAMES * pixels * 4
+    return MemoryEstimate(weights=weights, activations=activations, text_encoder=text_encoder_bytes,
+                          decode=decode)
+
+
+def available_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what) this process may use: free device memory on CUDA, MemAvailable on the host otherwise."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), f"free memory on {torch.cuda.get_device_name(device)} ({device})"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "available host RAM (MemAvailable)"
+    except OSError:
+        pass
+    pages, page_size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    return int(pages * page_size), "available host RAM"
+
+
+def check_request_memory(
+    cfg: GenerateConfig, model_cfg: WanConfig, device: torch.device, *, sp: int, rank: int,
+    ranks_sharing_device: int = 1, text_encoder_dir: Path | None = None,
+) -> MemoryEstimate:
+    """ValueError naming num_frames/height/width, the estimate and what the device has, when the request cannot
+    fit; returns the estimate otherwise. `ranks_sharing_device`: ranks of this job on the same memory (CPU ranks
+    of one host, or several ranks on one GPU)."""
+    text_bytes = _safetensors_bytes(text_encoder_dir, _DTYPE_BYTES[cfg.model.dtype]) if text_encoder_dir else 0
+    estimate = estimate_request_memory(cfg, model_cfg, sp=sp, rank=rank, text_encoder_bytes=text_bytes)
+    have, what = available_memory(device)
+    need = estimate.peak * ranks_sharing_device
+    if need > have:
+        shared = f" x {ranks_sharing_device} ranks on it" if ranks_sharing_device > 1 else ""
+        raise ValueError(
+            f"num_frames={cfg.num_frames} height={cfg.height} width={cfg.width} needs about "
+            f"{estimate.peak / _GIB:,.1f} GiB per rank{shared} ({estimate.describe()}) but {what} is "
+            f"{have / _GIB:,.1f} GiB. Lower num_frames, height or width, spread the tokens over more ranks "
+            f"(parallel.sp), or set model.memory_check=false to skip this estimate."
+        )
+    return estimate
+
+
+def _dit_parameter_count(c: WanConfig) -> int:
+    """Parameters of the Wan DiT (diffusers layout), from its config alone."""
+    dim, ffn = c.dim, c.ffn_dim
+    attn = 4 * (dim * dim + dim) + 2 * dim  # q, k, v, out + q/k RMSNorm
+    block = 2 * attn + (dim * dim + dim if c.gate_compress else 0) + 2 * dim * ffn + ffn + dim + 2 * dim + 6 * dim
+    embed = c.in_channels * math.prod(c.patch_size) * dim + dim
+    conditions = (c.freq_dim * dim + dim + dim * dim + dim) + (6 * dim * dim + 6 * dim)
+    conditions += c.text_dim * dim + dim + dim * dim + dim
+    head = dim * c.out_channels * math.prod(c.patch_size) + c.out_channels * math.prod(c.patch_size) + 2 * dim
+    return c.num_layers * block + embed + conditions + head
+
+
+def _safetensors_bytes(directory: Path, target_dtype_bytes: int) -> int:
+    """Bytes of every floating tensor in `directory`'s safetensors files once loaded in the target dtype (read
+    from the headers only)."""
+    total = 0
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with open(file, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(length))
+        except (OSError, ValueError, struct.error):
+            continue  # unreadable headers are reported by the loader, with the file named
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            numel = math.prod(info["shape"])
+            stored = _SAFETENSORS_BYTES.get(info["dtype"], 4)
+            total += numel * (target_dtype_bytes if info["dtype"] in ("F32", "F16", "BF16") else stored)
+    return total
+
+
+def preflight_request(
+    cfg: GenerateConfig, arch: dict, *, rank: int, device: torch.device, ranks_sharing_device: int = 1
+) -> MemoryEstimate | None:
+    """Every check that needs no process group and no weights, on every rank: the output files can be created
+    (a real temp file, not `os.access`), and, unless `model.memory_check=false`, the request fits in memory.
+    ValueError naming the key and the fix."""
+    check_output_files(cfg.output.path, cfg.output.save_latents, cfg.output.overwrite)
+    if not cfg.model.memory_check:
+        return None
+    text_encoder_dir = None
+    if cfg.model.path is not None:
+        text_encoder_dir = resolve_checkpoint(cfg.model.path).text_encoder
+    return check_request_memory(
+        cfg, WanConfig(**arch), device, sp=cfg.parallel.sp, rank=rank,
+        ranks_sharing_device=ranks_sharing_device, text_encoder_dir=text_encoder_dir,
+    )
