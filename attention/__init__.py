@@ -3,9 +3,9 @@
 The Triton fine-stage kernel (``attention.vsa_triton``) is imported lazily by ``VSAAttention``.
 """
 
-from attention.dense import DenseAttention
-from attention.interface import AttentionBackend
-from attention.vsa import (
+from tessera.attention.dense import DenseAttention
+from tessera.attention.interface import AttentionBackend
+from tessera.attention.vsa import (
     VSAAttention,
     VSAMetadata,
     VSAMetadataCache,

@@ -316,7 +316,7 @@ class VSAAttention:
         self.consume_q = consume_q and impl == "triton"
         self._fine = None
         if impl == "triton":
-            from attention.vsa_triton import vsa_fine_attention, vsa_select_from_means, vsa_tile_means
+            from tessera.attention.vsa_triton import vsa_fine_attention, vsa_select_from_means, vsa_tile_means
 
             self._fine, self._select, self._tile_means = vsa_fine_attention, vsa_select_from_means, vsa_tile_means
 

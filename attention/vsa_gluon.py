@@ -49,7 +49,7 @@ try:  # Gluon is in triton >= 3.5; without it the Triton kernel serves every dev
 except (ImportError, AttributeError):  # pragma: no cover - depends on the installed triton
     HAVE_GLUON = False
 
-from attention.vsa_triton import _TILE_TOKENS as BLOCK  # noqa: E402  (query rows per program, key rows per step)
+from tessera.attention.vsa_triton import _TILE_TOKENS as BLOCK  # noqa: E402  (query rows per program, key rows per step)
 
 STAGES = 3  # K/V ring depth: block j + 2 loads while block j is processed
 ROW_BOX = 16  # rows per TMA box of the packed key stream (32: 1.87 / 29.1 ms against 1.69 / 24.7 at 16)

@@ -315,7 +315,7 @@ def _gluon_views(q, k, v, out, gate, qkv_views: list | None = None) -> list | No
     the gate, the kernel compiled with this triton, and TESSERA_VSA_GLUON=0 not set."""
     if os.environ.get("TESSERA_VSA_GLUON", "1") == "0" or _GLUON_BROKEN:
         return None
-    from attention.vsa_gluon import gluon_fine_supported
+    from tessera.attention.vsa_gluon import gluon_fine_supported
 
     if not gluon_fine_supported(q):
         return None
@@ -330,9 +330,8 @@ def _run_gluon(views, out, coarse, tile_offsets, spans, config, forced: bool) ->
     """The Gluon fine kernel (``attention.vsa_gluon``) on the views of q, k, v, out, gate (``_gluon_views``).
     Gluon is experimental and its API moves between triton releases: unless ``forced``, a compile error is
     reported once as a warning and returns None, and the Triton kernel serves this and every later call."""
+    from tessera.attention import vsa_gluon
     from triton.compiler.errors import CompilationError
-
-    from attention import vsa_gluon
 
     try:
         return vsa_gluon.launch_gluon_fine(views[:3], views[3], out, tile_offsets, spans, coarse, views[4],

@@ -17,14 +17,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from _timing import cuda_time_ms  # noqa: E402
-
-import attention  # noqa: E402
-from attention import vsa_triton  # noqa: E402
+from tessera import attention  # noqa: E402
+from tessera.attention import vsa_triton  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 SHAPES = {"wan1.3b-480p": ((21, 30, 52), 12), "wan14b-720p": ((21, 45, 80), 40)}
 HEAD_DIM = 128
@@ -204,7 +200,7 @@ def time_variants(name, q, k, v, gate, metadata, block_index, coarse, reference,
                                           gate, config=dict(num_warps=4, num_stages=stages), spans=use_spans)
             err = ((call().float() - reference.float()).norm() / reference.float().norm()).item()
             add(f"fine stages={stages} spans={int(use_spans)}", time_ms(call), {"diff_vs_default": err})
-    from attention.vsa_gluon import BLOCK, ROW_BOX, gluon_fine_supported
+    from tessera.attention.vsa_gluon import BLOCK, ROW_BOX, gluon_fine_supported
 
     if gluon_fine_supported(q):
         def packed_blocks(spans):  # the Gluon kernel's count: ROW_BOX-row boxes, BLOCK // ROW_BOX to a block

@@ -21,20 +21,15 @@ import argparse
 import dataclasses
 import gc
 import json
-import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from _timing import cuda_time_ms  # noqa: E402
-
-from attention import VSAMetadataCache  # noqa: E402
-from models import WanConfig, build_wan_on_meta, materialize_random_  # noqa: E402
-from parallel import build_mesh  # noqa: E402
-from runtime import AttentionConfig, build_attention_plan  # noqa: E402
-from runtime.request import build_request_state  # noqa: E402
+from tessera.attention import VSAMetadataCache  # noqa: E402
+from tessera.models import WanConfig, build_wan_on_meta, materialize_random_  # noqa: E402
+from tessera.parallel import build_mesh  # noqa: E402
+from tessera.runtime import AttentionConfig, build_attention_plan  # noqa: E402
+from tessera.runtime.request import build_request_state  # noqa: E402
 
 SHAPES = {
     "1.3b": dict(heads=12, layers=30, ffn=8960, frames=81, height=480, width=832),
@@ -143,7 +138,7 @@ def bench_ours(model, cfg: WanConfig, backend: str, sparsity: float, inputs, ite
         layout_ms = cuda_time_ms(lambda: (x[:, ctx.token_order], y[:, ctx.token_order_inverse]), 2, 10)
     graphed_ms = None
     if graphs:  # the same forward replayed from a CUDA graph (runtime/graphs.py): no host launch work
-        from runtime.graphs import GraphedForward
+        from tessera.runtime.graphs import GraphedForward
 
         graphed = GraphedForward(model, enabled=True)
         graphed_ms = cuda_time_ms(lambda: graphed(latents, timestep, text, ctx=ctx), iters=iters)
@@ -187,8 +182,7 @@ def time_ffn_up(model, cfg: WanConfig, latents) -> dict:
     """One block's FFN up-projection + GELU(tanh) at the forward's token count: the GEMM then a GELU kernel,
     and the GEMM with cuBLASLt's bias + GELU epilogue (what the model runs on CUDA)."""
     import torch.nn.functional as F
-
-    from models.wan import linear_gelu_tanh
+    from tessera.models.wan import linear_gelu_tanh
 
     tokens = latents.shape[2] * (latents.shape[3] // 2) * (latents.shape[4] // 2)
     x = torch.randn(1, tokens, cfg.dim, device="cuda", dtype=torch.bfloat16)

@@ -12,6 +12,8 @@ if [ -n "$wheels" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $wheels \
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
+# The repository root is the package `tessera`: make it importable without an install (no network there).
+mkdir -p /tmp/tessera_alias && ln -sfn "$PWD" /tmp/tessera_alias/tessera && export PYTHONPATH=/tmp/tessera_alias:${PYTHONPATH:-}
 parts=${*:-tests attention dit13 dit14}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"

@@ -11,15 +11,10 @@ exposes when it outlasts the kernels queued before the fine kernel).
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
+from tessera import attention  # noqa: E402
 from torch.profiler import ProfilerActivity, profile
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import attention  # noqa: E402
 
 GRID, HEADS, HEAD_DIM = (21, 30, 52), 12, 128
 
@@ -62,10 +57,10 @@ def main() -> None:
         print("\n=== host side of 200 eager VSA calls")
         pstats.Stats(host).sort_stats("tottime").print_stats(25)
     if args.forward:
-        from models import WanConfig, build_wan_on_meta, materialize_random_
-        from parallel import build_mesh
-        from runtime import AttentionConfig, build_attention_plan
-        from runtime.request import build_request_state
+        from tessera.models import WanConfig, build_wan_on_meta, materialize_random_
+        from tessera.parallel import build_mesh
+        from tessera.runtime import AttentionConfig, build_attention_plan
+        from tessera.runtime.request import build_request_state
 
         cfg = WanConfig(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30,
                         gate_compress=True)

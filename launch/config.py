@@ -18,11 +18,10 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
-
-from runtime import PRESETS, GenerateConfig
-from runtime.checkpoint import arch_mismatches, resolve_model
-from runtime.config import fix_example, schema_field
-from runtime.output import next_numbered_path
+from tessera.runtime import PRESETS, GenerateConfig
+from tessera.runtime.checkpoint import arch_mismatches, resolve_model
+from tessera.runtime.config import fix_example, schema_field
+from tessera.runtime.output import next_numbered_path
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 ALIASES = {"VSA_sparsity": "attention.sparsity", "attention.VSA_sparsity": "attention.sparsity"}

@@ -16,23 +16,18 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
-
-if __package__ in (None, ""):  # run as a script: make the repo's packages importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from launch.config import help_text, resolve_config  # noqa: E402
-from runtime import (  # noqa: E402
+from tessera.launch.config import help_text, resolve_config  # noqa: E402
+from tessera.runtime import (  # noqa: E402
     build_mesh,
     destroy_process_group_safely,
     generate,
     init_process_group_from_env,
 )
-from runtime.faults import FAULT_ENV, parse_fault_spec  # noqa: E402
-from runtime.guards import Interrupted, NonFiniteLatentsError, RankFailure, is_peer_loss, verify_same_config  # noqa: E402
-from runtime.preflight import preflight_request  # noqa: E402
+from tessera.runtime.faults import FAULT_ENV, parse_fault_spec  # noqa: E402
+from tessera.runtime.guards import Interrupted, NonFiniteLatentsError, RankFailure, is_peer_loss, verify_same_config  # noqa: E402
+from tessera.runtime.preflight import preflight_request  # noqa: E402
 
 EXIT_FAILURE = 1
 EXIT_USER_ERROR = 2

@@ -1,7 +1,7 @@
 """Wan2.1 DiT (diffusers layout and numerics) and its safetensors weight loading."""
 
-from models.loading import LoadReport, load_wan_weights_, native_to_diffusers_name
-from models.wan import (
+from tessera.models.loading import LoadReport, load_wan_weights_, native_to_diffusers_name
+from tessera.models.wan import (
     SelfAttention,
     WanConfig,
     WanForwardContext,

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-
-from models.wan import WanTransformer, set_parameter_, wan_param_dtype
+from tessera.models.wan import WanTransformer, set_parameter_, wan_param_dtype
 
 _MAX_LISTED = 10  # keys shown per category in an error message before "... and N more"
 _COMFY_PREFIX = "model.diffusion_model."

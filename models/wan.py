@@ -22,10 +22,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from attention.dense import DenseAttention
-from models.modulated_norm import add_modulated_layer_norm, modulated_layer_norm
-from models.qk_norm_rope import qk_norm_rope
+from tessera.attention.dense import DenseAttention
+from tessera.models.modulated_norm import add_modulated_layer_norm, modulated_layer_norm
+from tessera.models.qk_norm_rope import qk_norm_rope
 
 # Parameters diffusers keeps in fp32 whatever the model dtype (its `_keep_in_fp32_modules`, matched
 # against the dotted name's components). Mirrored so bf16 numerics match a diffusers bf16 load.

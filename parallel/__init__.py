@@ -4,15 +4,15 @@ Imports only torch (and, for types, the attention interface). Nothing here holds
 ``build_mesh`` returns the one mesh object; plans and wrappers are built per request and passed.
 """
 
-from parallel.mesh import (
+from tessera.parallel.mesh import (
     ParallelMesh,
     build_mesh,
     destroy_process_group_safely,
     init_process_group_from_env,
     warmup_collectives,
 )
-from parallel.sequence import SequenceShardPlan, split_sizes
-from parallel.ulysses import UlyssesAttention
+from tessera.parallel.sequence import SequenceShardPlan, split_sizes
+from tessera.parallel.ulysses import UlyssesAttention
 
 __all__ = [
     "ParallelMesh",

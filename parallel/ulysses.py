@@ -25,12 +25,11 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-
-from parallel.sequence import SequenceShardPlan, split_sizes
+from tessera.parallel.sequence import SequenceShardPlan, split_sizes
 
 if TYPE_CHECKING:
-    from attention.interface import AttentionBackend
-    from parallel.mesh import ParallelMesh
+    from tessera.attention.interface import AttentionBackend
+    from tessera.parallel.mesh import ParallelMesh
 
 __all__ = ["UlyssesAttention"]
 

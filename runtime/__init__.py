@@ -1,9 +1,9 @@
 """Tessera runtime: typed config, attention plan, per-request state and the denoising orchestrator."""
 
-from parallel import build_mesh, destroy_process_group_safely, init_process_group_from_env
-from runtime.config import PRESETS, AttentionConfig, GenerateConfig, ModelConfig, OutputConfig, ParallelConfig
-from runtime.pipeline import GenerateResult, generate
-from runtime.plan import AttentionPlan, build_attention_plan
+from tessera.parallel import build_mesh, destroy_process_group_safely, init_process_group_from_env
+from tessera.runtime.config import PRESETS, AttentionConfig, GenerateConfig, ModelConfig, OutputConfig, ParallelConfig
+from tessera.runtime.pipeline import GenerateResult, generate
+from tessera.runtime.plan import AttentionPlan, build_attention_plan
 
 __all__ = [
     "PRESETS",

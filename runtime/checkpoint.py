@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
-
-from models import WanConfig
+from tessera.models import WanConfig
 
 __all__ = ["Checkpoint", "arch_mismatches", "resolve_checkpoint", "resolve_model"]
 

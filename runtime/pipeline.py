@@ -14,31 +14,36 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
-
-from attention import VSAMetadataCache
-from models import WanConfig, WanTransformer, build_wan_on_meta, load_wan_weights_, materialize_random_
-from parallel import ParallelMesh, warmup_collectives
-from runtime.checkpoint import resolve_checkpoint
-from runtime.conditioning import draw_initial_noise
-from runtime.config import GenerateConfig
-from runtime.faults import NO_FAULTS, FaultPlan, inject_step_faults
-from runtime.graphs import GraphedForward, resolve_cuda_graphs
-from runtime.guards import Interrupted, NonFiniteLatentsError, Progress, RankFailure, first_nonfinite_step_synced
-from runtime.output import output_files, write_json_atomic, write_latents_atomic, write_video_atomic
-from runtime.plan import AttentionPlan, build_attention_plan
-from runtime.precision import exact_fp32
-from runtime.report import collect_provenance, gather_rank_stats
-from runtime.request import RequestState, build_request_state
-from runtime.scheduler import build_scheduler
-from runtime.wan_components import (
+from tessera.attention import VSAMetadataCache
+from tessera.models import WanConfig, WanTransformer, build_wan_on_meta, load_wan_weights_, materialize_random_
+from tessera.parallel import ParallelMesh, warmup_collectives
+from tessera.runtime.checkpoint import resolve_checkpoint
+from tessera.runtime.conditioning import draw_initial_noise
+from tessera.runtime.config import GenerateConfig
+from tessera.runtime.faults import NO_FAULTS, FaultPlan, inject_step_faults
+from tessera.runtime.graphs import GraphedForward, resolve_cuda_graphs
+from tessera.runtime.guards import (
+    Interrupted,
+    NonFiniteLatentsError,
+    Progress,
+    RankFailure,
+    first_nonfinite_step_synced,
+)
+from tessera.runtime.output import output_files, write_json_atomic, write_latents_atomic, write_video_atomic
+from tessera.runtime.plan import AttentionPlan, build_attention_plan
+from tessera.runtime.precision import exact_fp32
+from tessera.runtime.report import collect_provenance, gather_rank_stats
+from tessera.runtime.request import RequestState, build_request_state
+from tessera.runtime.scheduler import build_scheduler
+from tessera.runtime.wan_components import (
     ConditioningPlan,
     build_latent_decoder,
     build_text_encoder,
     free_device_memory,
     plan_conditioning,
 )
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 LATENT_CHANNELS = 16
 VAE_STRIDE = (4, 8, 8)  # Wan VAE: 4x temporal (after the first frame), 8x spatial

@@ -10,9 +10,8 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-
-from attention import vsa_check_supported
-from runtime.config import AttentionConfig, sparsity_schedule
+from tessera.attention import vsa_check_supported
+from tessera.runtime.config import AttentionConfig, sparsity_schedule
 
 VSA_TILE = (4, 4, 4)
 

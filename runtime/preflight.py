@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from models import WanConfig
-from runtime.checkpoint import resolve_checkpoint
-from runtime.config import GenerateConfig
-from runtime.output import check_output_files
+from tessera.models import WanConfig
+from tessera.runtime.checkpoint import resolve_checkpoint
+from tessera.runtime.config import GenerateConfig
+from tessera.runtime.output import check_output_files
 
 __all__ = [
     "MemoryEstimate", "available_memory", "check_request_memory", "estimate_request_memory", "preflight_request",

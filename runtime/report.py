@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
-from parallel import ParallelMesh
+from tessera.parallel import ParallelMesh
 
 __all__ = ["collect_provenance", "gather_rank_stats"]
 

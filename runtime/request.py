@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from attention import DenseAttention, VSAAttention, VSAMetadataCache
-from models import WanForwardContext, WanTransformer
-from parallel import ParallelMesh, SequenceShardPlan, UlyssesAttention
-from runtime.plan import AttentionPlan
+from tessera.attention import DenseAttention, VSAAttention, VSAMetadataCache
+from tessera.models import WanForwardContext, WanTransformer
+from tessera.parallel import ParallelMesh, SequenceShardPlan, UlyssesAttention
+from tessera.runtime.plan import AttentionPlan
 
 
 @dataclass

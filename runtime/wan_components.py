@@ -17,11 +17,10 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from tessera.runtime.checkpoint import Checkpoint, resolve_checkpoint
+from tessera.runtime.conditioning import LatentDecoder, TextEncoder, TinyLatentDecoder, TinyTextEncoder
+from tessera.runtime.config import RANDOM_WEIGHT_PRESETS, GenerateConfig
 from torch import Tensor
-
-from runtime.checkpoint import Checkpoint, resolve_checkpoint
-from runtime.conditioning import LatentDecoder, TextEncoder, TinyLatentDecoder, TinyTextEncoder
-from runtime.config import RANDOM_WEIGHT_PRESETS, GenerateConfig
 
 __all__ = [
     "ConditioningPlan",

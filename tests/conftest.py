@@ -1,4 +1,4 @@
-"""Shared test set-up: repo root on sys.path, GPU tests skipped without CUDA, a Triton-interpreter runner."""
+"""Shared test set-up: GPU tests skipped without CUDA, a Triton-interpreter runner (`tessera` is pip-installed)."""
 
 import os
 import subprocess
@@ -9,8 +9,6 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -24,14 +22,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def run_triton_interpreted():
-    """``run(*args)``: ``python *args`` in a fresh process with TRITON_INTERPRET=1 and the repo on PYTHONPATH.
+    """``run(*args)``: ``python *args`` in a fresh process with TRITON_INTERPRET=1.
 
     A fresh process, because another test module may already have imported triton in this one without the
     interpreter. Returns the CompletedProcess (text output captured).
     """
 
     def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
         return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
     return run

@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-
-from attention import AttentionBackend, DenseAttention
+from tessera.attention import AttentionBackend, DenseAttention
 
 
 def _slow_attention(q, k, v):

@@ -11,7 +11,7 @@ import tempfile
 import pytest
 import torch
 
-vsa_gluon = pytest.importorskip("attention.vsa_gluon")
+vsa_gluon = pytest.importorskip("tessera.attention.vsa_gluon")
 if not vsa_gluon.HAVE_GLUON:
     pytest.skip("this triton has no Gluon", allow_module_level=True)
 
@@ -85,9 +85,8 @@ def test_a_fourth_stage_would_not_fit_two_programs() -> None:
 def test_a_compile_error_hands_the_call_to_the_triton_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """Gluon's API moves between triton releases: a kernel that no longer compiles warns once, names the error and
     leaves the call (and every later one) to the Triton kernel; a forced Gluon launch raises it instead."""
+    from tessera.attention import vsa_triton
     from triton.compiler.errors import CompilationError
-
-    from attention import vsa_triton
 
     def no_longer_compiles(*args, **kwargs):
         raise CompilationError(None, None, "tma.async_copy_global_to_shared has been removed")

@@ -5,8 +5,7 @@ import time
 
 import pytest
 import torch
-
-from attention import VSAMetadataCache, build_vsa_metadata, tile, untile, vsa_topk
+from tessera.attention import VSAMetadataCache, build_vsa_metadata, tile, untile, vsa_topk
 
 
 def _slow_tiles(grid, tile_size):

@@ -5,8 +5,7 @@ import textwrap
 
 import pytest
 import torch
-
-from attention import (
+from tessera.attention import (
     AttentionBackend,
     DenseAttention,
     VSAAttention,
@@ -173,7 +172,7 @@ def test_backend_attributes_and_support_checks():
 
 _TRITON_SCRIPT = textwrap.dedent("""
     import torch
-    from attention import VSAAttention, build_vsa_metadata, vsa_attention_reference
+    from tessera.attention import VSAAttention, build_vsa_metadata, vsa_attention_reference
     m = build_vsa_metadata((5, 6, 7), 0.6, "cpu")
     g = torch.Generator().manual_seed(5)
     q, k, v, gate = (torch.randn(1, 2, m.total_seq_length, 16, generator=g) for _ in range(4))
@@ -196,7 +195,7 @@ def test_triton_impl_matches_reference_under_interpreter(run_triton_interpreted)
 @pytest.mark.parametrize("num_tiles", [1, 7, 64, 250])
 def test_topk_matches_stable_sort_with_many_ties(num_tiles):
     """The threshold top-k equals a stable descending sort (ties to the lower index), also with heavy ties."""
-    from attention.vsa import _topk_lower_index_wins
+    from tessera.attention.vsa import _topk_lower_index_wins
 
     gen = torch.Generator().manual_seed(num_tiles)
     scores = torch.randn(3, 5, num_tiles, num_tiles, generator=gen)

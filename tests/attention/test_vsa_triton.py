@@ -45,7 +45,7 @@ def reference_vsa_fine(q, k, v, tile_offsets, block_index, coarse=None, gate=Non
 
 
 def _check_case(dtype: torch.dtype, head_dim: int, seed: int) -> None:
-    from attention.vsa_triton import vsa_fine_attention
+    from tessera.attention.vsa_triton import vsa_fine_attention
 
     gen = torch.Generator().manual_seed(seed)
     batch, heads = 2, 3
@@ -81,8 +81,8 @@ def _check_case(dtype: torch.dtype, head_dim: int, seed: int) -> None:
 def _check_layouts_and_means() -> None:
     """[B, S, N, D] tensors viewed as BNSD are read in place and the output keeps that layout; the Triton
     tile means equal the torch spec (fp32 accumulation, rounded to the input dtype) on partial tiles."""
-    from attention.vsa import _tile_means, build_vsa_metadata
-    from attention.vsa_triton import vsa_fine_attention, vsa_tile_means
+    from tessera.attention.vsa import _tile_means, build_vsa_metadata
+    from tessera.attention.vsa_triton import vsa_fine_attention, vsa_tile_means
 
     gen = torch.Generator().manual_seed(11)
     metadata = build_vsa_metadata((5, 6, 7), 0.5, "cpu")  # partial tiles on every axis
@@ -132,8 +132,8 @@ def _tied_scores(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
 def _check_select() -> None:
     """The Triton top-k equals the torch spec exactly (ties to the lower index), and the Triton coarse
     stage equals select_from_tile_means on means whose dot products are exact in any summation order."""
-    from attention.vsa import _topk_lower_index_wins, select_from_tile_means
-    from attention.vsa_triton import vsa_select_from_means, vsa_topk_lower_index_wins
+    from tessera.attention.vsa import _topk_lower_index_wins, select_from_tile_means
+    from tessera.attention.vsa_triton import vsa_select_from_means, vsa_topk_lower_index_wins
 
     gen = torch.Generator().manual_seed(3)
     # (rows, cols): widths that are not powers of two, up to several warps per row on GPUs
@@ -202,7 +202,7 @@ def test_reference_equals_dense_at_full_selection() -> None:
 
 
 def test_coarse_stage_rejects_mismatched_inputs() -> None:
-    from attention.vsa_triton import vsa_select_from_means
+    from tessera.attention.vsa_triton import vsa_select_from_means
 
     means = torch.zeros(1, 2, 5, 16)
     with pytest.raises(ValueError, match="share one"):
@@ -213,9 +213,8 @@ def test_coarse_stage_rejects_mismatched_inputs() -> None:
 
 def test_fake_impl_shape() -> None:
     """The registered op's fake implementation gives the output shape without running the kernel."""
+    from tessera.attention.vsa_triton import vsa_fine_attention
     from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from attention.vsa_triton import vsa_fine_attention
 
     with FakeTensorMode():
         q = torch.empty(1, 2, 128, 32, dtype=torch.bfloat16)
@@ -227,7 +226,7 @@ def test_fake_impl_shape() -> None:
 
 @pytest.mark.gpu
 def test_gpu_kernel_d128_bf16() -> None:
-    from attention.vsa_triton import vsa_fine_attention
+    from tessera.attention.vsa_triton import vsa_fine_attention
 
     gen = torch.Generator().manual_seed(1)
     sizes = tuple([64] * 40 + [48, 64, 17] * 3)
@@ -252,7 +251,7 @@ def test_gpu_load_modes_and_layouts(layout: str, load_mode: int | None) -> None:
     """Every load path (default: host TMA descriptors where the layout allows, else and 0: masked pointer
     loads) on every layout, with partial tiles in the middle and a partial last tile (the
     TMA boxes then run past the tensor end and past the next tile's start: both must be masked)."""
-    from attention import vsa_triton
+    from tessera.attention import vsa_triton
 
     gen = torch.Generator().manual_seed(2)
     sizes = tuple([64] * 20 + [48, 64, 17] * 3 + [33])
@@ -297,7 +296,7 @@ def test_gpu_gluon_kernel_matches_reference(layout: str, config: dict) -> None:
     """The Gluon fine kernel (load mode 3) against the fp32 reference: partial query and key tiles in the middle
     and at the end (TMA boxes past the tile and past the tensor), topk below, at and above the ring depth, logits
     that force the running max to be rescaled, with and without the gate, and the output in q's buffer."""
-    from attention import vsa_gluon, vsa_triton
+    from tessera.attention import vsa_gluon, vsa_triton
 
     if not vsa_gluon.gluon_fine_supported(torch.empty(1, 1, 1, 128, dtype=torch.bfloat16, device="cuda")):
         pytest.skip("the Gluon kernel needs compute capability 9.x and triton with Gluon")
@@ -345,7 +344,7 @@ def test_gpu_gluon_kernel_runs_two_programs_per_sm() -> None:
     """The occupancy the Gluon schedule is built for, as the driver computes it for the compiled kernel."""
     import ctypes
 
-    from attention import build_vsa_metadata, vsa_gluon, vsa_triton
+    from tessera.attention import build_vsa_metadata, vsa_gluon, vsa_triton
 
     q = torch.randn(1, 2, 64 * 24, 128, device="cuda", dtype=torch.bfloat16)
     if not vsa_gluon.gluon_fine_supported(q):
@@ -366,8 +365,8 @@ def test_gpu_gluon_kernel_runs_two_programs_per_sm() -> None:
 @pytest.mark.gpu
 def test_gpu_tile_means_match_spec_bf16() -> None:
     """On GPUs fp32 -> bf16 rounds to nearest, so only summation-order ties may differ (rarely)."""
-    from attention.vsa import _tile_means, build_vsa_metadata
-    from attention.vsa_triton import vsa_tile_means
+    from tessera.attention.vsa import _tile_means, build_vsa_metadata
+    from tessera.attention.vsa_triton import vsa_tile_means
 
     metadata = build_vsa_metadata((9, 14, 22), 0.9, "cuda")
     x = torch.randn(1, metadata.total_seq_length, 12, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
@@ -382,8 +381,8 @@ def test_gpu_tile_means_match_spec_bf16() -> None:
 def test_gpu_topk_and_coarse_stage_match_spec() -> None:
     """At the Wan-1.3B tile count: the top-k equals the spec exactly on tied scores; the whole coarse stage
     equals it on exactly representable means, and on random bf16 means up to rare summation-order flips."""
-    from attention.vsa import _topk_lower_index_wins, select_from_tile_means
-    from attention.vsa_triton import vsa_select_from_means, vsa_topk_lower_index_wins
+    from tessera.attention.vsa import _topk_lower_index_wins, select_from_tile_means
+    from tessera.attention.vsa_triton import vsa_select_from_means, vsa_topk_lower_index_wins
 
     gen = torch.Generator().manual_seed(4)
     scores = _tied_scores((4, 624, 624), gen).cuda()
@@ -408,7 +407,7 @@ def test_gpu_topk_and_coarse_stage_match_spec() -> None:
 def test_gpu_full_call_matches_reference(consume_q: bool) -> None:
     """The four-launch VSA call (means, scores + coarse, top-k, fine) equals the torch spec on a grid with partial
     tiles on every axis, B=2 and [B, S, N, D] inputs; with consume_q the output lands in q's buffer."""
-    from attention import VSAAttention, build_vsa_metadata, vsa_attention_reference
+    from tessera.attention import VSAAttention, build_vsa_metadata, vsa_attention_reference
 
     metadata = build_vsa_metadata((6, 10, 13), 0.7, "cuda")
     gen = torch.Generator().manual_seed(6)
@@ -438,7 +437,7 @@ if __name__ == "__main__":
 def test_host_desc_view_addresses_every_row(layout: str) -> None:
     """The TMA path's 2D row view: token s of (b, n) sits at row b*row_b + n*row_n + s, columns b*col_b + n*col_n
     onwards, for each layout it accepts; a fused [B, S, 4, N, D] slice (no uniform row pitch) gets None."""
-    from attention.vsa_triton import _host_desc_view
+    from tessera.attention.vsa_triton import _host_desc_view
 
     B, N, S, D = (1 if layout == "token_major_b1" else 2), 3, 11, 16
     base = torch.randn(S * 4 * B * N * D)

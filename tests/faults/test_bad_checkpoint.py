@@ -8,10 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
-
-from launch.config import load_preset
-from launch.generate import main
-from models import WanConfig, build_wan_on_meta, materialize_random_
+from tessera.launch.config import load_preset
+from tessera.launch.generate import main
+from tessera.models import WanConfig, build_wan_on_meta, materialize_random_
 
 SMALL = ["model.preset=wan-tiny", "num_frames=5", "height=32", "width=32", "num_steps=2"]
 

@@ -55,7 +55,7 @@ def runs(tmp_path_factory, ckpt):
     def run(name: str, nproc: int, *overrides: str, cpu: bool = False, one_gpu: bool = False):
         if name not in cache:
             out = root / f"{name}.mp4"
-            env = {**os.environ, "PYTHONPATH": str(REPO)}
+            env = dict(os.environ)
             if cpu:
                 env["CUDA_VISIBLE_DEVICES"] = ""
             if one_gpu:

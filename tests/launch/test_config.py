@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
-from launch.config import all_keys, describe_keys, help_text, parse_overrides, resolve_config
-from launch.generate import main
-from runtime import GenerateConfig
+from tessera.launch.config import all_keys, describe_keys, help_text, parse_overrides, resolve_config
+from tessera.launch.generate import main
+from tessera.runtime import GenerateConfig
 
 EXACT_KEYS = {
     "prompt", "negative_prompt", "seed", "num_frames", "height", "width", "num_steps", "guidance_scale",

@@ -6,9 +6,8 @@ import pytest
 import torch
 from _tiny import TINY  # tests/models is on sys.path under pytest (no __init__.py)
 from diffusers import WanTransformer3DModel
-
-from attention.dense import DenseAttention
-from models.wan import (
+from tessera.attention.dense import DenseAttention
+from tessera.models.wan import (
     WanConfig,
     WanForwardContext,
     WanTransformer,
@@ -253,7 +252,7 @@ def test_compiled_block_stages_match_eager():
 def test_gpu_fused_linear_gelu_matches_the_composite(dtype: torch.dtype) -> None:
     """The FFN's cuBLASLt GEMM + bias + GELU(tanh) epilogue against the fp32 composite, eager and compiled, on
     awkward shapes (a 3D input, sizes no tile divides)."""
-    from models.wan import linear_gelu_tanh
+    from tessera.models.wan import linear_gelu_tanh
 
     gen = torch.Generator().manual_seed(3)
     linear = torch.nn.Linear(200, 333).to(dtype).cuda()

@@ -38,7 +38,7 @@ def _free_port() -> int:
 def _worker(
     rank: int, world_size: int, port: int, out_dir: str, fn: Callable[..., Any], args: tuple[Any, ...]
 ) -> None:
-    from parallel import destroy_process_group_safely, init_process_group_from_env
+    from tessera.parallel import destroy_process_group_safely, init_process_group_from_env
 
     os.environ.update(
         RANK=str(rank),

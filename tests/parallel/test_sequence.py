@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from parallel import (
+from tessera.parallel import (
     SequenceShardPlan,
     UlyssesAttention,
     build_mesh,

@@ -14,11 +14,10 @@ import torch
 from _dist import run_multirank
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from attention import DenseAttention
-from models import WanConfig, WanForwardContext, build_wan_on_meta
-from models.wan import set_parameter_
-from parallel import SequenceShardPlan, UlyssesAttention, build_mesh
+from tessera.attention import DenseAttention
+from tessera.models import WanConfig, WanForwardContext, build_wan_on_meta
+from tessera.models.wan import set_parameter_
+from tessera.parallel import SequenceShardPlan, UlyssesAttention, build_mesh
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 

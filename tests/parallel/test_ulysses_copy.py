@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from parallel.ulysses import _as_words, _copy_rows
+from tessera.parallel.ulysses import _as_words, _copy_rows
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])

@@ -14,8 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from _dist import MultirankError, run_multirank
-
-from parallel import SequenceShardPlan, UlyssesAttention, build_mesh, warmup_collectives
+from tessera.parallel import SequenceShardPlan, UlyssesAttention, build_mesh, warmup_collectives
 
 pytestmark = pytest.mark.multirank
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from runtime.conditioning import (
+from tessera.runtime.conditioning import (
     WAN21_LATENT_RGB_BIAS,
     WAN21_LATENT_RGB_FACTORS,
     TinyLatentDecoder,

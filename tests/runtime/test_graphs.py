@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from attention import VSAMetadataCache
-from models import WanConfig, build_wan_on_meta, materialize_random_
-from parallel import build_mesh
-from runtime import AttentionConfig, build_attention_plan
-from runtime.graphs import GraphedForward, host_bound, resolve_cuda_graphs
-from runtime.request import build_request_state
+from tessera.attention import VSAMetadataCache
+from tessera.models import WanConfig, build_wan_on_meta, materialize_random_
+from tessera.parallel import build_mesh
+from tessera.runtime import AttentionConfig, build_attention_plan
+from tessera.runtime.graphs import GraphedForward, host_bound, resolve_cuda_graphs
+from tessera.runtime.request import build_request_state
 
 
 @pytest.mark.parametrize(("setting", "device", "world", "expected"), [
@@ -80,7 +79,7 @@ def test_gpu_replays_equal_the_eager_forward():
 def test_gpu_adaptive_captures_only_host_bound_plans(bound, monkeypatch):
     """auto: two eager calls per plan (compile, then timed), then a capture only if the timed call was
     host-bound; every output equals the eager forward either way."""
-    import runtime.graphs as graphs
+    import tessera.runtime.graphs as graphs
 
     monkeypatch.setattr(graphs, "host_bound", lambda host, span: bound == "host")
     device = torch.device("cuda")

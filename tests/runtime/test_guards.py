@@ -8,9 +8,8 @@ import errno
 import pytest
 import torch
 from safetensors.torch import save_file
-
-from runtime.faults import NO_FAULTS, InjectedFault, inject_step_faults, parse_fault_spec
-from runtime.guards import Progress, checkpoint_identity, first_nonfinite_step_synced, is_peer_loss
+from tessera.runtime.faults import NO_FAULTS, InjectedFault, inject_step_faults, parse_fault_spec
+from tessera.runtime.guards import Progress, checkpoint_identity, first_nonfinite_step_synced, is_peer_loss
 
 
 def test_fault_spec_parses_every_kind():

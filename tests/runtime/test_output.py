@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tessera.runtime.output as output
 import torch
-
-import runtime.output as output
-from runtime.output import check_output_path, write_json_atomic, write_latents_atomic, write_video_atomic
+from tessera.runtime.output import check_output_path, write_json_atomic, write_latents_atomic, write_video_atomic
 
 imageio = pytest.importorskip("imageio.v2")
 
@@ -151,8 +150,8 @@ def test_check_output_path(tmp_path: Path) -> None:
 
 
 def test_default_output_is_a_new_numbered_file_per_run(tmp_path, monkeypatch):
-    from launch.generate import main
-    from runtime.output import next_numbered_path
+    from tessera.launch.generate import main
+    from tessera.runtime.output import next_numbered_path
 
     monkeypatch.chdir(tmp_path)
     assert next_numbered_path() == Path("outputs/video-001.mp4")

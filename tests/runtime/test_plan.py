@@ -6,8 +6,7 @@ import warnings
 
 import pytest
 import torch
-
-from runtime import AttentionConfig, build_attention_plan
+from tessera.runtime import AttentionConfig, build_attention_plan
 
 CPU = torch.device("cpu")
 

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-
-from runtime.precision import exact_fp32
+from tessera.runtime.precision import exact_fp32
 
 
 @pytest.mark.parametrize("raise_inside", [False, True])

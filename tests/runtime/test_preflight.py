@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from launch.config import load_preset, resolve_config
-from launch.generate import main
-from models import WanConfig, build_wan_on_meta
-from runtime.preflight import _dit_parameter_count, estimate_request_memory
+from tessera.launch.config import load_preset, resolve_config
+from tessera.launch.generate import main
+from tessera.models import WanConfig, build_wan_on_meta
+from tessera.runtime.preflight import _dit_parameter_count, estimate_request_memory
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,7 +56,7 @@ def test_memory_check_can_be_skipped(tmp_path):
     """With the check off, the same config gets past pre-flight (it then fails elsewhere: the RoPE table limit)."""
     cfg, arch = resolve_config(["num_frames=100001", "height=16384", "width=16384", "model.memory_check=false",
                                 f"output.path={tmp_path / 'v.mp4'}"])
-    from runtime.preflight import preflight_request
+    from tessera.runtime.preflight import preflight_request
 
     assert preflight_request(cfg, arch, rank=0, device=torch.device("cpu")) is None
 
@@ -75,7 +74,7 @@ def test_unwritable_output_location_fails_before_any_work(target, capsys):
 
 def test_probe_leaves_nothing_behind(tmp_path):
     cfg, arch = resolve_config([f"output.path={tmp_path / 'sub' / 'v.mp4'}", "output.save_latents=true"])
-    from runtime.preflight import preflight_request
+    from tessera.runtime.preflight import preflight_request
 
     preflight_request(cfg, arch, rank=0, device=torch.device("cpu"))
     assert list(tmp_path.iterdir()) == []  # no probe file, no created directory

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from launch.generate import main
-from runtime.report import _git_state, collect_provenance
+from tessera.launch.generate import main
+from tessera.runtime.report import _git_state, collect_provenance
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["num_frames=9", "height=32", "width=48", "num_steps=2", "seed=1", "prompt=a red fox"]
@@ -120,8 +119,7 @@ def test_progress_bars_hidden_for_the_load_then_restored():
     pytest.importorskip("diffusers")
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
-
-    from runtime.wan_components import _progress_bars
+    from tessera.runtime.wan_components import _progress_bars
 
     for hf_logging in (transformers_logging, diffusers_logging):
         assert hf_logging.is_progress_bar_enabled()

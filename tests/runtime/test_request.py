@@ -12,13 +12,12 @@ from collections import Counter
 
 import pytest
 import torch
+from tessera.attention import VSAMetadataCache
+from tessera.models import WanConfig, build_wan_on_meta, materialize_random_
+from tessera.parallel import build_mesh
+from tessera.runtime import AttentionConfig, build_attention_plan
+from tessera.runtime.request import build_request_state
 from torch.utils._python_dispatch import TorchDispatchMode
-
-from attention import VSAMetadataCache
-from models import WanConfig, build_wan_on_meta, materialize_random_
-from parallel import build_mesh
-from runtime import AttentionConfig, build_attention_plan
-from runtime.request import build_request_state
 
 # aten ops that move tokens by an index (a reorder, gather or scatter)
 _INDEX_OPS = {"index", "index_select", "gather", "scatter", "scatter_add", "take", "take_along_dim", "index_put",

@@ -6,8 +6,7 @@ import warnings
 
 import pytest
 import torch
-
-from runtime.scheduler import FlowEulerScheduler, FlowUniPCScheduler, build_scheduler
+from tessera.runtime.scheduler import FlowEulerScheduler, FlowUniPCScheduler, build_scheduler
 
 diffusers = pytest.importorskip("diffusers")
 
