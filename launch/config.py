@@ -10,7 +10,10 @@ ValueError/TypeError naming the key and the fix, raised before any process group
 from __future__ import annotations
 
 import difflib
+import json
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import MISSING, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -203,3 +206,85 @@ def _show(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(_show(v) for v in value) + "]"
     return repr(value) if value == "" else str(value)
+
+
+def to_overrides(keys: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """{"attention": {"sparsity": 0.9}, "seed": 3} -> ["attention.sparsity=0.9", "seed=3"] (the CLI's syntax)."""
+    overrides = []
+    for key, value in keys.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            overrides += to_overrides(value, f"{name}.")
+        else:
+            overrides.append(f"{name}={_format(value)}")
+    return overrides
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_format(v) for v in value) + "]"
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return str(value)
+
+
+def resolve_requests(argv: list[str], world_size: int = 1) -> tuple[list[GenerateConfig], dict]:
+    """The launch's requests: one, or one per line of `prompts_file=` (each line a prompt, or a JSON object of
+    per-request keys over the command line's). Every line is resolved and validated before anything loads; an
+    error names the file, the line and the key. Outputs: `output.path` stem-001, -002, ... when given, else the
+    next free numbers of outputs/video-NNN.mp4."""
+    cfg, arch = resolve_config(argv, world_size=world_size)
+    cfg.validate(world_size=world_size)
+    if cfg.prompts_file is None:
+        return [cfg], arch
+    lines = _read_prompt_lines(Path(cfg.prompts_file))
+    explicit = any(arg.partition("=")[0].strip().lstrip("+") == "output.path" for arg in argv)
+    base = Path(cfg.output.path)
+    first = 0 if explicit else int(base.stem.rsplit("-", 1)[1])  # resolve_config picked the next free video-NNN
+    requests = []
+    for index, (line_no, overrides) in enumerate(lines):
+        path = base.with_name(f"{base.stem}-{index + 1:03d}{base.suffix}") if explicit else base.with_name(
+            f"video-{first + index:03d}{base.suffix}")
+        try:
+            if any(o.partition("=")[0] in ("model", "parallel") or o.startswith(("model.", "parallel.", "prompts_file"))
+                   for o in overrides):
+                raise ValueError("model.*, parallel.* and prompts_file are set once per launch, not per line")
+            request, _ = resolve_config([*argv, f"output.path={path}", *overrides], world_size=world_size)
+            request.validate(world_size=world_size)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"prompts_file={cfg.prompts_file} line {line_no}: {err}") from None
+        requests.append(request)
+    return requests, arch
+
+
+def _read_prompt_lines(path: Path) -> list[tuple[int, list[str]]]:
+    """(line number, overrides) of every non-empty, non-# line: a plain line is the prompt, a {...} line JSON."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ValueError(f"prompts_file={path} cannot be read ({err.strerror or err}). Fix: point it at a text "
+                         f"file with one prompt per line") from None
+    lines = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("{"):
+            try:
+                keys = json.loads(line)
+            except ValueError as err:
+                raise ValueError(f"prompts_file={path} line {line_no}: not valid JSON ({err}). Fix: e.g. "
+                                 f'{{"prompt": "a red fox", "seed": 3}}') from None
+            if not isinstance(keys, dict):
+                raise ValueError(f"prompts_file={path} line {line_no}: a JSON line must be an object of keys. Fix: "
+                                 f'e.g. {{"prompt": "a red fox", "seed": 3}}')
+            lines.append((line_no, to_overrides(keys)))
+        else:
+            lines.append((line_no, [f"prompt={line}"]))
+    if not lines:
+        raise ValueError(f"prompts_file={path} holds no prompt. Fix: one prompt per line, or JSON lines")
+    return lines

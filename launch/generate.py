@@ -18,16 +18,16 @@ import traceback
 from collections.abc import Iterator
 
 import torch
-from tessera.launch.config import help_text, resolve_config  # noqa: E402
-from tessera.runtime import (  # noqa: E402
+from tessera.launch.config import help_text, resolve_requests
+from tessera.runtime import (
     build_mesh,
     destroy_process_group_safely,
-    generate,
+    generate_many,
     init_process_group_from_env,
 )
-from tessera.runtime.faults import FAULT_ENV, parse_fault_spec  # noqa: E402
-from tessera.runtime.guards import Interrupted, NonFiniteLatentsError, RankFailure, is_peer_loss, verify_same_config  # noqa: E402
-from tessera.runtime.preflight import preflight_request  # noqa: E402
+from tessera.runtime.faults import FAULT_ENV, parse_fault_spec
+from tessera.runtime.guards import Interrupted, NonFiniteLatentsError, RankFailure, is_peer_loss, verify_same_config
+from tessera.runtime.preflight import preflight_request
 
 EXIT_FAILURE = 1
 EXIT_USER_ERROR = 2
@@ -62,18 +62,19 @@ def _run(argv: list[str], rank: int, world_size: int, guard: _SignalGuard) -> in
     share_one_gpu = os.environ.get(ONE_GPU_ENV) == "1"  # test-only: every rank on cuda:0 over gloo (README)
     try:
         faults = parse_fault_spec(os.environ.get(FAULT_ENV, ""))  # test-only hook, parsed once (README)
-        cfg, arch = resolve_config([*argv, *faults.overrides_for(rank)], world_size=world_size)
-        cfg.validate(world_size=world_size)
-        # Outputs writable and the request within memory: on every rank, before the group or any weights.
+        requests, arch = resolve_requests([*argv, *faults.overrides_for(rank)], world_size=world_size)
+        cfg = requests[0]
+        # Outputs writable and each request within memory: on every rank, before the group or any weights.
         device, sharing = _planned_device(share_one_gpu)
-        preflight_request(cfg, arch, rank=rank, device=device, ranks_sharing_device=sharing)
+        for request in requests:
+            preflight_request(request, arch, rank=rank, device=device, ranks_sharing_device=sharing)
     except (ValueError, TypeError) as err:
         return _user_error(rank, err)
 
     try:
         _, _, _, device = init_process_group_from_env(cfg.parallel.timeout_s, share_one_gpu=share_one_gpu)
         verify_same_config(cfg, arch)  # one all_gather_object: a rank with other arguments fails here
-        _generate_on_mesh(cfg, arch, device, faults)
+        _generate_on_mesh(requests, arch, device, faults)
     except RankFailure as failure:
         guard.armed = False  # torchrun's SIGTERM to the survivors must not garble this report
         return _report_failure(rank, failure.phase, failure.cause, cfg.parallel.timeout_s)
@@ -85,9 +86,10 @@ def _run(argv: list[str], rank: int, world_size: int, guard: _SignalGuard) -> in
     return 0
 
 
-def _generate_on_mesh(cfg, arch, device, faults) -> None:
-    """Build the mesh and run the request; the mesh (and its groups) is unreachable once this returns."""
-    generate(cfg, arch, build_mesh(cfg=cfg.parallel.cfg, sp=cfg.parallel.sp, device=device), faults=faults)
+def _generate_on_mesh(requests, arch, device, faults) -> None:
+    """Build the mesh, load once and run the requests; the mesh (and its groups) is unreachable once this returns."""
+    cfg = requests[0]
+    generate_many(requests, arch, build_mesh(cfg=cfg.parallel.cfg, sp=cfg.parallel.sp, device=device), faults=faults)
 
 
 def _report_failure(rank: int, phase: str, cause: BaseException, timeout_s: float) -> int:

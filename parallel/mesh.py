@@ -45,6 +45,15 @@ class ParallelMesh:
     sp_group: dist.ProcessGroup | None
     cfg_group: dist.ProcessGroup | None
     device: torch.device
+    # The ranks of this machine (torchrun numbers them contiguously per node): the text encoder runs once per
+    # node, on local rank 0, and its embeddings are broadcast over `node_group` (None for a one-rank node).
+    local_world_size: int = 1
+    node_group: dist.ProcessGroup | None = None
+
+    @property
+    def node_leader(self) -> int:
+        """Global rank of this node's first rank (its local rank 0)."""
+        return self.rank - self.rank % self.local_world_size
 
     @property
     def is_main(self) -> bool:
@@ -80,13 +89,18 @@ def build_mesh(cfg: int, sp: int, device: torch.device, *, local_rank: int | Non
             f"= {cfg * sp}, but the world size is {world_size}. Fix: {fix}, "
             f"or launch with torchrun --nproc_per_node={cfg * sp}."
         )
-    if local_rank is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cfg_rank, sp_rank = divmod(rank, sp)
 
     # Rank = cfg_rank * sp + sp_rank; an SP group holds one cfg slice, a CFG group one sp position.
     sp_group = _axis_group([[c * sp + s for s in range(sp)] for c in range(cfg)], cfg_rank, world_size)
     cfg_group = _axis_group([[c * sp + s for c in range(cfg)] for s in range(sp)], sp_rank, world_size)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if local_world < 1 or world_size % local_world:
+        local_world = world_size  # not torchrun's layout: treat the job as one node
+    nodes = [[n * local_world + i for i in range(local_world)] for n in range(world_size // local_world)]
+    node_group = _axis_group(nodes, rank // local_world, world_size)
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", rank % local_world))
     return ParallelMesh(
         world_size=world_size,
         rank=rank,
@@ -98,6 +112,8 @@ def build_mesh(cfg: int, sp: int, device: torch.device, *, local_rank: int | Non
         sp_group=sp_group,
         cfg_group=cfg_group,
         device=torch.device(device),
+        local_world_size=local_world,
+        node_group=node_group,
     )
 
 

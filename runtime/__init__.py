@@ -2,7 +2,7 @@
 
 from tessera.parallel import build_mesh, destroy_process_group_safely, init_process_group_from_env
 from tessera.runtime.config import PRESETS, AttentionConfig, GenerateConfig, ModelConfig, OutputConfig, ParallelConfig
-from tessera.runtime.pipeline import GenerateResult, generate
+from tessera.runtime.pipeline import GenerateResult, Pipeline, generate, generate_many, write_outputs
 from tessera.runtime.plan import AttentionPlan, build_attention_plan
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "AttentionPlan",
     "GenerateConfig",
     "GenerateResult",
+    "Pipeline",
     "ModelConfig",
     "OutputConfig",
     "ParallelConfig",
@@ -18,5 +19,7 @@ __all__ = [
     "build_mesh",
     "destroy_process_group_safely",
     "generate",
+    "generate_many",
     "init_process_group_from_env",
+    "write_outputs",
 ]

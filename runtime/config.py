@@ -91,6 +91,8 @@ class GenerateConfig:
     flow_shift: float = _key(3.0, doc="timestep shift of the flow schedule (Wan: 3.0 at 480p, 5.0 at 720p)",
                              example="5.0")
     scheduler: str = _key("unipc", doc=f"sampler: {', '.join(SCHEDULERS)}", example="euler")
+    prompts_file: str | None = _key(None, doc="many videos in one launch: one prompt per line, or JSON lines of "
+                                    "per-request keys ({\"prompt\": ..., \"seed\": 3})", example="prompts.txt")
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,11 +37,11 @@ from tessera.runtime.report import collect_provenance, gather_rank_stats
 from tessera.runtime.request import RequestState, build_request_state
 from tessera.runtime.scheduler import build_scheduler
 from tessera.runtime.wan_components import (
-    ConditioningPlan,
     build_latent_decoder,
     build_text_encoder,
     free_device_memory,
     plan_conditioning,
+    text_sequence_length,
 )
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -56,7 +57,8 @@ log = logging.getLogger("tessera")
 
 @dataclass(frozen=True)
 class GenerateResult:
-    latents: torch.Tensor  # [B, 16, F, H/8, W/8] float32, final (before decoding)
+    latents: torch.Tensor  # [1, 16, F, H/8, W/8] float32 on the rank's device: final, before decoding
+    frames: torch.Tensor | None  # uint8 [T, H, W, 3] on the CPU, decoded on rank 0 (None on the other ranks)
     report: dict
 
 
@@ -70,32 +72,15 @@ def token_grid(cfg: GenerateConfig, model_cfg: WanConfig) -> tuple[int, int, int
     return f // pt, h // ph, w // pw
 
 
-def prepare(cfg: GenerateConfig, arch: dict, mesh: ParallelMesh) -> tuple[WanConfig, AttentionPlan]:
-    """Everything checkable before weights load: model config and attention plan (the output files are checked
-    earlier, on every rank, by `runtime.preflight.preflight_request`)."""
-    model_cfg = WanConfig(**arch)
-    dtype = getattr(torch, cfg.model.dtype)
-    plan = build_attention_plan(
-        cfg.attention,
-        num_layers=model_cfg.num_layers,
-        num_steps=cfg.num_steps,
-        grid_thw=token_grid(cfg, model_cfg),
-        head_dim=model_cfg.attention_head_dim,
-        dtype=dtype,
-        device=mesh.device,
-    )
-    if plan.uses_vsa and not model_cfg.gate_compress:
-        # VSA blocks carry to_gate_compress; zero-initialised when the checkpoint lacks it.
-        model_cfg = dataclasses.replace(model_cfg, gate_compress=True)
-    return model_cfg, plan
+RANDOM_WEIGHTS_SEED = 0  # wan-tiny's weights, byte encoder and preview decoder: part of the model, not of a request
 
 
 def build_model(cfg: GenerateConfig, model_cfg: WanConfig, device: torch.device) -> tuple[WanTransformer, dict]:
     dtype = getattr(torch, cfg.model.dtype)
     model = build_wan_on_meta(model_cfg)
     if cfg.model.path is None:
-        materialize_random_(model, seed=cfg.seed, device=device, dtype=dtype)
-        load_info = {"weights": "random", "seed": cfg.seed}
+        materialize_random_(model, seed=RANDOM_WEIGHTS_SEED, device=device, dtype=dtype)
+        load_info = {"weights": "random", "seed": RANDOM_WEIGHTS_SEED}
     else:
         weights = resolve_checkpoint(cfg.model.path).weights  # transformer/ of a diffusers directory
         report = load_wan_weights_(model, weights, device=device, dtype=dtype)
@@ -106,60 +91,159 @@ def build_model(cfg: GenerateConfig, model_cfg: WanConfig, device: torch.device)
     return model.eval(), load_info
 
 
-def generate(cfg: GenerateConfig, arch: dict, mesh: ParallelMesh, faults: FaultPlan = NO_FAULTS) -> GenerateResult:
-    """Run one request on this rank; rank 0 writes the video, the JSON report and optionally the latents.
+def request_prompts(cfg: GenerateConfig) -> list[str]:
+    """The prompts one request encodes: the prompt, and the negative one when it uses CFG."""
+    return [cfg.prompt, cfg.negative_prompt] if cfg.guidance_scale != 1.0 else [cfg.prompt]
 
-    Any exception is re-raised as `RankFailure` (a KeyboardInterrupt as `Interrupted`) naming this rank and
-    the phase: "config", "load", "step N" (0-based), "decode" or "write", with the original as its cause.
-    Nothing is decoded or written unless every rank's latents stayed finite; the three output files land
-    together or not at all. `faults` is for tests only (runtime/faults.py).
+
+class Pipeline:
+    """A loaded model on this rank of the mesh: DiT weights (compiled stages), text encoder, decoder and the VSA
+    metadata cache, reused by every `generate` (the Python API and the server keep one; the CLI makes one per
+    launch). SPMD: every rank of the mesh builds it and makes the same calls.
+
+    `prompts` are encoded while loading, before the DiT (text embeddings are cached per prompt). With
+    `keep_text_encoder=False` the encoder is freed right after them, so the load's peak is the larger of the two
+    models, not their sum (the CLI: it knows every prompt up front); a later request with a new prompt then fails.
+    The encoder runs once per node (local rank 0) and its embeddings are broadcast over the node's ranks.
     """
-    progress = Progress()
-    try:
-        with exact_fp32(getattr(torch, cfg.model.dtype), mesh.device):  # fp32 means no TF32 (runtime/precision.py)
-            return _generate(cfg, arch, mesh, faults, progress)
-    except KeyboardInterrupt as err:
-        raise Interrupted.at(err, mesh.rank, progress.phase) from err
-    except Exception as err:
-        raise RankFailure(mesh.rank, progress.phase, err) from err
+
+    def __init__(
+        self, cfg: GenerateConfig, arch: dict, mesh: ParallelMesh, *, prompts: Sequence[str] = (),
+        keep_text_encoder: bool = True, faults: FaultPlan = NO_FAULTS, progress: Progress | None = None,
+    ) -> None:
+        progress = progress or Progress()
+        self.cfg, self.mesh, self.dtype = cfg, mesh, getattr(torch, cfg.model.dtype)
+        model_cfg = WanConfig(**arch)
+        if cfg.attention.backend != "dense" and not model_cfg.gate_compress:
+            # VSA blocks carry to_gate_compress; zero-initialised when the checkpoint lacks it.
+            model_cfg = dataclasses.replace(model_cfg, gate_compress=True)
+        self.model_cfg = model_cfg
+        self.conditioning = plan_conditioning(cfg)  # real UMT5 + VAE or the tiny stand-ins; fails before loading
+        self.metadata_cache = VSAMetadataCache()
+        self._embeddings: dict[str, torch.Tensor] = {}
+        self._text_encoder = None
+        self._encoder_released = False
+        self._decoder = None
+        _reset_peak_memory(mesh.device)
+        progress.stage = "load"
+        faults.fire_phase("load", mesh.rank)
+        with exact_fp32(self.dtype, mesh.device):
+            t0 = time.perf_counter()
+            if mesh.rank == mesh.node_leader:
+                self._text_encoder = build_text_encoder(self.conditioning, model_cfg.text_dim, RANDOM_WEIGHTS_SEED,
+                                                        mesh.device, self.dtype, show_progress=mesh.is_main)
+            self.encode(prompts)
+            if not keep_text_encoder:
+                self._text_encoder, self._encoder_released = None, True
+                free_device_memory(mesh.device)
+            self._pending = {"text_encode": _elapsed_synced(t0, mesh.device)}  # reported by the first request
+            _log_main(mesh, "text encoded in %.2f s", self._pending["text_encode"])
+            t0 = time.perf_counter()
+            self.model, self.load_info = build_model(cfg, model_cfg, mesh.device)
+            self._pending["load"] = _elapsed_synced(t0, mesh.device)
+        _log_main(mesh, "weights loaded: %.2f GiB in %.2f s", self.load_info["parameter_bytes"] / 2**30,
+                  self._pending["load"])
+
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text embeddings [len(prompts), L, text_dim] in the model dtype on this rank's device. New prompts are
+        encoded by the node's local rank 0 and broadcast over the node; every prompt is encoded once per pipeline."""
+        new = list(dict.fromkeys(p for p in prompts if p not in self._embeddings))
+        if new:
+            if self._encoder_released:
+                raise ValueError(f"prompt {new[0]!r} was not encoded while loading and the text encoder is released "
+                                 f"(keep_text_encoder=False): load the pipeline with every prompt, or keep it")
+            mesh = self.mesh
+            shape = (len(new), text_sequence_length(self.conditioning), self.model_cfg.text_dim)
+            if self._text_encoder is not None:
+                text = self._text_encoder.encode(new).to(device=mesh.device, dtype=self.dtype).contiguous()
+            else:
+                text = torch.empty(shape, device=mesh.device, dtype=self.dtype)
+            if mesh.node_group is not None:
+                dist.broadcast(text, src=mesh.node_leader, group=mesh.node_group)
+            self._embeddings.update(zip(new, text, strict=True))
+        return torch.stack([self._embeddings[p] for p in prompts]) if prompts else torch.empty(0)
+
+    def generate(self, cfg: GenerateConfig, *, faults: FaultPlan = NO_FAULTS,
+                 progress: Progress | None = None) -> GenerateResult:
+        """Run one request (per-request keys of `cfg`; its `model.*` and `parallel.*` must be the pipeline's).
+
+        Returns the final latents on every rank and, on rank 0, the decoded frames; writes nothing (see
+        `write_outputs`). Nothing is decoded unless every rank's latents stayed finite."""
+        if (cfg.model, cfg.parallel) != (self.cfg.model, self.cfg.parallel):
+            raise ValueError("model.* and parallel.* are fixed when the pipeline loads; load another pipeline to "
+                             "change them")
+        progress = progress or Progress()
+        with exact_fp32(self.dtype, self.mesh.device):
+            return self._generate(cfg, faults, progress)
+
+    @torch.inference_mode()
+    def _generate(self, cfg: GenerateConfig, faults: FaultPlan, progress: Progress) -> GenerateResult:
+        t_start = time.perf_counter()
+        mesh, device, model_cfg, dtype = self.mesh, self.mesh.device, self.model_cfg, self.dtype
+        plan = build_attention_plan(
+            cfg.attention, num_layers=model_cfg.num_layers, num_steps=cfg.num_steps,
+            grid_thw=token_grid(cfg, model_cfg), head_dim=model_cfg.attention_head_dim, dtype=dtype, device=device,
+        )
+        provenance = collect_provenance(device)
+        stage_seconds: dict[str, float | None] = dict.fromkeys(STAGES)
+        stage_seconds.update({"load": 0.0, "text_encode": 0.0, **self._pending})  # the load: in the first request
+        self._pending = {}
+        t0 = time.perf_counter()
+        text = self.encode(request_prompts(cfg))
+        stage_seconds["text_encode"] += time.perf_counter() - t0
+        if mesh.cfg_size == 2:
+            text = text[mesh.cfg_rank : mesh.cfg_rank + 1]  # rank 0 of the cfg axis: cond, rank 1: uncond
+
+        latents = draw_initial_noise(1, cfg.num_frames, cfg.height, cfg.width, cfg.seed, LATENT_CHANNELS).to(device)
+        scheduler = build_scheduler(cfg.scheduler, cfg.num_steps, cfg.flow_shift)
+        scheduler.prepare(device, torch.float32)
+        state = build_request_state(self.model, plan, token_grid(cfg, model_cfg), mesh, self.metadata_cache)
+        graphs = resolve_cuda_graphs(cfg.model.cuda_graphs, device, mesh.world_size)
+        forward = GraphedForward(self.model, enabled=graphs != "never", adaptive=graphs == "adaptive")
+        warmup_collectives(mesh)
+        latents, step_seconds, denoise = _denoise(cfg, latents, text, scheduler, state, forward, faults, progress,
+                                                  mesh, dtype)
+        stage_seconds["first_step"], stage_seconds["denoise"] = step_seconds[0], denoise
+        # Every rank, once per request (never per step): rank 0 alone goes on to decode.
+        ranks = gather_rank_stats({"rank": mesh.rank, "step_seconds": step_seconds,
+                                   "peak_memory_bytes": _peak_memory(device), "device": str(device)}, mesh)
+        report = _build_report(cfg, model_cfg, mesh, plan, state, self.load_info)
+        report.update(provenance=provenance, ranks=ranks, step_seconds=step_seconds, denoise_seconds=denoise,
+                      stage_seconds=stage_seconds, cuda_graphs=forward.report(),
+                      conditioning={"text_encoder": self.conditioning.text, "decoder": self.conditioning.decoder})
+        del forward, state  # the graphs' pool holds the forward's activations
+        progress.stage = "decode"
+        frames = None
+        if mesh.is_main:
+            free_device_memory(device)
+            t0 = time.perf_counter()
+            if self._decoder is None:
+                self._decoder = build_latent_decoder(self.conditioning, RANDOM_WEIGHTS_SEED, device)
+            faults.fire_phase("decode", 0)  # only rank 0 decodes and writes
+            frames = self._decoder.decode(latents)[0].cpu()
+            stage_seconds["decode"] = _elapsed_synced(t0, device)
+            log.info("decode %.2f s", stage_seconds["decode"])
+            report["peak_memory_bytes"] = _peak_memory(device)  # rank 0's, the decode included
+            report["latent_shape"] = list(latents.shape)
+            report["video"] = {"frames": int(frames.shape[0]), "height": int(frames.shape[1]),
+                               "width": int(frames.shape[2]), "fps": FPS}
+        stage_seconds["total"] = time.perf_counter() - t_start + stage_seconds["load"]
+        report["total_seconds"] = stage_seconds["total"]
+        return GenerateResult(latents=latents, frames=frames, report=report)
 
 
-@torch.inference_mode()
-def _generate(
-    cfg: GenerateConfig, arch: dict, mesh: ParallelMesh, faults: FaultPlan, progress: Progress
-) -> GenerateResult:
-    t_start = time.perf_counter()
-    model_cfg, plan = prepare(cfg, arch, mesh)
-    conditioning = plan_conditioning(cfg)  # real UMT5 + VAE or the tiny stand-ins; fails before weight load
-    device, is_main = mesh.device, mesh.rank == 0
-    provenance = collect_provenance(device)
-    _reset_peak_memory(device)
-    progress.stage = "load"
-    faults.fire_phase("load", mesh.rank)
-
-    dtype, use_cfg = getattr(torch, cfg.model.dtype), cfg.guidance_scale != 1.0
-    prompts = [cfg.prompt, cfg.negative_prompt] if use_cfg else [cfg.prompt]
-    text, model, load_info, stage_seconds = _load(cfg, model_cfg, conditioning, prompts, mesh)
-    if cfg.parallel.cfg == 2:
-        text = text[mesh.cfg_rank : mesh.cfg_rank + 1]  # rank 0 of the cfg axis: cond, rank 1: uncond
-
-    latents = draw_initial_noise(1, cfg.num_frames, cfg.height, cfg.width, cfg.seed, LATENT_CHANNELS).to(device)
-    scheduler = build_scheduler(cfg.scheduler, cfg.num_steps, cfg.flow_shift)
-    scheduler.prepare(device, torch.float32)
-    timesteps = scheduler.timesteps.to(device)
-    state = build_request_state(model, plan, token_grid(cfg, model_cfg), mesh, VSAMetadataCache())
-    graphs = resolve_cuda_graphs(cfg.model.cuda_graphs, device, mesh.world_size)
-    forward = GraphedForward(model, enabled=graphs != "never", adaptive=graphs == "adaptive")
-    warmup_collectives(mesh)
-    t_loop = time.perf_counter()
-
-    step_seconds = []
-    batch = text.shape[0]
+def _denoise(cfg, latents, text, scheduler, state, forward, faults, progress, mesh, dtype):
+    """The hot loop: per step a forward (with the step's attention context), CFG, the scheduler step. Returns
+    (final latents, step seconds, loop seconds); NonFiniteLatentsError after the loop if any rank went NaN/Inf."""
+    device = mesh.device
+    timesteps, batch = scheduler.timesteps.to(device), text.shape[0]
     step_faults = faults.step_faults(mesh.rank)
     finite_steps = torch.ones(cfg.num_steps, dtype=torch.bool, device=device)  # read once, after the loop
+    step_seconds: list[float] = []
     progress.stage = "step"
+    t_loop = time.perf_counter()
     with logging_redirect_tqdm():  # log lines above the bar, not through it
-        for step in tqdm(range(cfg.num_steps), desc="denoising", disable=not is_main, leave=True):
+        for step in tqdm(range(cfg.num_steps), desc="denoising", disable=not mesh.is_main, leave=True):
             t0 = time.perf_counter()
             progress.step = step
             if step in step_faults:
@@ -167,7 +251,7 @@ def _generate(
             timestep = timesteps[step].expand(batch)
             model_in = latents.to(dtype).expand(batch, -1, -1, -1, -1)
             pred = forward(model_in, timestep, text, ctx=state.context_for_step(step)).float()
-            if use_cfg:
+            if cfg.guidance_scale != 1.0:
                 cond, uncond = _cfg_branches(pred, mesh)
                 pred = uncond + cfg.guidance_scale * (cond - uncond)
             latents = scheduler.step(pred, step, latents)
@@ -175,52 +259,47 @@ def _generate(
             step_seconds.append(_elapsed_synced(t0, device))
             if step == 0:  # the blocks compile on the first step (CUDA): worth knowing before the loop ends
                 _log_main(mesh, "first step (compile) %.2f s", step_seconds[0])
-    stage_seconds["first_step"], stage_seconds["denoise"] = step_seconds[0], time.perf_counter() - t_loop
-    nonfinite = first_nonfinite_step_synced(finite_steps)  # also a barrier before rank 0 writes
+    loop_seconds = time.perf_counter() - t_loop
+    nonfinite = first_nonfinite_step_synced(finite_steps)  # also a barrier before rank 0 decodes
     if nonfinite is not None:
         progress.step = nonfinite[0]
         raise NonFiniteLatentsError(*nonfinite)
-    # Every rank, once per request (never per step): rank 0 alone goes on to decode and write.
-    ranks = gather_rank_stats({"rank": mesh.rank, "step_seconds": step_seconds,
-                               "peak_memory_bytes": _peak_memory(device), "device": str(device)}, mesh)
-    progress.stage = "decode"
-
-    report = _build_report(cfg, model_cfg, mesh, plan, state, load_info)
-    report.update(provenance=provenance, ranks=ranks, step_seconds=step_seconds,
-                  denoise_seconds=stage_seconds["denoise"], stage_seconds=stage_seconds, cuda_graphs=forward.report())
-    del forward  # its graphs hold the forward's activations in their memory pool
-    if is_main:
-        del model, state  # the VAE decode needs the memory more than the finished DiT
-        free_device_memory(device)
-        _write_outputs(progress, faults, cfg, latents, report, t_start, device, conditioning)
-    return GenerateResult(latents=latents, report=report)
+    return latents, step_seconds, loop_seconds
 
 
-def _load(
-    cfg: GenerateConfig, model_cfg: WanConfig, conditioning: ConditioningPlan, prompts: list[str], mesh: ParallelMesh
-) -> tuple[torch.Tensor, WanTransformer, dict, dict[str, float | None]]:
-    """Text embeddings [B, L, text_dim] (one row per prompt), the DiT, its load info and stage seconds.
+def generate(cfg: GenerateConfig, arch: dict, mesh: ParallelMesh, faults: FaultPlan = NO_FAULTS) -> GenerateResult:
+    """The CLI's one request: load (text first, the encoder freed before the DiT), generate, and on rank 0 write
+    the video, the JSON report and optionally the latents. See `generate_many`."""
+    return generate_many([cfg], arch, mesh, faults)[0]
 
-    Text first, so the encoder is freed before the DiT loads (peak = max of the two, not the sum). The stage
-    seconds have every key of the report's `stage_seconds`; those of later stages are None until measured.
+
+def generate_many(
+    cfgs: Sequence[GenerateConfig], arch: dict, mesh: ParallelMesh, faults: FaultPlan = NO_FAULTS
+) -> list[GenerateResult]:
+    """Load once, then run every request in turn, rank 0 writing each one's files (`prompts_file=`).
+
+    Any exception is re-raised as `RankFailure` (a KeyboardInterrupt as `Interrupted`) naming this rank and
+    the phase: "config", "load", "step N" (0-based), "decode" or "write", with the original as its cause.
+    Nothing is decoded or written unless every rank's latents stayed finite; a request's output files land
+    together or not at all. `faults` is for tests only (runtime/faults.py).
     """
-    device, dtype = mesh.device, getattr(torch, cfg.model.dtype)
-    stage_seconds: dict[str, float | None] = dict.fromkeys(STAGES)
-    t0 = time.perf_counter()
-    text_encoder = build_text_encoder(
-        conditioning, model_cfg.text_dim, cfg.seed, device, dtype, show_progress=mesh.is_main
-    )
-    text = text_encoder.encode(prompts).to(device=device, dtype=dtype)
-    del text_encoder
-    free_device_memory(device)
-    stage_seconds["text_encode"] = _elapsed_synced(t0, device)  # loading the encoder included
-    _log_main(mesh, "text encoded in %.2f s", stage_seconds["text_encode"])
-
-    t0 = time.perf_counter()
-    model, load_info = build_model(cfg, model_cfg, device)
-    stage_seconds["load"] = _elapsed_synced(t0, device)
-    _log_main(mesh, "weights loaded: %.2f GiB in %.2f s", load_info["parameter_bytes"] / 2**30, stage_seconds["load"])
-    return text, model, load_info, stage_seconds
+    progress = Progress()
+    try:
+        prompts = [p for cfg in cfgs for p in request_prompts(cfg)]
+        pipe = Pipeline(cfgs[0], arch, mesh, prompts=prompts, keep_text_encoder=False, faults=faults,
+                        progress=progress)
+        results = []
+        for cfg in cfgs:
+            result = pipe.generate(cfg, faults=faults, progress=progress)
+            if mesh.is_main:
+                progress.stage = "write"
+                write_outputs(cfg, result, faults)
+            results.append(result)
+        return results
+    except KeyboardInterrupt as err:
+        raise Interrupted.at(err, mesh.rank, progress.phase) from err
+    except Exception as err:
+        raise RankFailure(mesh.rank, progress.phase, err) from err
 
 
 def _build_report(
@@ -256,47 +335,29 @@ def _cfg_branches(pred: torch.Tensor, mesh: ParallelMesh) -> tuple[torch.Tensor,
     return gathered[0], gathered[1]
 
 
-def _write_outputs(
-    progress: Progress,
-    faults: FaultPlan,
-    cfg: GenerateConfig,
-    latents: torch.Tensor,
-    report: dict,
-    t_start: float,
-    device: torch.device,
-    conditioning: ConditioningPlan,
-) -> None:
-    """Rank 0: decode, then write the video, the latents (optionally) and last the report, all or none."""
-    stage_seconds = report["stage_seconds"]
-    t0 = time.perf_counter()
-    decoder = build_latent_decoder(conditioning, cfg.seed, device)
-    faults.fire_phase("decode", 0)  # only rank 0 decodes and writes
-    frames = decoder.decode(latents)[0]
-    progress.stage = "write"
-    del decoder
-    stage_seconds["decode"] = _elapsed_synced(t0, device)
-    log.info("decode %.2f s", stage_seconds["decode"])
-    report["conditioning"] = {"text_encoder": conditioning.text, "decoder": conditioning.decoder}
+def write_outputs(cfg: GenerateConfig, result: GenerateResult, faults: FaultPlan = NO_FAULTS) -> list[Path]:
+    """Rank 0: the video, the latents (with `output.save_latents`) and last the JSON report, all or none, at
+    `cfg.output.path` with its overwrite rule. Returns the files written."""
+    report, frames, t0 = result.report, result.frames, time.perf_counter()
     (out, _), (report_path, _), *latents_path = output_files(cfg.output.path, cfg.output.save_latents)
-    report["peak_memory_bytes"] = _peak_memory(device)  # rank 0's, the decode included
-    report["latent_shape"] = list(latents.shape)
-    report["video"] = {"path": str(out), "frames": int(frames.shape[0]), "height": int(frames.shape[1]),
-                       "width": int(frames.shape[2]), "fps": FPS}
+    report["video"]["path"] = str(out)
     written: list[Path] = []
-    t0 = time.perf_counter()
     try:  # all files or none: a failure (disk full, interrupt) removes those already written
-        written.append(write_video_atomic(out, frames.cpu().numpy(), fps=FPS, overwrite=cfg.output.overwrite))
+        written.append(write_video_atomic(out, frames.numpy(), fps=FPS, overwrite=cfg.output.overwrite))
         for path, _ in latents_path:
-            written.append(write_latents_atomic(path, latents.float().cpu(), overwrite=cfg.output.overwrite))
+            written.append(write_latents_atomic(path, result.latents.float().cpu(), overwrite=cfg.output.overwrite))
         faults.fire_phase("write", 0)
-        stage_seconds["write"] = time.perf_counter() - t0
-        report["total_seconds"] = stage_seconds["total"] = time.perf_counter() - t_start
+        stages = report["stage_seconds"]
+        stages["write"] = time.perf_counter() - t0
+        stages["total"] += stages["write"]
+        report["total_seconds"] = stages["total"]
         written.append(write_json_atomic(report_path, report, overwrite=cfg.output.overwrite))
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
         raise
     log.info("wrote %s (%d frames, %.1f s total)", out, frames.shape[0], report["total_seconds"])
+    return written
 
 
 def _log_main(mesh: ParallelMesh, msg: str, *args: object) -> None:

@@ -20,6 +20,7 @@ from tessera.models import WanConfig
 from tessera.runtime.checkpoint import resolve_checkpoint
 from tessera.runtime.config import GenerateConfig
 from tessera.runtime.output import check_output_files
+from tessera.runtime.plan import build_attention_plan
 
 __all__ = [
     "MemoryEstimate", "available_memory", "check_request_memory", "estimate_request_memory", "preflight_request",
@@ -100,16 +101,18 @@ def available_memory(device: torch.device) -> tuple[int, str]:
 
 
 def check_request_memory(
-    cfg: GenerateConfig, model_cfg: WanConfig, device: torch.device, *, sp: int, rank: int,
-    ranks_sharing_device: int = 1, text_encoder_dir: Path | None = None,
+    cfg: GenerateConfig, model_cfg: WanConfig | dict, device: torch.device, *, sp: int, rank: int,
+    ranks_sharing_device: int = 1, text_encoder_dir: Path | None = None, already_loaded: int = 0,
 ) -> MemoryEstimate:
     """ValueError naming num_frames/height/width, the estimate and what the device has, when the request cannot
     fit; returns the estimate otherwise. `ranks_sharing_device`: ranks of this job on the same memory (CPU ranks
-    of one host, or several ranks on one GPU)."""
+    of one host, or several ranks on one GPU). `already_loaded`: bytes of this request's weights that are resident
+    already (a loaded pipeline), so not counted twice."""
+    model_cfg = WanConfig(**model_cfg) if isinstance(model_cfg, dict) else model_cfg  # the architecture dict too
     text_bytes = _safetensors_bytes(text_encoder_dir, _DTYPE_BYTES[cfg.model.dtype]) if text_encoder_dir else 0
     estimate = estimate_request_memory(cfg, model_cfg, sp=sp, rank=rank, text_encoder_bytes=text_bytes)
     have, what = available_memory(device)
-    need = estimate.peak * ranks_sharing_device
+    need = (estimate.peak - min(already_loaded, estimate.weights)) * ranks_sharing_device
     if need > have:
         shared = f" x {ranks_sharing_device} ranks on it" if ranks_sharing_device > 1 else ""
         raise ValueError(
@@ -157,15 +160,21 @@ def preflight_request(
     cfg: GenerateConfig, arch: dict, *, rank: int, device: torch.device, ranks_sharing_device: int = 1
 ) -> MemoryEstimate | None:
     """Every check that needs no process group and no weights, on every rank: the output files can be created
-    (a real temp file, not `os.access`), and, unless `model.memory_check=false`, the request fits in memory.
-    ValueError naming the key and the fix."""
+    (a real temp file, not `os.access`), the attention plan builds (backend limits), and, unless
+    `model.memory_check=false`, the request fits in memory. ValueError naming the key and the fix."""
     check_output_files(cfg.output.path, cfg.output.save_latents, cfg.output.overwrite)
+    model_cfg = WanConfig(**arch)
+    f, h, w = (cfg.num_frames - 1) // 4 + 1, cfg.height // 8, cfg.width // 8
+    pt, ph, pw = model_cfg.patch_size
+    build_attention_plan(cfg.attention, num_layers=model_cfg.num_layers, num_steps=cfg.num_steps,
+                         grid_thw=(f // pt, h // ph, w // pw), head_dim=model_cfg.attention_head_dim,
+                         dtype=getattr(torch, cfg.model.dtype), device=device)  # backend limits: fail here
     if not cfg.model.memory_check:
         return None
     text_encoder_dir = None
     if cfg.model.path is not None:
         text_encoder_dir = resolve_checkpoint(cfg.model.path).text_encoder
     return check_request_memory(
-        cfg, WanConfig(**arch), device, sp=cfg.parallel.sp, rank=rank,
+        cfg, model_cfg, device, sp=cfg.parallel.sp, rank=rank,
         ranks_sharing_device=ranks_sharing_device, text_encoder_dir=text_encoder_dir,
     )

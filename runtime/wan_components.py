@@ -28,11 +28,13 @@ __all__ = [
     "WanVAEDecoder",
     "build_latent_decoder",
     "build_text_encoder",
+    "text_sequence_length",
     "plan_conditioning",
     "prompt_clean",
 ]
 
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline's default max_sequence_length
+TINY_TEXT_LENGTH = 32  # the byte-level stand-in's sequence length
 _INSTALL_HINT = 'pip install -e ".[wan]"'
 
 
@@ -72,6 +74,11 @@ def plan_conditioning(cfg: GenerateConfig) -> ConditioningPlan:
     )
 
 
+def text_sequence_length(plan: ConditioningPlan) -> int:
+    """L of the embeddings [B, L, text_dim] the plan's encoder gives (known without loading it)."""
+    return TINY_TEXT_LENGTH if plan.text == "tiny" else MAX_SEQUENCE_LENGTH
+
+
 def build_text_encoder(
     plan: ConditioningPlan,
     text_dim: int,
@@ -82,7 +89,7 @@ def build_text_encoder(
 ) -> TextEncoder:
     """`show_progress=False` hides transformers' loading bars (on every rank but 0, so they appear once)."""
     if plan.text == "tiny":
-        return TinyTextEncoder(text_dim, seed=seed, device=device)
+        return TinyTextEncoder(text_dim, max_length=TINY_TEXT_LENGTH, seed=seed, device=device)
     encoder = UMT5TextEncoder(
         plan.text_encoder_dir, plan.tokenizer_dir, device=device, dtype=dtype, show_progress=show_progress
     )

@@ -1,0 +1,125 @@
+"""The Python API: load a model once, generate many videos. Same schema, validation and errors as the CLI.
+
+    import tessera
+    pipe = tessera.load(model={"preset": "wan-tiny"}, attention={"backend": "dense"})
+    video = pipe.generate(prompt="a red fox in snow", seed=3, num_steps=4)
+    video.frames   # numpy uint8 [F, H, W, 3] on rank 0 (None on the other ranks)
+    video.latents  # torch.float32 [1, C, F', H', W'] (CPU), the final latents
+    video.report   # dict, the JSON report
+    video.save("out.mp4")  # mp4 + report beside it, atomic, same overwrite rules as the CLI
+
+Keys are the CLI's (`--help`): groups as dicts, top-level keys as keywords. Keys given to `load` are defaults for
+every request; `generate` takes the per-request ones (everything but `model.*` and `parallel.*`). SPMD under
+torchrun: every rank makes the same calls; `load` joins the process group (and `close` leaves it) when torchrun
+started the process and no group exists yet.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tessera.launch.config import resolve_config, to_overrides
+from tessera.runtime import build_mesh, destroy_process_group_safely, init_process_group_from_env
+from tessera.runtime.config import GenerateConfig
+from tessera.runtime.output import check_output_files
+from tessera.runtime.pipeline import GenerateResult, Pipeline, write_outputs
+from tessera.runtime.preflight import check_request_memory
+
+__all__ = ["Video", "VideoPipeline", "load"]
+
+LOAD_ONLY_GROUPS = ("model", "parallel")
+
+
+def load(**keys: Any) -> VideoPipeline:
+    """Validate `keys` (ValueError/TypeError naming the key, as the CLI), join the process group under torchrun,
+    load the weights and the text encoder, and return the pipeline. Nothing loads when a key is bad."""
+    overrides = to_overrides(keys)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg, arch = resolve_config(overrides, world_size=world_size)
+    cfg.validate(world_size=world_size)
+    import torch.distributed as dist
+
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        _, _, _, device = init_process_group_from_env(cfg.parallel.timeout_s)
+    else:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        mesh = build_mesh(cfg=cfg.parallel.cfg, sp=cfg.parallel.sp, device=device)
+        if cfg.model.memory_check:
+            check_request_memory(cfg, arch, device, sp=mesh.sp_size, rank=mesh.rank)
+        return VideoPipeline(Pipeline(cfg, arch, mesh), overrides, world_size, owns_group)
+    except BaseException:
+        if owns_group:
+            destroy_process_group_safely()
+        raise
+
+
+class VideoPipeline:
+    """A loaded model (see `load`). `generate(**keys)` -> `Video`; `close()` (or `with`) leaves the group."""
+
+    def __init__(self, pipe: Pipeline, overrides: list[str], world_size: int, owns_group: bool) -> None:
+        self._pipe, self._overrides, self._world_size, self._owns_group = pipe, overrides, world_size, owns_group
+
+    @property
+    def config(self) -> GenerateConfig:
+        """The resolved configuration of the load (the defaults of every request)."""
+        return self._pipe.cfg
+
+    def request_config(self, **keys: Any) -> GenerateConfig:
+        """The validated configuration of one request (`load`'s keys, then these); no work is done."""
+        fixed = sorted({k.split(".")[0] for k in to_overrides(keys)} & set(LOAD_ONLY_GROUPS))
+        if fixed:
+            raise ValueError(f"{fixed[0]}.* is fixed when the pipeline loads; pass it to tessera.load(...) instead")
+        cfg, _ = resolve_config([*self._overrides, *to_overrides(keys)], world_size=self._world_size)
+        cfg.validate(world_size=self._world_size)
+        return cfg
+
+    def generate(self, **keys: Any) -> Video:
+        """One video: per-request keys as keywords (`prompt`, `seed`, `num_frames`, ..., `attention={...}`).
+        Bad keys raise ValueError/TypeError before any work, as in the CLI."""
+        cfg = self.request_config(**keys)
+        pipe = self._pipe
+        if cfg.model.memory_check:  # the weights are loaded already: only the request's own memory must fit
+            check_request_memory(cfg, pipe.model_cfg, pipe.mesh.device, sp=pipe.mesh.sp_size, rank=pipe.mesh.rank,
+                                 already_loaded=pipe.load_info["parameter_bytes"])
+        return Video(pipe.generate(cfg), cfg)
+
+    def close(self) -> None:
+        """Release the process group if `load` created it (the weights go with the object)."""
+        if self._owns_group:
+            destroy_process_group_safely()
+            self._owns_group = False
+
+    def __enter__(self) -> VideoPipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Video:
+    """One generated video: `frames` (numpy uint8 [F, H, W, 3] on rank 0, else None), `latents` (torch.float32
+    [1, C, F', H', W'] on the CPU), `report` (the JSON report's dict); `save(path)` writes them."""
+
+    def __init__(self, result: GenerateResult, cfg: GenerateConfig) -> None:
+        self._result, self._cfg = result, cfg
+        self.frames: np.ndarray | None = None if result.frames is None else result.frames.numpy()
+        self.latents: torch.Tensor = result.latents.float().cpu()
+        self.report: dict = result.report
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False, save_latents: bool = False) -> Path | None:
+        """Write the mp4 and its JSON report beside it (and `<stem>.latents.safetensors` with `save_latents`), all
+        or none, on rank 0; an existing file is refused unless `overwrite` (as `output.overwrite`). Returns the
+        video's path on rank 0, None on the other ranks."""
+        if self.frames is None:
+            return None
+        check_output_files(path, save_latents, overwrite)
+        output = replace(self._cfg.output, path=os.fspath(path), overwrite=overwrite, save_latents=save_latents)
+        write_outputs(replace(self._cfg, output=output), self._result)
+        return Path(path)
