@@ -11,10 +11,11 @@ The repository root is this package (`tessera.runtime`, `tessera.launch`, ...); 
 from importlib.metadata import PackageNotFoundError, version
 
 from tessera.launch.api import Video, VideoPipeline, load
+from tessera.runtime.guards import Cancelled
 
 try:
     __version__ = version("tessera")
 except PackageNotFoundError:  # a source tree on sys.path without an install
     __version__ = "0.0.0+unknown"
 
-__all__ = ["Video", "VideoPipeline", "__version__", "load"]
+__all__ = ["Cancelled", "Video", "VideoPipeline", "__version__", "load"]

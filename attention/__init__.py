@@ -1,14 +1,25 @@
-"""Attention backends for Tessera: the backend protocol, dense SDPA and Video Sparse Attention.
+"""Attention backends for Tessera: the backend protocol, the backend registry, dense SDPA and Video Sparse Attention.
+
+Importing this package registers every backend (each at the end of its own file).
 
 The Triton fine-stage kernel (``attention.vsa_triton``) is imported lazily by ``VSAAttention``.
 """
 
 from tessera.attention.dense import DenseAttention
 from tessera.attention.interface import AttentionBackend
+from tessera.attention.registry import (
+    Backend,
+    MetadataCache,
+    backend_names,
+    dense_backend,
+    get_backend,
+    register_backend,
+    sparse_backends,
+    unregister_backend,
+)
 from tessera.attention.vsa import (
     VSAAttention,
     VSAMetadata,
-    VSAMetadataCache,
     build_vsa_metadata,
     select_from_tile_means,
     tile,
@@ -21,10 +32,17 @@ from tessera.attention.vsa import (
 
 __all__ = [
     "AttentionBackend",
+    "Backend",
+    "MetadataCache",
+    "backend_names",
+    "dense_backend",
+    "get_backend",
+    "register_backend",
+    "sparse_backends",
+    "unregister_backend",
     "DenseAttention",
     "VSAAttention",
     "VSAMetadata",
-    "VSAMetadataCache",
     "build_vsa_metadata",
     "select_from_tile_means",
     "tile",

@@ -9,6 +9,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from tessera.attention.registry import Backend, register_backend
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # cuDNN's fused attention is the fastest SDPA kernel on Hopper (~590 TFLOP/s at the Wan-1.3B shape vs ~370
@@ -30,6 +31,7 @@ class DenseAttention:
 
     name: str = "dense"
     uses_gate: bool = False
+    kernel: str = "sdpa"  # reported
 
     def __call__(
         self,
@@ -49,3 +51,15 @@ class DenseAttention:
 
     def __repr__(self) -> str:
         return "DenseAttention()"
+
+
+DENSE_BACKEND = register_backend(Backend(
+    name="dense",
+    sparse=False,
+    uses_gate=DenseAttention.uses_gate,
+    check_supported=lambda dtype, head_dim, device, grid_thw: None,
+    auto_problem=lambda device: None,
+    build_metadata=None,
+    token_order=lambda metadata: None,  # attention is permutation-equivariant: any order serves
+    build=lambda metadata, dtype, head_dim: DenseAttention(),
+))

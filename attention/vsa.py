@@ -14,7 +14,9 @@ from fractions import Fraction
 from typing import Literal
 
 import torch
+from tessera.attention.registry import Backend, register_backend
 
+VSA_TILE = (4, 4, 4)  # tokens per tile along (frames, height, width): 64, FastVideo's
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -81,7 +83,7 @@ def build_vsa_metadata(
     grid_thw: tuple[int, int, int],
     sparsity: float,
     device: torch.device | str,
-    tile: tuple[int, int, int] = (4, 4, 4),
+    tile: tuple[int, int, int] = VSA_TILE,
 ) -> VSAMetadata:
     """Build the tile-order and padded-layout index tables for a ``(T, H, W)`` token grid.
 
@@ -133,32 +135,6 @@ def build_vsa_metadata(
         sparsity=float(sparsity),
         device=device,
     )
-
-
-class VSAMetadataCache:
-    """Caches :class:`VSAMetadata` by (grid, sparsity, device, tile); one per runtime, never global."""
-
-    def __init__(self) -> None:
-        self._entries: dict[tuple, VSAMetadata] = {}
-
-    def get(
-        self,
-        grid_thw: tuple[int, int, int],
-        sparsity: float,
-        device: torch.device | str,
-        tile: tuple[int, int, int] = (4, 4, 4),
-    ) -> VSAMetadata:
-        """Return the cached metadata for this key, building it on first use."""
-        key = (tuple(grid_thw), sparsity, torch.device(device), tuple(tile))
-        if key not in self._entries:
-            self._entries[key] = build_vsa_metadata(grid_thw, sparsity, device, tile)
-        return self._entries[key]
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def clear(self) -> None:
-        self._entries.clear()
 
 
 def tile(x_SD: torch.Tensor, metadata: VSAMetadata) -> torch.Tensor:
@@ -229,6 +205,9 @@ def _topk_lower_index_wins(scores: torch.Tensor, topk: int) -> torch.Tensor:
     count then places each selected index in its ascending slot.
     """
     num_tiles = scores.shape[-1]
+    # NaN scores (NaN latents, caught after the loop) rank lowest: every slot still gets a real tile index, where NaN
+    # thresholds selected nothing and the slots kept torch.empty's garbage (an out-of-bounds gather).
+    scores = scores.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     threshold = torch.topk(scores, topk, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
     above = scores > threshold
     tied = scores == threshold
@@ -296,6 +275,9 @@ class VSAAttention:
     ``impl``: ``"torch"`` = :func:`vsa_attention_reference`; ``"triton"`` = four Triton launches: tile means
     of q, k, v; block scores + coarse output; top-k; the fine stage with gate * coarse fused into its
     epilogue. ``"auto"`` = triton when ``metadata.device`` is CUDA, else torch. Resolved once here, never per call.
+    ``fine_kernel`` (triton only): ``"gluon"`` the Gluon fine kernel where a call's layout allows it (Hopper, 16-bit,
+    D = 128), ``"triton"`` always the Triton kernel, ``"auto"`` gluon when ``gluon_fine_available`` for the metadata's
+    device and the given ``dtype``/``head_dim``. Resolved once into ``self.kernel`` (reported), never per call.
     ``consume_q=True`` (triton only) lets the output overwrite q's buffer: saves one [B, N, S, D] allocation
     when the caller never reads q again (the DiT's self-attention); q then holds the output afterwards.
     """
@@ -305,20 +287,42 @@ class VSAAttention:
     writes_out: bool = True  # takes out_BNSD= (AttentionBackend)
 
     def __init__(
-        self, metadata: VSAMetadata, impl: Literal["auto", "torch", "triton"] = "auto", consume_q: bool = False
+        self,
+        metadata: VSAMetadata,
+        impl: Literal["auto", "torch", "triton"] = "auto",
+        consume_q: bool = False,
+        *,
+        fine_kernel: Literal["auto", "gluon", "triton"] = "auto",
+        dtype: torch.dtype | None = None,
+        head_dim: int | None = None,
     ) -> None:
         if impl not in ("auto", "torch", "triton"):
             raise ValueError(f"VSAAttention impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+        if fine_kernel not in ("auto", "gluon", "triton"):
+            raise ValueError(f"VSAAttention fine_kernel must be 'auto', 'gluon' or 'triton', got {fine_kernel!r}")
         if impl == "auto":
             impl = "triton" if metadata.device.type == "cuda" else "torch"
         self.metadata = metadata
         self.impl = impl
         self.consume_q = consume_q and impl == "triton"
         self._fine = None
+        self.kernel = "torch"  # what runs the fine stage: "torch" (reference), "triton" or "gluon"; reported
         if impl == "triton":
-            from tessera.attention.vsa_triton import vsa_fine_attention, vsa_select_from_means, vsa_tile_means
+            from tessera.attention.vsa_triton import (
+                gluon_fine_available,
+                vsa_fine_attention,
+                vsa_select_from_means,
+                vsa_tile_means,
+            )
 
             self._fine, self._select, self._tile_means = vsa_fine_attention, vsa_select_from_means, vsa_tile_means
+            gluon = fine_kernel != "triton" and gluon_fine_available(metadata.device, dtype, head_dim)
+            if fine_kernel == "gluon" and not gluon:
+                raise ValueError(
+                    f"VSAAttention fine_kernel='gluon' needs a Hopper GPU, 16-bit and D = 128 (device "
+                    f"{metadata.device}, dtype {dtype}, head dim {head_dim}); use fine_kernel='auto' or 'triton'"
+                )
+            self.kernel = "gluon" if gluon else "triton"
 
     def __call__(
         self,
@@ -344,11 +348,44 @@ class VSAAttention:
             gate_BNSD,
             out_BNSD=out_BNSD if out_BNSD is not None else (q_BNSD if self.consume_q else None),
             key_spans=key_spans,
+            gluon=self.kernel == "gluon",
         )
 
     def __repr__(self) -> str:
         m = self.metadata
         return (
             f"VSAAttention(grid={m.grid}, sparsity={m.sparsity}, topk={m.topk}/{m.num_tiles}, "
-            f"impl={self.impl!r})"
+            f"impl={self.impl!r}, kernel={self.kernel!r})"
         )
+
+
+def _vsa_backend_check(
+    dtype: torch.dtype, head_dim: int, device: torch.device, grid_thw: tuple[int, int, int]
+) -> str | None:
+    if any(g < t for g, t in zip(grid_thw, VSA_TILE, strict=True)):
+        return (
+            f"the token grid {tuple(grid_thw)} (frames, height, width after patchify) is smaller than one VSA tile "
+            f"{VSA_TILE}; raise num_frames/height/width (>= 13 frames, >= 64 px)"
+        )
+    return vsa_check_supported(dtype, head_dim, device)
+
+
+def _vsa_auto_problem(device: torch.device) -> str | None:
+    # On CPU VSA runs its plain-PyTorch reference, which materialises [B, N, S, S] scores: fine for tests and
+    # small grids (attention.backend=vsa forces it), not a sensible automatic choice.
+    if torch.device(device).type != "cuda":
+        return "VSA's Triton kernel needs a CUDA GPU (attention.backend=vsa runs the O(S^2) CPU reference)"
+    return None
+
+
+VSA_BACKEND = register_backend(Backend(
+    name="vsa",
+    sparse=True,
+    uses_gate=VSAAttention.uses_gate,
+    check_supported=_vsa_backend_check,
+    auto_problem=_vsa_auto_problem,
+    build_metadata=build_vsa_metadata,
+    token_order=lambda m: (m.tile_partition_indices.to(m.device), m.reverse_tile_partition_indices.to(m.device)),
+    # consume_q: q is dead after the DiT's self-attention, so the output may overwrite it
+    build=lambda metadata, dtype, head_dim: VSAAttention(metadata, consume_q=True, dtype=dtype, head_dim=head_dim),
+))

@@ -274,8 +274,12 @@ def _autotune_configs() -> list[triton.Config]:
     return [triton.Config({}, num_warps=4, num_stages=stages) for stages in (2, 3, 4)]
 
 
+# restore_value: the output may alias q (VSAAttention(consume_q=True), the one-rank DiT path), and the autotuner runs
+# the kernel once per config before the real launch: without restoring OUT, every benchmark run after the first read
+# the previous run's output as q, and the first VSA call of a process returned attention of garbage queries (fp32 on
+# one GPU: 2.3e-3 off after 4 steps while sp=2, whose output goes to the all-to-all buffer, matched the CPU).
 _vsa_fine_kernel_tuned = triton.autotune(
-    configs=_autotune_configs(), key=["HEAD_DIM", "HAS_GATE", "LOAD_MODE", "topk"]
+    configs=_autotune_configs(), key=["HEAD_DIM", "HAS_GATE", "LOAD_MODE", "topk"], restore_value=["OUT"]
 )(_vsa_fine_kernel)
 
 
@@ -308,12 +312,22 @@ def _default_load_mode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int
 _GLUON_BROKEN: list[str] = []  # why the Gluon kernel did not compile in this process, if it did not
 
 
+def gluon_fine_available(device: torch.device, dtype: torch.dtype | None, head_dim: int | None) -> bool:
+    """Whether the Gluon fine kernel can serve this device (and dtype / head dim, when known): what
+    ``VSAAttention(fine_kernel="auto")`` resolves once. A call's layout is still checked per call (``_gluon_views``)."""
+    from tessera.attention.vsa_gluon import HAVE_GLUON
+
+    device = torch.device(device)
+    return (HAVE_GLUON and not _INTERPRET and device.type == "cuda" and dtype in (None, torch.bfloat16, torch.float16)
+            and head_dim in (None, 128) and torch.cuda.get_device_capability(device)[0] == 9)
+
+
 def _gluon_views(q, k, v, out, gate, qkv_views: list | None = None) -> list | None:
     """The TMA row views (``_host_desc_view``) of q, k, v, out and gate (None for no gate) when the Gluon kernel
-    (load mode 3) takes this call, else None. Called where load mode 2 already holds (CUDA, 16-bit, D = 128,
+    (load mode 3) can take this call, else None. Called where load mode 2 already holds (CUDA, 16-bit, D = 128,
     views of q, k, v: ``qkv_views`` when the caller has them); it adds: compute capability 9.x, views of out and
-    the gate, the kernel compiled with this triton, and TESSERA_VSA_GLUON=0 not set."""
-    if os.environ.get("TESSERA_VSA_GLUON", "1") == "0" or _GLUON_BROKEN:
+    the gate, and the kernel compiled with this triton."""
+    if _GLUON_BROKEN:
         return None
     from tessera.attention.vsa_gluon import gluon_fine_supported
 
@@ -324,8 +338,6 @@ def _gluon_views(q, k, v, out, gate, qkv_views: list | None = None) -> list | No
     if any(view is None for view in views[:4]) or (gate is not None and views[4] is None):
         return None
     return views
-
-
 def _run_gluon(views, out, coarse, tile_offsets, spans, config, forced: bool) -> torch.Tensor | None:
     """The Gluon fine kernel (``attention.vsa_gluon``) on the views of q, k, v, out, gate (``_gluon_views``).
     Gluon is experimental and its API moves between triton releases: unless ``forced``, a compile error is
@@ -369,10 +381,11 @@ def _launch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile_offsets: torch.Tensor,
     block_index: torch.Tensor, coarse: torch.Tensor | None, gate: torch.Tensor | None,
     load_mode: int | None = None, config: dict | None = None, out: torch.Tensor | None = None,
-    spans: bool = False,
+    spans: bool = False, gluon: bool = False,
 ) -> torch.Tensor:
     """load_mode / config force a variant (benchmarks): load_mode 0 pointer loads, 2 TMA, 3 the Gluon kernel (config
-    then holds launch_gluon_fine's options); None picks the fastest that serves the call.
+    then holds launch_gluon_fine's options); None picks the fastest Triton variant that serves the call, or the
+    Gluon kernel when ``gluon`` (chosen once by the caller) and the call's layout allows it.
     ``out``: write there (any D-contiguous layout; may alias q, see vsa_fine_attention)."""
     batch, heads, seq_len, head_dim = q.shape
     num_tiles, topk = block_index.shape[2], block_index.shape[3]
@@ -390,7 +403,7 @@ def _launch(
     if mode == 3:  # forced (benchmarks, tests): packed spans and TMA views required
         views = [None if x is None else _host_desc_view(x) for x in gluon_tensors]
         return _run_gluon(views, *gluon_rest, config, forced=True)
-    use_gluon = spans and load_mode is None and config is None and mode == 2
+    use_gluon = gluon and spans and load_mode is None and config is None and mode == 2
     views = _gluon_views(*gluon_tensors, qkv_views) if use_gluon else None
     if views is not None:
         result = _run_gluon(views, *gluon_rest, None, forced=False)
@@ -552,6 +565,7 @@ def vsa_fine_attention(
     gate_BNSD: torch.Tensor | None = None,
     out_BNSD: torch.Tensor | None = None,
     key_spans: torch.Tensor | None = None,
+    gluon: bool = False,
 ) -> torch.Tensor:
     """Block-sparse fine attention over compact tile order, plus the gated coarse term.
 
@@ -572,6 +586,8 @@ def vsa_fine_attention(
     key_spans: optional int32 of block_index's shape, each entry ``start << 7 | length`` of a selected key tile
         (written by ``vsa_select_from_means`` with tile_offsets, whole tiles first; any order serves): the
         kernel then reads only these, not block_index or the tile offsets of key tiles.
+    gluon: run the Gluon kernel instead of the Triton one where key_spans are given and the layout allows it
+        (Hopper, 16-bit, D = 128); chosen once by the caller (``VSAAttention.kernel``), never per call.
     Shapes are checked here with no host sync; call it outside the hot loop's validation.
     """
     if q_BNSD.dtype not in _SUPPORTED_DTYPES:
@@ -604,5 +620,6 @@ def vsa_fine_attention(
         if out_BNSD.shape != q_BNSD.shape or out_BNSD.dtype != q_BNSD.dtype or out_BNSD.stride(-1) != 1:
             raise ValueError("vsa_fine_attention: out must have q's shape and dtype, D contiguous")
     if out_BNSD is not None or key_spans is not None:
-        return _launch(q, k, v, tile_offsets, block_index, coarse, gate, out=out_BNSD, spans=key_spans is not None)
+        return _launch(q, k, v, tile_offsets, block_index, coarse, gate, out=out_BNSD, spans=key_spans is not None,
+                       gluon=gluon)
     return _vsa_fine_op(q, k, v, tile_offsets, block_index, coarse, gate)

@@ -132,7 +132,7 @@ def bench_shape(name: str, sparsities: list[float], args, results: dict) -> None
                 add(label + " queued", queued_ms(lambda: F.scaled_dot_product_attention(q, k, v)))
     for sparsity in sparsities:
         metadata = attention.build_vsa_metadata(grid, sparsity, "cuda")
-        vsa = attention.VSAAttention(metadata, impl="triton")
+        vsa = attention.VSAAttention(metadata, impl="triton", fine_kernel=args.fine_kernel)
         block_index, coarse = attention.vsa_select_blocks(q, k, v, metadata)
         def fine(metadata=metadata, block_index=block_index, coarse=coarse):
             return vsa_triton.vsa_fine_attention(q, k, v, metadata.tile_offsets, block_index, coarse, gate)
@@ -164,7 +164,8 @@ def bench_shape(name: str, sparsities: list[float], args, results: dict) -> None
         if args.variants and sparsity == 0.9:
             time_variants(name, q, k, v, gate, metadata, block_index, coarse, out, add)
         full = lambda: vsa(q, k, v, gate)  # noqa: B023, E731
-        add(f"vsa full s={sparsity}", time_ms(full), {"topk": metadata.topk, "host_us": host_us(full)})
+        add(f"vsa full s={sparsity}", time_ms(full), {"topk": metadata.topk, "host_us": host_us(full),
+                                                     "fine_kernel": vsa.kernel})
         add(f"vsa full graph s={sparsity}", graph_ms(full) or float("nan"), {"topk": metadata.topk})
         add(f"vsa full queued s={sparsity}", queued_ms(full), {"topk": metadata.topk})
         tiles = [0, T // 2, T - 1]  # the last tile is partial on every axis at these grids
@@ -282,6 +283,8 @@ def main() -> None:
     parser.add_argument("--sparsity", nargs="+", type=float, default=[0.8, 0.9, 0.95])
     parser.add_argument("--peer", action="store_true", help="also time fastvideo_kernel if importable")
     parser.add_argument("--variants", action="store_true", help="time kernel variants at s=0.9")
+    parser.add_argument("--fine-kernel", choices=("auto", "gluon", "triton"), default="auto",
+                        help="the full VSA call's fine kernel (VSAAttention(fine_kernel=...)); triton forces Triton")
     args = parser.parse_args()
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     check_correctness(results)

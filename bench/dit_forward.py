@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from _timing import cuda_time_ms  # noqa: E402
-from tessera.attention import VSAMetadataCache  # noqa: E402
+from tessera.attention import MetadataCache  # noqa: E402
 from tessera.models import WanConfig, build_wan_on_meta, materialize_random_  # noqa: E402
 from tessera.parallel import build_mesh  # noqa: E402
 from tessera.runtime import AttentionConfig, build_attention_plan  # noqa: E402
@@ -108,7 +108,7 @@ def bench_ours(model, cfg: WanConfig, backend: str, sparsity: float, inputs, ite
         grid_thw=grid, head_dim=cfg.attention_head_dim, dtype=torch.bfloat16, device=device,
     )
     mesh = build_mesh(cfg=1, sp=sp, device=device)
-    state = build_request_state(model, plan, grid, mesh, VSAMetadataCache())
+    state = build_request_state(model, plan, grid, mesh, MetadataCache())
     ctx = state.context_for_step(0)
     model(latents, timestep, text, ctx=ctx)  # compile + Triton autotune (its benchmark buffers) before the peak
     torch.cuda.synchronize()

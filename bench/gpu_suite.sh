@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session: carried wheels, GPU-tier tests, attention micro-benchmark (with the FastVideo peer),
 # DiT forward benchmarks. Run from the repo root on the device machine; results land in ${OUT:-bench_out}.
-#   bash bench/gpu_suite.sh [tests] [product] [attention] [variants] [profile] [dit13] [dit14] [sp13] [e2e] [sp2 (2 GPUs)]   (default: tests attention dit13 dit14)
+#   bash bench/gpu_suite.sh [tests] [product] [attention] [variants] [profile] [dit13] [dit14] [sp13] [e2e] [vae] [sp2 (2 GPUs)]   (default: tests attention dit13 dit14)
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -26,6 +26,7 @@ for part in $parts; do
     profile) python3 bench/profile_vsa.py --forward 2>&1 | tee "$OUT/profile.log" ;;
     dit13) python3 bench/dit_forward.py --preset 1.3b --diffusers --cuda-graph --out "$OUT/dit_1.3b.json" 2>&1 | tee "$OUT/dit_1.3b.log" ;;
     e2e) python3 bench/end_to_end.py --text-layers 2 --steps 10 --backend vsa --out "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" ;;
+    vae) python3 bench/vae_decode.py --out "$OUT/vae.json" 2>&1 | tee "$OUT/vae.log" ;;
     sp2) bash bench/sp_gpu_check.sh 2>&1 | tee "$OUT/sp2.log" ;;
     sp13) python3 bench/dit_forward.py --preset 1.3b --sp 2 4 8 --iters 3 --cuda-graph --out "$OUT/dit_1.3b_sp.json" 2>&1 | tee "$OUT/dit_1.3b_sp.log" ;;
     dit14) python3 bench/dit_forward.py --preset 14b --iters 2 --out "$OUT/dit_14b.json" 2>&1 | tee "$OUT/dit_14b.log" ;;

@@ -70,7 +70,7 @@ def main() -> None:
         plan = build_attention_plan(AttentionConfig(backend="vsa", sparsity=0.9), num_layers=30, num_steps=1,
                                     grid_thw=GRID, head_dim=128, dtype=torch.bfloat16, device=device)
         state = build_request_state(model, plan, GRID, build_mesh(cfg=1, sp=1, device=device),
-                                    attention.VSAMetadataCache())
+                                    attention.MetadataCache())
         latents = torch.randn(1, 16, 21, 60, 104, device="cuda", dtype=torch.bfloat16)
         text = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
         t = torch.tensor([500.0], device="cuda")

@@ -1,10 +1,11 @@
 """OmegaConf stops here: schema (runtime's dataclasses) + preset YAML + dotlist overrides -> GenerateConfig.
 
 Merge order, lowest first: schema defaults, the preset's `defaults`, the checkpoint's defaults (flow_shift from
-a diffusers `scheduler/scheduler_config.json`), the command line. With `model.path` the architecture comes from
-the checkpoint's config; an explicitly set `model.preset` must agree with it. Every user error is a
-ValueError/TypeError naming the key and the fix, raised before any process group or weight load. `prompt` and
-`negative_prompt` are taken verbatim (never parsed as YAML); `parallel.sp=auto` becomes an int here.
+a diffusers `scheduler/scheduler_config.json`; the DMD sampler for a FastWan checkpoint), the command line. With
+`model.path` the architecture comes from the checkpoint's config; an explicitly set `model.preset` must agree with
+it. Every user error is a ValueError/TypeError naming the key and the fix, raised before any process group or weight
+load. `prompt` and `negative_prompt` are taken verbatim (never parsed as YAML); `parallel.sp=auto` becomes an int
+here; with `scheduler=dmd`, num_steps follows `dmd_timesteps` and CFG is off.
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ def resolve_config(argv: list[str], world_size: int = 1) -> tuple[GenerateConfig
     preset_is_explicit = OmegaConf.select(overrides, "model.preset", default=None) is not None
     arch, checkpoint_defaults = resolve_model(str(preset), arch, preset_is_explicit, path)
     if path is not None and not preset_is_explicit:
-        # No preset given: the preset with the checkpoint's architecture supplies the generation defaults.
-        inferred = next((name for name in PRESETS if not arch_mismatches(load_preset(name)[0], arch)), None)
+        # No preset given: the preset with the checkpoint's architecture and sampler supplies the generation defaults.
+        inferred = _preset_of(arch, dmd=checkpoint_defaults.get("scheduler") == "dmd")
         if inferred is not None and inferred != preset:
             preset, preset_defaults = inferred, load_preset(inferred)[1]
             overrides = OmegaConf.merge(overrides, {"model": {"preset": inferred}})
@@ -106,10 +107,40 @@ def resolve_config(argv: list[str], world_size: int = 1) -> tuple[GenerateConfig
         raise ValueError(f"bad key in preset {preset!r}: {_first_line(err.msg)}") from None
     except OmegaConfBaseException as err:
         raise _type_error(err, dict(item.split("=", 1) for item in dotlist)) from None
-    cfg = replace(cfg, **text).resolved(world_size)
+    cfg = _follow_sampler(replace(cfg, **text).resolved(world_size), dotlist)
     if cfg.output.path is None:  # each run gets a new file; an explicit path is never silently renamed
         cfg = replace(cfg, output=replace(cfg.output, path=str(next_numbered_path())))
     return cfg, arch
+
+
+def _preset_of(arch: dict, dmd: bool) -> str | None:
+    """The first preset with this architecture whose sampler is DMD exactly when the checkpoint's is (a FastWan
+    checkpoint gets the fastwan preset of its size, a Wan2.1 one the wan2.1 preset)."""
+    for name in PRESETS:
+        preset_arch, defaults = load_preset(name)
+        if not arch_mismatches(preset_arch, arch) and (defaults.get("scheduler") == "dmd") == dmd:
+            return name
+    return None
+
+
+def _follow_sampler(cfg: GenerateConfig, dotlist: list[str]) -> GenerateConfig:
+    """scheduler=dmd: num_steps follows dmd_timesteps and CFG is off (guidance_scale 1), whatever the preset says;
+    setting either key yourself is an error that says why."""
+    if cfg.scheduler != "dmd":
+        return cfg
+    given = {item.partition("=")[0] for item in dotlist}
+    if "num_steps" in given:
+        raise ValueError(
+            f"num_steps cannot be set with scheduler=dmd: the DMD sampler runs one step per entry of dmd_timesteps "
+            f"(now {list(cfg.dmd_timesteps)}). Fix: drop num_steps and list the steps, e.g. "
+            f"dmd_timesteps=[1000,757,522]."
+        )
+    if "guidance_scale" in given:
+        raise ValueError(
+            "guidance_scale cannot be set with scheduler=dmd: the DMD sampler is distilled without CFG (one "
+            "conditional forward per step, no negative prompt). Fix: drop guidance_scale, or use scheduler=unipc."
+        )
+    return replace(cfg, num_steps=len(cfg.dmd_timesteps), guidance_scale=1.0)
 
 
 def _parse_values(dotlist: list[str]) -> tuple[dict[str, str], DictConfig]:

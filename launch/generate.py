@@ -69,7 +69,7 @@ def _run(argv: list[str], rank: int, world_size: int, guard: _SignalGuard) -> in
         for request in requests:
             preflight_request(request, arch, rank=rank, device=device, ranks_sharing_device=sharing)
     except (ValueError, TypeError) as err:
-        return _user_error(rank, err)
+        return user_error(rank, err)
 
     try:
         _, _, _, device = init_process_group_from_env(cfg.parallel.timeout_s, share_one_gpu=share_one_gpu)
@@ -152,7 +152,7 @@ def _planned_device(share_one_gpu: bool) -> tuple[torch.device, int]:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))), 1
 
 
-def _user_error(rank: int, err: Exception) -> int:
+def user_error(rank: int, err: Exception) -> int:
     """Rank 0 prints the error (every rank found the same one); the others wait a moment before exiting, so that
     torchrun's SIGTERM (sent once any rank exits) does not reach rank 0 before it has printed."""
     if rank == 0:

@@ -350,19 +350,6 @@ class WanBlock(nn.Module):
         self.ffn = _FeedForward(dim, config.ffn_dim)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(
-        self,
-        x_BSC: torch.Tensor,
-        text_BLC: torch.Tensor,
-        modulation_B6C: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        attn: SelfAttention,
-    ) -> torch.Tensor:
-        x_BSC = self.attention_residual(
-            x_BSC, attn(*self.attention_inputs(x_BSC, modulation_B6C, rope, attn.uses_gate)), modulation_B6C
-        )
-        return self.text_and_ffn(x_BSC, text_BLC, modulation_B6C)
-
     def _modulation(self, modulation_B6C: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """shift, scale, gate, c_shift, c_scale, c_gate, each [B, 1, C] fp32 (modulation math in fp32)."""
         return (self.scale_shift_table + modulation_B6C.float()).chunk(6, 1)

@@ -4,6 +4,7 @@
 where the DiT weights, the text encoder, tokenizer, VAE and scheduler settings live. `resolve_model` combines it
 with the preset: the architecture comes from the checkpoint when it has a config; the preset supplies
 generation defaults; an explicitly chosen preset whose architecture disagrees with the checkpoint is an error.
+A diffusers checkpoint whose model_index.json names `WanDMDPipeline` (FastWan) defaults to the DMD sampler.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ _ARCH_FIELDS = (
     "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm",
 )
 _GATE_KEY = "to_gate_compress"  # diffusers attn1.to_gate_compress, native self_attn.to_gate_compress
+DMD_PIPELINE_CLASS = "WanDMDPipeline"  # FastVideo's few-step distilled (FastWan) checkpoints
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class Checkpoint:
     tokenizer: Path | None = None
     vae: Path | None = None
     scheduler_config: dict[str, Any] | None = None
+    pipeline_class: str | None = None  # model_index.json's `_class_name`, e.g. "WanPipeline", "WanDMDPipeline"
 
     @property
     def flow_shift(self) -> float | None:
@@ -79,7 +82,9 @@ def resolve_model(
     """(architecture, checkpoint generation defaults) for a preset and an optional `model.path`.
 
     The checkpoint's config wins over the preset's architecture; with `preset_is_explicit` a disagreement is a
-    ValueError naming both. Defaults: `flow_shift` from the diffusers scheduler config, when present.
+    ValueError naming both. Defaults: `flow_shift` from the diffusers scheduler config, when present; for a
+    `WanDMDPipeline` checkpoint `scheduler=dmd` (whatever scheduler its model_index.json names: FastVideo samples
+    these with DMD) and the attention backend its weights were trained with (see `_checkpoint_defaults`).
     """
     if path is None:
         return preset_arch, {}
@@ -96,8 +101,17 @@ def resolve_model(
             )
     # VSA runs still get a (zero-initialised) gate: the orchestrator adds it when the plan uses VSA.
     arch = dict(ckpt.arch)
-    defaults = {} if ckpt.flow_shift is None else {"flow_shift": ckpt.flow_shift}
-    return arch, defaults
+    return arch, _checkpoint_defaults(ckpt)
+
+
+def _checkpoint_defaults(ckpt: Checkpoint) -> dict[str, Any]:
+    """Generation defaults a checkpoint implies. FastWan (DMD): the DMD sampler; VSA when the transformer carries
+    `to_gate_compress` weights (trained with VSA; the sparsity comes from the fastwan presets), dense when not."""
+    defaults: dict[str, Any] = {} if ckpt.flow_shift is None else {"flow_shift": ckpt.flow_shift}
+    if ckpt.pipeline_class == DMD_PIPELINE_CLASS:
+        gated = bool(ckpt.arch and ckpt.arch.get("gate_compress"))
+        defaults.update(scheduler="dmd", attention={"backend": "vsa" if gated else "dense"})
+    return defaults
 
 
 def arch_mismatches(preset_arch: dict[str, Any], checkpoint_arch: dict[str, Any]) -> list[str]:
@@ -151,6 +165,8 @@ def _resolve_diffusers(path: Path) -> Checkpoint:
     except (TypeError, ValueError) as err:
         raise ValueError(f"model.path={path}: transformer/config.json is not a Wan2.1 T2V config: {err}") from err
     scheduler_file = path / "scheduler" / "scheduler_config.json"
+    index_file = path / "model_index.json"
+    pipeline_class = _read_json(index_file, path).get("_class_name") if index_file.is_file() else None
     return Checkpoint(
         path=path,
         kind="diffusers",
@@ -160,6 +176,7 @@ def _resolve_diffusers(path: Path) -> Checkpoint:
         tokenizer=_dir_with(path / "tokenizer", "tokenizer_config.json"),
         vae=_dir_with(path / "vae", "config.json"),
         scheduler_config=_read_json(scheduler_file, path) if scheduler_file.is_file() else None,
+        pipeline_class=pipeline_class if isinstance(pipeline_class, str) else None,
     )
 
 

@@ -2,7 +2,8 @@
 
 The real UMT5 encoder and Wan VAE plug in later behind `TextEncoder` / `LatentDecoder`. The tiny versions
 serve the `wan-tiny` preset: deterministic (CPU generators, same output on every rank), no weights to load.
-`draw_initial_noise` reproduces diffusers' `WanPipeline.prepare_latents` bit for bit for the same seed.
+`draw_initial_noise` reproduces diffusers' `WanPipeline.prepare_latents` bit for bit for the same seed;
+`draw_dmd_noise` is FastVideo's DMD draw (frames before channels), used by `runtime.samplers.DMDSampler`.
 Shape legend: B batch, L text tokens, C channels, F latent frames, H/W latent height/width.
 """
 
@@ -21,6 +22,7 @@ __all__ = [
     "TinyTextEncoder",
     "WAN21_LATENT_RGB_BIAS",
     "WAN21_LATENT_RGB_FACTORS",
+    "draw_dmd_noise",
     "draw_initial_noise",
     "latent_shape",
     "num_video_frames",
@@ -180,3 +182,15 @@ def draw_initial_noise(
     gen = torch.Generator("cpu").manual_seed(seed)
     # randn_tensor(shape, generator=cpu_gen, dtype=float32) with one generator = one torch.randn on the CPU.
     return torch.randn((batch, latent_channels, f, h, w), generator=gen, dtype=torch.float32)
+
+
+def draw_dmd_noise(generator: torch.Generator, shape_BCFHW: tuple[int, int, int, int, int]) -> Tensor:
+    """One noise draw as FastVideo's DMD stage makes it: `torch.randn((B, F, C, H, W), float32)` from `generator`
+    (frames before channels: the stage holds latents as [B, F, C, H, W]), returned as contiguous [B, C, F, H, W].
+
+    `generator` is a CPU generator (the same numbers on every rank and platform); move the result to the device
+    afterwards. The draw order differs from `draw_initial_noise`, so the same seed gives other noise.
+    """
+    b, c, f, h, w = shape_BCFHW
+    noise_BFCHW = torch.randn((b, f, c, h, w), generator=generator, dtype=torch.float32)
+    return noise_BFCHW.permute(0, 2, 1, 3, 4).contiguous()

@@ -11,11 +11,19 @@ from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, 
 from pathlib import Path
 from typing import Any
 
-PRESETS = ("wan-tiny", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
+PRESETS = (
+    "wan-tiny", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "fastwan2.1-t2v-1.3b", "fastwan2.1-t2v-14b", "fastwan2.2-ti2v-5b",
+)
+# Presets that document a model this runtime cannot run yet: choosing one is an error saying why.
+UNSUPPORTED_PRESETS = {
+    "fastwan2.2-ti2v-5b": "Wan2.2 TI2V-5B needs the 48-channel Wan2.2 VAE (16x spatial compression) and per-token "
+                          "timesteps, which Tessera does not implement yet",
+}
 # Presets whose weights are random by design; the real architectures need a checkpoint.
 RANDOM_WEIGHT_PRESETS = ("wan-tiny",)
 DTYPES = ("float32", "bfloat16")
-SCHEDULERS = ("unipc", "euler")
+SCHEDULERS = ("unipc", "euler", "dmd")
+FASTWAN_DMD_TIMESTEPS = (1000, 757, 522)  # FastVideo's dmd_denoising_steps for the FastWan checkpoints
 BACKENDS = ("dense", "vsa", "auto")
 CUDA_GRAPHS = ("auto", "true", "false")  # OmegaConf turns true/on into "True": compared lower-cased
 
@@ -42,6 +50,8 @@ class ModelConfig:
     # has, before any weight loads (runtime/preflight.py); false skips the estimate.
     memory_check: bool = _key(True, doc="refuse a request that would not fit in device memory, before any "
                               "weight loads", example="false")
+    cache_dir: str | None = _key("~/.cache/tessera", doc="where torch.compile and Triton keep compiled kernels and "
+                                 "autotune results across launches (null: torch's defaults)", example="/scratch/cache")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,7 +100,12 @@ class GenerateConfig:
     guidance_scale: float = _key(5.0, doc="classifier-free guidance scale; 1 = no CFG", example="5.0")
     flow_shift: float = _key(3.0, doc="timestep shift of the flow schedule (Wan: 3.0 at 480p, 5.0 at 720p)",
                              example="5.0")
-    scheduler: str = _key("unipc", doc=f"sampler: {', '.join(SCHEDULERS)}", example="euler")
+    scheduler: str = _key("unipc", doc=f"sampler: {', '.join(SCHEDULERS)} (dmd: few-step distilled checkpoints, "
+                          "no CFG)", example=("euler", "dmd"))
+    # DMD runs one step per entry, the DiT seeing the listed timestep itself; num_steps follows its length.
+    dmd_timesteps: list[int] = _key(doc="timesteps of scheduler=dmd, strictly decreasing in [1, 1000]; num_steps "
+                                    "follows its length", example="[1000,757,522]",
+                                    factory=lambda: list(FASTWAN_DMD_TIMESTEPS))
     prompts_file: str | None = _key(None, doc="many videos in one launch: one prompt per line, or JSON lines of "
                                     "per-request keys ({\"prompt\": ..., \"seed\": 3})", example="prompts.txt")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -111,6 +126,7 @@ class GenerateConfig:
         """Raise ValueError/TypeError naming the first bad key; cheap, runs before any weight load. With
         `world_size`, on `resolved(world_size)`: parallel.sp=auto must have become an int."""
         _check_type("seed", self.seed, int)
+        self._validate_sampler()
         if self.num_frames < 1 or (self.num_frames - 1) % 4 != 0:
             raise ValueError(
                 f"num_frames={self.num_frames} must be 4k+1 (e.g. 17, 33, 81): the Wan VAE packs 4 frames per "
@@ -129,8 +145,11 @@ class GenerateConfig:
             raise ValueError(f"guidance_scale={self.guidance_scale} must be a finite number >= 0 (1 = no CFG).")
         if not math.isfinite(self.flow_shift) or self.flow_shift <= 0:
             raise ValueError(f"flow_shift={self.flow_shift} must be > 0 (Wan uses 3.0 at 480p, 5.0 at 720p).")
-        _check_choice("scheduler", self.scheduler, SCHEDULERS)
         _check_choice("model.preset", self.model.preset, PRESETS)
+        why_not = UNSUPPORTED_PRESETS.get(self.model.preset)
+        if why_not is not None:
+            raise ValueError(f"model.preset={self.model.preset} cannot run yet: {why_not}. Its defaults are "
+                             f"documented in configs/models/{self.model.preset}.yaml.")
         _check_choice("model.dtype", self.model.dtype, DTYPES)
         _check_choice("model.cuda_graphs", str(self.model.cuda_graphs).lower(), CUDA_GRAPHS)
         if self.model.path is None and self.model.preset not in RANDOM_WEIGHT_PRESETS:
@@ -145,6 +164,30 @@ class GenerateConfig:
             )
         self._validate_parallel(world_size)
         self._validate_attention()
+
+    def _validate_sampler(self) -> None:
+        """scheduler=dmd runs one step per dmd_timesteps entry and no CFG; checked before the generic keys, so the
+        error says that DMD is why."""
+        _check_choice("scheduler", self.scheduler, SCHEDULERS)
+        check_dmd_timesteps(self.dmd_timesteps)
+        if self.scheduler != "dmd":
+            return
+        if self.parallel.cfg == 2:
+            raise ValueError(
+                "parallel.cfg=2 cannot run scheduler=dmd: the DMD sampler is distilled without CFG (one conditional "
+                "forward per step), so there is no branch to split. Set parallel.cfg=1 and use the ranks for "
+                "parallel.sp."
+            )
+        if self.num_steps != len(self.dmd_timesteps):
+            raise ValueError(
+                f"num_steps={self.num_steps} but scheduler=dmd runs one step per entry of dmd_timesteps="
+                f"{list(self.dmd_timesteps)}. Leave num_steps unset (it follows dmd_timesteps) or change dmd_timesteps."
+            )
+        if self.guidance_scale != 1.0:
+            raise ValueError(
+                f"guidance_scale={self.guidance_scale} but scheduler=dmd samples without CFG (the distilled "
+                f"checkpoint has the guidance built in). Leave guidance_scale unset, or use scheduler=unipc for CFG."
+            )
 
     def _validate_parallel(self, world_size: int | None) -> None:
         par = self.parallel
@@ -192,6 +235,26 @@ class GenerateConfig:
             raise ValueError(f"attention.dense_steps={att.dense_steps} must be >= 0.")
         for block in att.dense_blocks:
             _check_type("attention.dense_blocks", block, int)
+
+
+def check_dmd_timesteps(timesteps: Any, num_train_timesteps: int = 1000) -> None:
+    """TypeError/ValueError naming `dmd_timesteps` unless it is a non-empty, strictly decreasing list of whole
+    numbers in [1, num_train_timesteps]."""
+    fix = f"Fix: {fix_example('dmd_timesteps')} (FastWan's)."
+    if not isinstance(timesteps, (list, tuple)):
+        raise TypeError(f"dmd_timesteps={timesteps!r} must be a list of whole numbers. {fix}")
+    if not timesteps:
+        raise ValueError(f"dmd_timesteps is empty: the DMD sampler needs at least one timestep. {fix}")
+    for value in timesteps:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"dmd_timesteps entry {value!r} must be a whole number. {fix}")
+        if not 1 <= value <= num_train_timesteps:
+            raise ValueError(f"dmd_timesteps entry {value} lies outside [1, {num_train_timesteps}] (the training "
+                             f"timesteps). {fix}")
+    for prev, nxt in zip(timesteps[:-1], timesteps[1:], strict=True):
+        if nxt >= prev:
+            raise ValueError(f"dmd_timesteps={list(timesteps)} must be strictly decreasing (from noise to data): "
+                             f"{nxt} follows {prev}. {fix}")
 
 
 def sparsity_schedule(sparsity: Any, num_steps: int) -> tuple[float, ...]:

@@ -1,8 +1,9 @@
 """Test-only fault injection: a `TESSERA_FAULT` spec parsed once by launch/ and passed into `generate`.
 
-Faults are `;`-separated, each `kind@key=value,...`; `rank=R` limits one to rank R (default: every rank),
-steps are the 0-based denoising step index. See README "Testing" for the kinds. Nothing here is global:
-the parsed `FaultPlan` travels as an argument, and the denoising loop only tests `step in step_faults`.
+Faults are `;`-separated, each `kind@key=value,...`; `rank=R` limits one to rank R (default: every rank), `seed=S`
+to the requests with that seed (one job of a server); steps are the 0-based denoising step index. See README
+"Testing" for the kinds. Nothing here is global: the parsed `FaultPlan` travels as an argument, and the denoising
+loop only tests `step in step_faults`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Fault:
     phase: str | None = None
     seconds: float = 3600.0  # sleep only
     overrides: tuple[str, ...] = ()  # override only: extra `key=value` arguments for that rank
+    seed: int | None = None  # None: every request; else only requests with this seed
 
     def applies_to(self, rank: int) -> bool:
         return self.rank is None or self.rank == rank
@@ -44,6 +46,10 @@ class Fault:
 @dataclass(frozen=True)
 class FaultPlan:
     faults: tuple[Fault, ...] = ()
+
+    def for_seed(self, seed: int) -> FaultPlan:
+        """The faults that fire in a request with this seed (those without `seed=` and those with this one)."""
+        return FaultPlan(tuple(f for f in self.faults if f.seed is None or f.seed == seed))
 
     def overrides_for(self, rank: int) -> list[str]:
         """Extra command-line overrides this rank applies (simulates a rank launched with other arguments)."""
@@ -104,14 +110,15 @@ def parse_fault_spec(spec: str) -> FaultPlan:
             faults.append(Fault(kind, rank=rank, overrides=tuple(f"{k}={v}" for k, v in fields.items())))
             continue
         step = int(fields.pop("step")) if "step" in fields else None
+        seed = int(fields.pop("seed")) if "seed" in fields else None
         phase = fields.pop("phase", None)
         seconds = float(fields.pop("seconds", 3600.0))
         valid_step = kind in STEP_KINDS and step is not None and phase is None
         valid_phase = phase in PHASE_KINDS.get(kind, ()) and step is None
         if fields or not (valid_step or valid_phase):
             raise ValueError(
-                f"{FAULT_ENV}: cannot parse {part!r}; use {'|'.join(STEP_KINDS)}@step=N[,rank=R], "
+                f"{FAULT_ENV}: cannot parse {part!r}; use {'|'.join(STEP_KINDS)}@step=N[,rank=R][,seed=S], "
                 f"raise@phase=load|decode|write, enospc@phase=write or override@rank=R,key=value"
             )
-        faults.append(Fault(kind, rank=rank, step=step, phase=phase, seconds=seconds))
+        faults.append(Fault(kind, rank=rank, step=step, phase=phase, seconds=seconds, seed=seed))
     return FaultPlan(tuple(faults))

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "Cancelled",
     "Interrupted",
     "NonFiniteLatentsError",
     "Progress",
@@ -65,6 +66,16 @@ class Interrupted(KeyboardInterrupt):
     def at(cls, err: KeyboardInterrupt, rank: int, phase: str) -> Interrupted:
         """`err` (ours or Python's default SIGINT one) tagged with where it arrived."""
         return cls(getattr(err, "signum", signal.SIGINT), rank, phase)
+
+
+class Cancelled(Exception):
+    """Raised by a `generate(on_step=...)` hook to stop the request at the boundary after denoising step `step`
+    (0-based): nothing is decoded or written. Under SP every rank must raise it after the same step (the server
+    broadcasts rank 0's decision), or the ranks' next collectives no longer match."""
+
+    def __init__(self, step: int, reason: str = "cancelled") -> None:
+        super().__init__(f"{reason} after denoising step {step}")
+        self.step, self.reason = step, reason
 
 
 class NonFiniteLatentsError(RuntimeError):

@@ -9,17 +9,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tessera.attention import VSAMetadataCache
+from tessera.attention import MetadataCache, backend_names, get_backend
 from tessera.models import WanConfig, WanTransformer, build_wan_on_meta, load_wan_weights_, materialize_random_
 from tessera.parallel import ParallelMesh, warmup_collectives
 from tessera.runtime.checkpoint import resolve_checkpoint
-from tessera.runtime.conditioning import draw_initial_noise
+from tessera.runtime.compile_cache import compile_cache_counters, compile_cache_report, use_compile_cache
 from tessera.runtime.config import GenerateConfig
 from tessera.runtime.faults import NO_FAULTS, FaultPlan, inject_step_faults
 from tessera.runtime.graphs import GraphedForward, resolve_cuda_graphs
@@ -35,7 +35,7 @@ from tessera.runtime.plan import AttentionPlan, build_attention_plan
 from tessera.runtime.precision import exact_fp32
 from tessera.runtime.report import collect_provenance, gather_rank_stats
 from tessera.runtime.request import RequestState, build_request_state
-from tessera.runtime.scheduler import build_scheduler
+from tessera.runtime.samplers import build_sampler
 from tessera.runtime.wan_components import (
     build_latent_decoder,
     build_text_encoder,
@@ -72,6 +72,8 @@ def token_grid(cfg: GenerateConfig, model_cfg: WanConfig) -> tuple[int, int, int
     return f // pt, h // ph, w // pw
 
 
+# Text embeddings kept per pipeline while its encoder is loaded: UMT5's [512, 4096] bf16 is 4 MiB a prompt.
+MAX_CACHED_PROMPTS = 64
 RANDOM_WEIGHTS_SEED = 0  # wan-tiny's weights, byte encoder and preview decoder: part of the model, not of a request
 
 
@@ -114,12 +116,13 @@ class Pipeline:
         progress = progress or Progress()
         self.cfg, self.mesh, self.dtype = cfg, mesh, getattr(torch, cfg.model.dtype)
         model_cfg = WanConfig(**arch)
-        if cfg.attention.backend != "dense" and not model_cfg.gate_compress:
-            # VSA blocks carry to_gate_compress; zero-initialised when the checkpoint lacks it.
+        candidates = backend_names() if cfg.attention.backend == "auto" else (cfg.attention.backend,)
+        if any(get_backend(name).uses_gate for name in candidates) and not model_cfg.gate_compress:
+            # Gated (VSA) blocks carry to_gate_compress; zero-initialised when the checkpoint lacks it.
             model_cfg = dataclasses.replace(model_cfg, gate_compress=True)
         self.model_cfg = model_cfg
         self.conditioning = plan_conditioning(cfg)  # real UMT5 + VAE or the tiny stand-ins; fails before loading
-        self.metadata_cache = VSAMetadataCache()
+        self.metadata_cache = MetadataCache()
         self._embeddings: dict[str, torch.Tensor] = {}
         self._text_encoder = None
         self._encoder_released = False
@@ -139,11 +142,13 @@ class Pipeline:
             self._pending = {"text_encode": _elapsed_synced(t0, mesh.device)}  # reported by the first request
             _log_main(mesh, "text encoded in %.2f s", self._pending["text_encode"])
             t0 = time.perf_counter()
+            self.compile_cache = use_compile_cache(cfg.model.cache_dir)  # before anything compiles
             self.model, self.load_info = build_model(cfg, model_cfg, mesh.device)
             self._pending["load"] = _elapsed_synced(t0, mesh.device)
         _log_main(mesh, "weights loaded: %.2f GiB in %.2f s", self.load_info["parameter_bytes"] / 2**30,
                   self._pending["load"])
 
+    @torch.inference_mode()  # the encoders return inference tensors; broadcast writes into them
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         """Text embeddings [len(prompts), L, text_dim] in the model dtype on this rank's device. New prompts are
         encoded by the node's local rank 0 and broadcast over the node; every prompt is encoded once per pipeline."""
@@ -161,30 +166,37 @@ class Pipeline:
             if mesh.node_group is not None:
                 dist.broadcast(text, src=mesh.node_leader, group=mesh.node_group)
             self._embeddings.update(zip(new, text, strict=True))
+            if not self._encoder_released:  # a server sees new prompts forever: keep the newest, re-encode the rest
+                stale = [p for p in self._embeddings if p not in prompts]
+                for prompt in stale[: max(0, len(self._embeddings) - MAX_CACHED_PROMPTS)]:
+                    del self._embeddings[prompt]
         return torch.stack([self._embeddings[p] for p in prompts]) if prompts else torch.empty(0)
 
-    def generate(self, cfg: GenerateConfig, *, faults: FaultPlan = NO_FAULTS,
-                 progress: Progress | None = None) -> GenerateResult:
+    def generate(self, cfg: GenerateConfig, *, faults: FaultPlan = NO_FAULTS, progress: Progress | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> GenerateResult:
         """Run one request (per-request keys of `cfg`; its `model.*` and `parallel.*` must be the pipeline's).
 
         Returns the final latents on every rank and, on rank 0, the decoded frames; writes nothing (see
-        `write_outputs`). Nothing is decoded unless every rank's latents stayed finite."""
+        `write_outputs`). Nothing is decoded unless every rank's latents stayed finite. `on_step(step, num_steps)`
+        runs on every rank after each denoising step (0-based); raising `Cancelled` there stops the request at
+        that step boundary (every rank must raise it after the same step)."""
         if (cfg.model, cfg.parallel) != (self.cfg.model, self.cfg.parallel):
             raise ValueError("model.* and parallel.* are fixed when the pipeline loads; load another pipeline to "
                              "change them")
         progress = progress or Progress()
         with exact_fp32(self.dtype, self.mesh.device):
-            return self._generate(cfg, faults, progress)
+            return self._generate(cfg, faults.for_seed(cfg.seed), progress, on_step)
 
     @torch.inference_mode()
-    def _generate(self, cfg: GenerateConfig, faults: FaultPlan, progress: Progress) -> GenerateResult:
+    def _generate(self, cfg: GenerateConfig, faults: FaultPlan, progress: Progress,
+                  on_step: Callable[[int, int], None] | None = None) -> GenerateResult:
         t_start = time.perf_counter()
         mesh, device, model_cfg, dtype = self.mesh, self.mesh.device, self.model_cfg, self.dtype
         plan = build_attention_plan(
             cfg.attention, num_layers=model_cfg.num_layers, num_steps=cfg.num_steps,
             grid_thw=token_grid(cfg, model_cfg), head_dim=model_cfg.attention_head_dim, dtype=dtype, device=device,
         )
-        provenance = collect_provenance(device)
+        provenance, compiled_before = collect_provenance(device), compile_cache_counters()
         stage_seconds: dict[str, float | None] = dict.fromkeys(STAGES)
         stage_seconds.update({"load": 0.0, "text_encode": 0.0, **self._pending})  # the load: in the first request
         self._pending = {}
@@ -194,36 +206,50 @@ class Pipeline:
         if mesh.cfg_size == 2:
             text = text[mesh.cfg_rank : mesh.cfg_rank + 1]  # rank 0 of the cfg axis: cond, rank 1: uncond
 
-        latents = draw_initial_noise(1, cfg.num_frames, cfg.height, cfg.width, cfg.seed, LATENT_CHANNELS).to(device)
-        scheduler = build_scheduler(cfg.scheduler, cfg.num_steps, cfg.flow_shift)
+        scheduler = build_sampler(cfg)  # per request: DMD's noise generator is seeded here
+        latents = scheduler.initial_noise(1, cfg.num_frames, cfg.height, cfg.width, LATENT_CHANNELS).to(device)
         scheduler.prepare(device, torch.float32)
         state = build_request_state(self.model, plan, token_grid(cfg, model_cfg), mesh, self.metadata_cache)
         graphs = resolve_cuda_graphs(cfg.model.cuda_graphs, device, mesh.world_size)
         forward = GraphedForward(self.model, enabled=graphs != "never", adaptive=graphs == "adaptive")
         warmup_collectives(mesh)
         latents, step_seconds, denoise = _denoise(cfg, latents, text, scheduler, state, forward, faults, progress,
-                                                  mesh, dtype)
+                                                  mesh, dtype, on_step)
         stage_seconds["first_step"], stage_seconds["denoise"] = step_seconds[0], denoise
         # Every rank, once per request (never per step): rank 0 alone goes on to decode.
         ranks = gather_rank_stats({"rank": mesh.rank, "step_seconds": step_seconds,
                                    "peak_memory_bytes": _peak_memory(device), "device": str(device)}, mesh)
         report = _build_report(cfg, model_cfg, mesh, plan, state, self.load_info)
+        report["sampler"] = scheduler.describe()  # its name, the model timestep and the sigma of each step
         report.update(provenance=provenance, ranks=ranks, step_seconds=step_seconds, denoise_seconds=denoise,
                       stage_seconds=stage_seconds, cuda_graphs=forward.report(),
+                      compile_cache=compile_cache_report(self.compile_cache, compiled_before),
                       conditioning={"text_encoder": self.conditioning.text, "decoder": self.conditioning.decoder})
         del forward, state  # the graphs' pool holds the forward's activations
         progress.stage = "decode"
         frames = None
-        if mesh.is_main:
+        # The Wan VAE decodes on every rank (a block of the latent rows each) and gathers the frames on rank 0;
+        # the preview decoder runs on rank 0 alone.
+        every_rank_decodes = self.conditioning.decoder == "wan-vae"
+        if mesh.is_main or every_rank_decodes:
             free_device_memory(device)
             t0 = time.perf_counter()
             if self._decoder is None:
-                self._decoder = build_latent_decoder(self.conditioning, RANDOM_WEIGHTS_SEED, device)
-            faults.fire_phase("decode", 0)  # only rank 0 decodes and writes
-            frames = self._decoder.decode(latents)[0].cpu()
+                self._decoder = build_latent_decoder(self.conditioning, RANDOM_WEIGHTS_SEED, device,
+                                                     show_progress=mesh.is_main, mesh=mesh)
+            if mesh.is_main:
+                faults.fire_phase("decode", 0)  # rank 0's; the other ranks then fail on the exchange with it
+            peak_before_decode = _peak_memory(device)
+            _reset_peak_memory(device)
+            decoded = self._decoder.decode(latents)  # the frames on rank 0, None on the others
+            decode_peak = _peak_memory(device)
+        if mesh.is_main:
+            frames = decoded[0].cpu()
             stage_seconds["decode"] = _elapsed_synced(t0, device)
             log.info("decode %.2f s", stage_seconds["decode"])
-            report["peak_memory_bytes"] = _peak_memory(device)  # rank 0's, the decode included
+            decode_ranks = self._decoder.decode_ranks(latents.shape[3]) if every_rank_decodes else 1
+            report["decode"] = {"ranks": decode_ranks, "peak_memory_bytes": decode_peak}  # rank 0's
+            report["peak_memory_bytes"] = max(peak_before_decode, decode_peak)  # rank 0's, the decode included
             report["latent_shape"] = list(latents.shape)
             report["video"] = {"frames": int(frames.shape[0]), "height": int(frames.shape[1]),
                                "width": int(frames.shape[2]), "fps": FPS}
@@ -232,9 +258,10 @@ class Pipeline:
         return GenerateResult(latents=latents, frames=frames, report=report)
 
 
-def _denoise(cfg, latents, text, scheduler, state, forward, faults, progress, mesh, dtype):
-    """The hot loop: per step a forward (with the step's attention context), CFG, the scheduler step. Returns
-    (final latents, step seconds, loop seconds); NonFiniteLatentsError after the loop if any rank went NaN/Inf."""
+def _denoise(cfg, latents, text, scheduler, state, forward, faults, progress, mesh, dtype, on_step=None):
+    """The hot loop: per step a forward (with the step's attention context), CFG, the scheduler step, then
+    `on_step(step, num_steps)` if given (it may raise `Cancelled`). Returns (final latents, step seconds, loop
+    seconds); NonFiniteLatentsError after the loop if any rank went NaN/Inf."""
     device = mesh.device
     timesteps, batch = scheduler.timesteps.to(device), text.shape[0]
     step_faults = faults.step_faults(mesh.rank)
@@ -259,6 +286,8 @@ def _denoise(cfg, latents, text, scheduler, state, forward, faults, progress, me
             step_seconds.append(_elapsed_synced(t0, device))
             if step == 0:  # the blocks compile on the first step (CUDA): worth knowing before the loop ends
                 _log_main(mesh, "first step (compile) %.2f s", step_seconds[0])
+            if on_step is not None:  # after the step's timing: a server's hook (progress, cancel) is not timed
+                on_step(step, cfg.num_steps)
     loop_seconds = time.perf_counter() - t_loop
     nonfinite = first_nonfinite_step_synced(finite_steps)  # also a barrier before rank 0 decodes
     if nonfinite is not None:
@@ -322,6 +351,7 @@ def _build_report(
             "reason": plan.reason,
             "backend_per_block": [list(blocks) for blocks in plan.blocks_per_step],
             "sparsity_per_step": list(plan.sparsity_per_step),
+            "kernels": dict(state.kernels),
         },
     }
 
@@ -339,6 +369,7 @@ def write_outputs(cfg: GenerateConfig, result: GenerateResult, faults: FaultPlan
     """Rank 0: the video, the latents (with `output.save_latents`) and last the JSON report, all or none, at
     `cfg.output.path` with its overwrite rule. Returns the files written."""
     report, frames, t0 = result.report, result.frames, time.perf_counter()
+    faults = faults.for_seed(cfg.seed)
     (out, _), (report_path, _), *latents_path = output_files(cfg.output.path, cfg.output.save_latents)
     report["video"]["path"] = str(out)
     written: list[Path] = []

@@ -10,22 +10,26 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from tessera.attention import vsa_check_supported
+from tessera.attention import Backend, dense_backend, get_backend, sparse_backends
 from tessera.runtime.config import AttentionConfig, sparsity_schedule
-
-VSA_TILE = (4, 4, 4)
 
 
 @dataclass(frozen=True, kw_only=True)
 class AttentionPlan:
-    backend: str  # resolved: "dense" or "vsa"
+    backend: str  # resolved: a registered backend name ("dense" or a sparse one such as "vsa")
     reason: str  # why `backend` was chosen (reported; matters for attention.backend=auto)
-    blocks_per_step: tuple[tuple[str, ...], ...]  # [step][block] -> "dense" | "vsa"
-    sparsity_per_step: tuple[float | None, ...]  # None on steps where no block runs VSA
+    blocks_per_step: tuple[tuple[str, ...], ...]  # [step][block] -> registered backend name
+    sparsity_per_step: tuple[float | None, ...]  # None on steps where no block runs a sparse backend
 
     @property
-    def uses_vsa(self) -> bool:
-        return any("vsa" in blocks for blocks in self.blocks_per_step)
+    def backends_in_use(self) -> tuple[Backend, ...]:
+        """The registered backends some block runs at some step, in first-use order."""
+        names = dict.fromkeys(name for blocks in self.blocks_per_step for name in blocks)
+        return tuple(get_backend(name) for name in names)
+
+    @property
+    def uses_sparse(self) -> bool:
+        return any(backend.sparse for backend in self.backends_in_use)
 
     def step_key(self, step: int) -> tuple[tuple[str, ...], float | None]:
         """Steps with equal keys share their attention callables and forward context."""
@@ -50,10 +54,12 @@ def build_attention_plan(
                 f"(valid: 0..{num_layers - 1})."
             )
     schedule = sparsity_schedule(cfg.sparsity, num_steps)
-    backend, reason = _resolve_backend(cfg.backend, grid_thw, head_dim, dtype, device, num_layers, cfg.dense_blocks)
-    if backend == "vsa" and cfg.dense_steps >= num_steps:
+    all_dense = len(set(cfg.dense_blocks)) >= num_layers
+    backend, reason = _resolve_backend(cfg.backend, grid_thw, head_dim, dtype, device, all_dense)
+    dense = dense_backend()
+    if backend.sparse and cfg.dense_steps >= num_steps:
         # Not an error (a dense baseline with otherwise identical settings), but never silent.
-        backend, reason = "dense", (
+        backend, reason = dense, (
             f"{reason}, but the whole run is dense because attention.dense_steps={cfg.dense_steps} >= "
             f"num_steps={num_steps}. Fix: set attention.dense_steps below {num_steps} to run any step sparse"
         )
@@ -61,14 +67,14 @@ def build_attention_plan(
     dense_blocks = set(cfg.dense_blocks)
     blocks_per_step, sparsity_per_step = [], []
     for step in range(num_steps):
-        sparse_step = backend == "vsa" and step >= cfg.dense_steps
+        sparse_step = backend.sparse and step >= cfg.dense_steps
         blocks = tuple(
-            "vsa" if sparse_step and block not in dense_blocks else "dense" for block in range(num_layers)
+            backend.name if sparse_step and block not in dense_blocks else dense.name for block in range(num_layers)
         )
         blocks_per_step.append(blocks)
-        sparsity_per_step.append(schedule[step] if "vsa" in blocks else None)
+        sparsity_per_step.append(schedule[step] if any(get_backend(b).sparse for b in blocks) else None)
     return AttentionPlan(
-        backend=backend,
+        backend=backend.name,
         reason=reason,
         blocks_per_step=tuple(blocks_per_step),
         sparsity_per_step=tuple(sparsity_per_step),
@@ -81,31 +87,30 @@ def _resolve_backend(
     head_dim: int,
     dtype: torch.dtype,
     device: torch.device,
-    num_layers: int,
-    dense_blocks: list[int],
-) -> tuple[str, str]:
-    if requested == "dense":
-        return "dense", "attention.backend=dense"
-    problem = _vsa_problem(grid_thw, head_dim, dtype, device)
-    if len(set(dense_blocks)) >= num_layers:
-        problem = problem or "attention.dense_blocks lists every block"
-    if requested == "vsa":
+    all_dense: bool,
+) -> tuple[Backend, str]:
+    if requested != "auto":
+        backend = get_backend(requested)
+        if not backend.sparse:
+            return backend, f"attention.backend={requested}"
+        problem = backend.check_supported(dtype, head_dim, device, grid_thw)
+        if all_dense:
+            problem = problem or "attention.dense_blocks lists every block"
         if problem is not None:
-            raise ValueError(f"attention.backend=vsa cannot run: {problem}. Use attention.backend=dense or auto.")
-        return "vsa", "attention.backend=vsa"
-    if problem is None and device.type != "cuda":
-        # On CPU VSA runs its plain-PyTorch reference, which materialises [B, N, S, S] scores: fine for tests
-        # and small grids (attention.backend=vsa forces it), not a sensible automatic choice.
-        problem = "VSA's Triton kernel needs a CUDA GPU (attention.backend=vsa runs the O(S^2) CPU reference)"
-    if problem is not None:
-        return "dense", f"attention.backend=auto chose dense: {problem}"
-    return "vsa", "attention.backend=auto chose vsa: sparse blocks configured and supported on this platform"
-
-
-def _vsa_problem(grid_thw: tuple[int, int, int], head_dim: int, dtype: torch.dtype, device: torch.device) -> str | None:
-    if any(g < t for g, t in zip(grid_thw, VSA_TILE, strict=True)):
-        return (
-            f"the token grid {grid_thw} (frames, height, width after patchify) is smaller than one VSA tile "
-            f"{VSA_TILE}; raise num_frames/height/width (>= 13 frames, >= 64 px)"
-        )
-    return vsa_check_supported(dtype, head_dim, device)
+            raise ValueError(
+                f"attention.backend={requested} cannot run: {problem}. Use attention.backend=dense or auto."
+            )
+        return backend, f"attention.backend={requested}"
+    problems = []
+    for backend in sparse_backends():
+        problem = backend.check_supported(dtype, head_dim, device, grid_thw)
+        if all_dense:
+            problem = problem or "attention.dense_blocks lists every block"
+        problem = problem or backend.auto_problem(device)
+        if problem is None:
+            return backend, (
+                f"attention.backend=auto chose {backend.name}: sparse blocks configured and supported on this platform"
+            )
+        problems.append(problem if len(sparse_backends()) == 1 else f"{backend.name}: {problem}")
+    dense = dense_backend()
+    return dense, f"attention.backend=auto chose {dense.name}: {'; '.join(problems) or 'no sparse backend registered'}"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tessera.attention import get_backend
 from tessera.models import WanConfig
 from tessera.runtime.checkpoint import resolve_checkpoint
 from tessera.runtime.config import GenerateConfig
@@ -72,15 +73,18 @@ def estimate_request_memory(
     # q/k/v/gate and the two all-to-all buffers of the full sequence over this rank's heads.
     per_token = (model_cfg.ffn_dim + 8 * dim) * dsize + 2 * dim * 4
     activations = batch * local_tokens * per_token + batch * tokens * 8 * (dim // max(1, min(sp, heads))) * dsize
-    if cfg.attention.backend == "vsa" and cfg.model.path is None and not torch.cuda.is_available():
-        # The CPU reference of VSA materialises [B, N_local, S, S] fp32 scores, probabilities and a mask.
+    forced_sparse = cfg.attention.backend != "auto" and get_backend(cfg.attention.backend).sparse
+    if forced_sparse and cfg.model.path is None and not torch.cuda.is_available():
+        # The CPU reference of a sparse backend (VSA's) materialises [B, N_local, S, S] fp32 scores, probabilities
+        # and a mask. TODO: a per-backend memory estimate on the Backend object once a second sparse backend lands.
         activations += batch * math.ceil(heads / sp) * tokens * tokens * 9
     pixels = cfg.height * cfg.width
     decode = 0
-    if rank == 0:
-        decode = 4 * 3 * cfg.num_frames * pixels + 3 * cfg.num_frames * pixels  # float frames + uint8 frames
-        if cfg.model.path is not None:
-            decode += _VAE_LIVE_TENSORS * _VAE_FULL_RES_CHANNELS * _VAE_CHUNK_FRAMES * pixels * 4
+    if cfg.model.path is not None:  # the Wan VAE: every rank decodes a block of rows (at least sp ranks)
+        decode += _VAE_LIVE_TENSORS * _VAE_FULL_RES_CHANNELS * _VAE_CHUNK_FRAMES * pixels * 4 // sp
+        decode += (4 * 3 + 3) * cfg.num_frames * pixels // sp  # this rank's float and uint8 frames
+    if rank == 0:  # gathers the whole video
+        decode += 4 * 3 * cfg.num_frames * pixels + 3 * cfg.num_frames * pixels  # float frames + uint8 frames
     return MemoryEstimate(weights=weights, activations=activations, text_encoder=text_encoder_bytes,
                           decode=decode)
 

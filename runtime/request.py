@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tessera.attention import DenseAttention, VSAAttention, VSAMetadataCache
+from tessera.attention import MetadataCache, get_backend
 from tessera.models import WanForwardContext, WanTransformer
 from tessera.parallel import ParallelMesh, SequenceShardPlan, UlyssesAttention
 from tessera.runtime.plan import AttentionPlan
@@ -21,6 +21,7 @@ class RequestState:
     plan: AttentionPlan
     seq_plan: SequenceShardPlan
     contexts: dict[tuple, WanForwardContext] = field(default_factory=dict)
+    kernels: dict[str, str] = field(default_factory=dict)  # backend name -> the kernel its callable runs (reported)
 
     def context_for_step(self, step: int) -> WanForwardContext:
         return self.contexts[self.plan.step_key(step)]
@@ -31,48 +32,37 @@ def build_request_state(
     plan: AttentionPlan,
     grid_thw: tuple[int, int, int],
     mesh: ParallelMesh,
-    metadata_cache: VSAMetadataCache,
+    metadata_cache: MetadataCache,
 ) -> RequestState:
     """Build RoPE tables, shard plan, metadata and one forward context per distinct step plan."""
     device = mesh.device
     num_tokens = grid_thw[0] * grid_thw[1] * grid_thw[2]
     seq_plan = SequenceShardPlan(num_tokens, mesh.sp_size, mesh.sp_rank)
     num_heads = model.config.num_attention_heads
+    head_dim = model.config.attention_head_dim
 
-    token_order = token_order_inverse = None
-    if plan.uses_vsa:
-        any_sparsity = next(s for s in plan.sparsity_per_step if s is not None)
-        order_meta = metadata_cache.get(grid_thw, any_sparsity, device)
-        token_order = order_meta.tile_partition_indices.to(device)
-        token_order_inverse = order_meta.reverse_tile_partition_indices.to(device)
-
+    token_order, token_order_inverse = _token_order(plan, grid_thw, device, metadata_cache)
     cos, sin = model.rope_tables(grid_thw, device)
     if token_order is not None:
         cos, sin = cos[token_order], sin[token_order]
     local_rope = (seq_plan.shard(cos, dim=0), seq_plan.shard(sin, dim=0))
 
-    def ulysses(backend) -> UlyssesAttention:
-        return UlyssesAttention(
-            backend,
-            sp_group=mesh.sp_group,
-            sp_size=mesh.sp_size,
-            sp_rank=mesh.sp_rank,
-            seq_plan=seq_plan,
-            num_heads=num_heads,
-        )
-
-    dense = ulysses(DenseAttention())
-    sparse_by_sparsity: dict[float, UlyssesAttention] = {}
+    callables: dict[tuple[str, float | None], UlyssesAttention] = {}  # (backend, sparsity) -> callable
     state = RequestState(grid_thw=grid_thw, plan=plan, seq_plan=seq_plan)
     for step in range(len(plan.blocks_per_step)):
         key = plan.step_key(step)
         if key in state.contexts:
             continue
         blocks, sparsity = key
-        if sparsity is not None and sparsity not in sparse_by_sparsity:
-            meta = metadata_cache.get(grid_thw, sparsity, device)
-            sparse_by_sparsity[sparsity] = ulysses(VSAAttention(meta, consume_q=True))  # q is dead after attention
-        attn = tuple(sparse_by_sparsity[sparsity] if b == "vsa" else dense for b in blocks)
+        for name in dict.fromkeys(blocks):
+            backend = get_backend(name)
+            callable_key = (name, sparsity if backend.sparse else None)
+            if callable_key not in callables:
+                meta = metadata_cache.get(backend, grid_thw, callable_key[1], device)
+                attn = backend.build(meta, None, head_dim)  # dtype None: the kernel checks each call's
+                state.kernels[name] = attn.kernel
+                callables[callable_key] = UlyssesAttention.from_mesh(attn, mesh, seq_plan, num_heads)
+        attn = tuple(callables[(b, sparsity if get_backend(b).sparse else None)] for b in blocks)
         state.contexts[key] = WanForwardContext(
             token_order=token_order,
             token_order_inverse=token_order_inverse,
@@ -82,3 +72,16 @@ def build_request_state(
             attn=attn,
         )
     return state
+
+
+def _token_order(plan: AttentionPlan, grid_thw, device, metadata_cache: MetadataCache) -> tuple:
+    """(order, inverse) that every backend in use accepts, or (None, None) for raster order."""
+    orders = {}
+    for backend in plan.backends_in_use:
+        any_sparsity = next((s for s in plan.sparsity_per_step if s is not None), None)
+        order = backend.token_order(metadata_cache.get(backend, grid_thw, any_sparsity, device))
+        if order is not None:
+            orders[backend.name] = order
+    if len(orders) > 1:  # the token order is permuted once per forward, so all blocks must share it
+        raise ValueError(f"attention backends {sorted(orders)} want different token orders; run one per request")
+    return next(iter(orders.values()), (None, None))

@@ -1,9 +1,10 @@
-"""Flow-matching samplers for Wan2.1: multistep UniPC (diffusers-exact) and plain Euler.
+"""Flow-matching samplers for Wan2.1: multistep UniPC (diffusers-exact) and plain Euler (DMD: runtime/samplers.py).
 
 Both share one shifted sigma schedule, computed on the CPU in float64 exactly as diffusers'
 `UniPCMultistepScheduler(use_flow_sigmas=True)` does, so every rank derives identical numbers. All per-step
 coefficients are precomputed at construction; `step()` only runs tensor arithmetic on the sample's device
 (no `.item()`, no host syncs). Call `prepare(device, dtype)` before the loop: one host-to-device copy.
+The initial latents come from the sampler too (`initial_noise`): WanPipeline's draw for these two.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from tessera.runtime.conditioning import draw_initial_noise
 from torch import Tensor
 
 __all__ = [
@@ -30,15 +32,41 @@ SCHEDULER_NAMES = ("unipc", "euler")
 class FlowScheduler(Protocol):
     """What the denoising loop needs from a sampler (one object per request)."""
 
+    name: str  # the config's `scheduler`
+    uses_cfg: bool  # False: distilled without CFG (config validation then requires guidance_scale=1)
     num_steps: int
-    timesteps: Tensor  # [num_steps] int64 (CPU): the model timestep of each step, as WanPipeline passes it
+    timesteps: Tensor  # [num_steps] int64 (CPU): the model timestep of each step, as the DiT sees it
     sigmas: Tensor  # [num_steps + 1] float32 (CPU): noise level before each step, last entry 0
+
+    def initial_noise(self, batch: int, num_frames: int, height: int, width: int, channels: int = 16) -> Tensor: ...
 
     def prepare(self, device: torch.device | str, dtype: torch.dtype) -> None: ...
 
     def step(self, model_output: Tensor, step_index: int, sample: Tensor) -> Tensor: ...
 
     def reset(self) -> None: ...
+
+    def describe(self) -> dict: ...
+
+
+class _WanPipelineNoise:
+    """Initial latents and the report entry shared by the UniPC and Euler samplers."""
+
+    name: str
+    uses_cfg = True
+    seed: int
+    timesteps: Tensor
+    sigmas: Tensor
+    flow_shift: float
+
+    def initial_noise(self, batch: int, num_frames: int, height: int, width: int, channels: int = 16) -> Tensor:
+        """float32 [batch, channels, F, H/8, W/8] on the CPU, as WanPipeline draws it for `seed`."""
+        return draw_initial_noise(batch, num_frames, height, width, self.seed, channels)
+
+    def describe(self) -> dict:
+        """For the report: the model timestep and the sigma of each step."""
+        return {"name": self.name, "timesteps": self.timesteps.tolist(), "sigmas": self.sigmas[:-1].tolist(),
+                "flow_shift": self.flow_shift, "uses_cfg": self.uses_cfg}
 
 
 def _np_linspace_f64(start: float, stop: float, num: int) -> Tensor:
@@ -156,14 +184,17 @@ class _StepPlan:
     corrector: _Update | None  # None at step 0 and where disabled
 
 
-class FlowUniPCScheduler:
+class FlowUniPCScheduler(_WanPipelineNoise):
     """UniPC multistep predictor-corrector (B(h)=bh2, data prediction) for flow-matching models.
 
     Matches diffusers' `UniPCMultistepScheduler` as Wan2.1 configures it (prediction_type="flow_prediction",
     use_flow_sigmas=True, predict_x0=True, final_sigmas_type="zero", timestep_spacing="linspace") to the bit
     on CPU. Stateful: keeps the last `solver_order` data predictions and the pre-predictor sample; create one
     per request (or call `reset()`), and call `step` with step_index 0, 1, ..., num_steps - 1 in order.
+    `seed` is only that of the initial noise (`initial_noise`).
     """
+
+    name = "unipc"
 
     def __init__(
         self,
@@ -175,6 +206,7 @@ class FlowUniPCScheduler:
         lower_order_final: bool = True,
         disable_corrector: Sequence[int] = (),
         num_train_timesteps: int = 1000,
+        seed: int = 0,
     ) -> None:
         _check_common(num_steps, flow_shift)
         if solver_order not in (1, 2, 3):
@@ -183,6 +215,7 @@ class FlowUniPCScheduler:
             raise ValueError(f"solver_type={solver_type!r} is invalid: use 'bh2' (Wan2.1) or 'bh1'")
         self.num_steps = num_steps
         self.flow_shift = float(flow_shift)
+        self.seed = seed
         self.solver_order = solver_order
         self.sigmas, self.timesteps = flow_sigmas_and_timesteps(
             num_steps, float(flow_shift), num_train_timesteps
@@ -293,19 +326,22 @@ class FlowUniPCScheduler:
         return (x_t_ - up.res_coef * (corr_res + up.rhos[-1] * (model_t - m0))).to(x.dtype)
 
 
-class FlowEulerScheduler:
+class FlowEulerScheduler(_WanPipelineNoise):
     """First-order flow sampler: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * v, computed in >= fp32.
 
     Uses the same sigmas and timesteps as `FlowUniPCScheduler`, so switching samplers changes only the update.
     Note: diffusers' `FlowMatchEulerDiscreteScheduler(shift=s).set_timesteps(n)` uses a different grid (its
     last sigma is shift-applied twice and its first is exactly 1); it equals this sampler only when given
-    these sigmas explicitly with shift=1 (the tests check that).
+    these sigmas explicitly with shift=1 (the tests check that). `seed`: of the initial noise only.
     """
 
-    def __init__(self, num_steps: int, flow_shift: float, *, num_train_timesteps: int = 1000) -> None:
+    name = "euler"
+
+    def __init__(self, num_steps: int, flow_shift: float, *, num_train_timesteps: int = 1000, seed: int = 0) -> None:
         _check_common(num_steps, flow_shift)
         self.num_steps = num_steps
         self.flow_shift = float(flow_shift)
+        self.seed = seed
         self.sigmas, self.timesteps = flow_sigmas_and_timesteps(
             num_steps, float(flow_shift), num_train_timesteps
         )
@@ -329,13 +365,17 @@ class FlowEulerScheduler:
         return prev.to(sample.dtype)
 
 
-def build_scheduler(name: str, num_steps: int, flow_shift: float) -> FlowUniPCScheduler | FlowEulerScheduler:
-    """Sampler by config name: "unipc" (Wan2.1 default, solver_order 2) or "euler"."""
+def build_scheduler(
+    name: str, num_steps: int, flow_shift: float, *, seed: int = 0
+) -> FlowUniPCScheduler | FlowEulerScheduler:
+    """Flow sampler by config name: "unipc" (Wan2.1 default, solver_order 2) or "euler"; `seed` of the initial
+    noise. The DMD sampler has its own arguments: `runtime.samplers.build_sampler` builds any from a config."""
     if name == "unipc":
-        return FlowUniPCScheduler(num_steps, flow_shift)
+        return FlowUniPCScheduler(num_steps, flow_shift, seed=seed)
     if name == "euler":
-        return FlowEulerScheduler(num_steps, flow_shift)
-    raise ValueError(f"scheduler={name!r} is unknown: set scheduler to one of {list(SCHEDULER_NAMES)}")
+        return FlowEulerScheduler(num_steps, flow_shift, seed=seed)
+    raise ValueError(f"scheduler={name!r} is unknown: set scheduler to one of {list(SCHEDULER_NAMES)} (dmd: "
+                     "runtime.samplers.DMDSampler)")
 
 
 def _canonical(device: torch.device | str) -> torch.device:

@@ -2,31 +2,41 @@
 
 `plan_conditioning` decides, before any weight load, which encoder/decoder a run uses (the checkpoint's UMT5 +
 VAE, or the tiny stand-ins of `wan-tiny`) and fails early with what is missing. transformers and diffusers are
-imported lazily inside functions, so the base install never needs them.
-Shape legend: B batch, L text tokens, C channels, F latent frames, H/W latent height/width, T video frames.
+imported lazily inside functions, so the base install never needs them. The VAE decodes on every rank of the mesh,
+each one a block of the latent rows (`build_row_parallel_vae`), and rank 0 gathers the frames.
+Shape legend: B batch, L text tokens, C channels, F latent frames, H/W latent height/width, T video frames;
+h a rank's block of rows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import html
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
+from tessera.parallel import ParallelMesh, RowSplit, build_row_split
 from tessera.runtime.checkpoint import Checkpoint, resolve_checkpoint
 from tessera.runtime.conditioning import LatentDecoder, TextEncoder, TinyLatentDecoder, TinyTextEncoder
 from tessera.runtime.config import RANDOM_WEIGHT_PRESETS, GenerateConfig
-from torch import Tensor
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKLWan
 
 __all__ = [
     "ConditioningPlan",
     "UMT5TextEncoder",
     "WanVAEDecoder",
     "build_latent_decoder",
+    "build_row_parallel_vae",
     "build_text_encoder",
     "text_sequence_length",
     "plan_conditioning",
@@ -102,12 +112,14 @@ def build_text_encoder(
 
 
 def build_latent_decoder(
-    plan: ConditioningPlan, seed: int, device: torch.device, show_progress: bool = True
+    plan: ConditioningPlan, seed: int, device: torch.device, show_progress: bool = True,
+    mesh: ParallelMesh | None = None,
 ) -> LatentDecoder:
-    """`show_progress=False` hides diffusers' loading bars (on every rank but 0, so they appear once)."""
+    """`show_progress=False` hides diffusers' loading bars (on every rank but 0, so they appear once). The Wan VAE
+    decodes over `mesh` (every rank builds it and calls `decode`); the tiny preview decoder on one rank."""
     if plan.decoder == "tiny-preview":
         return TinyLatentDecoder(seed=seed)
-    return WanVAEDecoder(plan.vae_dir, device=device, show_progress=show_progress)
+    return WanVAEDecoder(plan.vae_dir, device=device, show_progress=show_progress, mesh=mesh)
 
 
 def free_device_memory(device: torch.device) -> None:
@@ -180,10 +192,15 @@ class WanVAEDecoder:
     `decode`: normalised latents [B, 16, F, H, W] -> uint8 frames [B, T, 8H, 8W, 3], T = 4(F-1)+1, converted as
     diffusers does: VideoProcessor 'np' output ((x/2 + 0.5).clamp(0, 1)) then export_to_video's
     `(frame * 255).astype(uint8)` (truncation).
+    With a `mesh` of several ranks every rank calls `decode` (or `decode_float`) with the same latents: the H latent
+    rows are split over the first `decode_ranks(H)` = min(world, H) ranks, each decodes its block exactly (see
+    `build_row_parallel_vae`), and rank 0 gathers the frames (one point-to-point gather) and returns them; the
+    other ranks return None.
     """
 
     def __init__(
-        self, vae_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32, show_progress: bool = True
+        self, vae_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32, show_progress: bool = True,
+        mesh: ParallelMesh | None = None,
     ) -> None:
         import diffusers.utils.logging
         from diffusers import AutoencoderKLWan
@@ -194,18 +211,160 @@ class WanVAEDecoder:
         shape = (1, cfg.z_dim, 1, 1, 1)
         self._mean = torch.tensor(cfg.latents_mean, dtype=dtype, device=device).view(shape)
         self._std = torch.tensor(cfg.latents_std, dtype=dtype, device=device).view(shape)
+        self.mesh = mesh
+        self._by_height: dict[int, tuple[RowSplit, AutoencoderKLWan]] = {}  # latent H -> (split, its VAE)
+
+    def decode_ranks(self, latent_height: int) -> int:
+        """How many ranks decode latents with `latent_height` rows (each needs at least one row)."""
+        return self._split(latent_height)[0].num_ranks
+
+    def decode_float(self, latents_BCFHW: Tensor) -> Tensor | None:
+        """Frames in [0, 1], float32 [B, T, 8H, 8W, 3] (diffusers' postprocess_video(output_type='np')); None on
+        every rank but 0 of a mesh."""
+        rows, frames_BThW3 = self._decode_rows(latents_BCFHW)
+        if frames_BThW3 is None or rows.num_ranks == 1:
+            return frames_BThW3
+        return rows.gather(frames_BThW3, dim=2)
+
+    def decode(self, latents_BCFHW: Tensor) -> Tensor | None:
+        """uint8 frames [B, T, 8H, 8W, 3] on the latents' device; None on every rank but 0 of a mesh."""
+        rows, frames_BThW3 = self._decode_rows(latents_BCFHW)
+        if frames_BThW3 is None:
+            return None
+        frames_BThW3 = (frames_BThW3 * 255).to(torch.uint8)  # truncation, as export_to_video
+        if rows.num_ranks > 1:  # gathered as uint8: a quarter of the float frames' bytes
+            frames_BThW3 = rows.gather(frames_BThW3, dim=2)
+        return None if frames_BThW3 is None else frames_BThW3.to(latents_BCFHW.device)
 
     @torch.inference_mode()
-    def decode_float(self, latents_BCFHW: Tensor) -> Tensor:
-        """Frames in [0, 1], float32 [B, T, 8H, 8W, 3] (diffusers' postprocess_video(output_type='np'))."""
+    def _decode_rows(self, latents_BCFHW: Tensor) -> tuple[RowSplit, Tensor | None]:
+        """(the split of the latent rows, float frames [B, T, 8h, 8W, 3] of this rank's block, None if it has none)."""
         latents = latents_BCFHW.to(device=self._mean.device, dtype=self._mean.dtype)
+        rows, vae = self._split(latents.shape[3])
+        if not rows.holds_rows:
+            return rows, None
+        if rows.num_ranks > 1:
+            latents = rows.shard(latents, dim=3)
         # WanPipeline: latents / (1 / std) + mean
-        video_BCTHW = self.vae.decode(latents / (1.0 / self._std) + self._mean, return_dict=False)[0]
-        return (video_BCTHW * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).float()
+        video_BCThW = vae.decode(latents / (1.0 / self._std) + self._mean, return_dict=False)[0]
+        return rows, (video_BCThW * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).float()
 
-    def decode(self, latents_BCFHW: Tensor) -> Tensor:
-        frames = (self.decode_float(latents_BCFHW) * 255).to(torch.uint8)  # truncation, as export_to_video
-        return frames.to(latents_BCFHW.device)
+    def _split(self, latent_height: int) -> tuple[RowSplit, AutoencoderKLWan]:
+        """The split of `latent_height` rows over the mesh and the VAE that decodes a block: cached by height."""
+        if latent_height not in self._by_height:
+            if self.mesh is None:
+                rows = RowSplit(sizes=(latent_height,), ranks=(0,), rank=0)
+            else:
+                rows = build_row_split(latent_height, self.mesh)
+            vae = self.vae if rows.num_ranks == 1 else build_row_parallel_vae(self.vae, rows)
+            self._by_height[latent_height] = (rows, vae)
+        return self._by_height[latent_height]
+
+
+def build_row_parallel_vae(vae: AutoencoderKLWan, rows: RowSplit) -> AutoencoderKLWan:
+    """A copy of diffusers' `vae` sharing its weights whose `decode` is row parallel: every rank of `rows` calls it
+    together with its block of the latent rows (`rows.shard(latents, dim=3)`, [B, C, F, h, W]) and gets its block
+    of the video rows ([B, 3, T, 8h, 8W]): exactly those rows of `vae.decode` on the full latents.
+
+    In the decoder copy, every convolution with a 3x3 spatial kernel takes its H padding from the neighbouring
+    blocks (a halo exchange; zeros at the image's top and bottom, as padding=1 gives), and the mid-block attention
+    (over whole frames) runs on the all-gathered frame and keeps this rank's rows. The rest is row-local: RMS norms
+    over channels, SiLU, nearest 2x upsampling (a block's rows double), 1x1 and time-only convolutions, and the
+    causal time cache (each rank caches its own rows). ValueError for a decoder module this does not know.
+    """
+    from diffusers.models.autoencoders import autoencoder_kl_wan as wan_vae
+
+    row_local = tuple(getattr(wan_vae, name) for name in _ROW_LOCAL_WAN_MODULES if hasattr(wan_vae, name))
+    shared = {id(t): t for t in (*vae.parameters(), *vae.buffers())}  # deepcopy keeps these: no weight copies
+    parallel_vae = copy.deepcopy(vae, memo=shared)
+    decoder, replaced = parallel_vae.decoder, []
+    for name, module in list(decoder.named_modules()):
+        if any(name.startswith(f"{prefix}.") for prefix in replaced):
+            continue  # inside a wrapped module
+        if isinstance(module, wan_vae.WanAttentionBlock):
+            wrapper = _GatheredAttention(module, rows)
+        elif isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            wrapper = _halo_conv(module, rows, wan_vae.WanCausalConv3d)
+        elif isinstance(module, nn.Upsample):  # WanUpsample: row-local when nearest with an integer scale
+            if not _is_nearest_integer_upsample(module):
+                raise ValueError(f"row-parallel VAE: decoder.{name} ({module}) is not a nearest integer upsampling")
+            wrapper = None
+        elif isinstance(module, (*row_local, nn.SiLU, nn.Dropout, nn.Identity, nn.ModuleList, nn.Sequential)):
+            wrapper = None
+        else:
+            raise ValueError(f"row-parallel VAE: decoder.{name} is a {type(module).__name__}, which this diffusers "
+                             f"version added; row-parallel decode does not know whether it is row-local")
+        if wrapper is not None:
+            parent, _, child = name.rpartition(".")
+            setattr(decoder.get_submodule(parent), child, wrapper)
+            replaced.append(name)
+    return parallel_vae
+
+
+# diffusers' Wan VAE decoder modules that only mix values within a row block (or, upsampling, scale it).
+_ROW_LOCAL_WAN_MODULES = ("WanDecoder3d", "WanMidBlock", "WanUpBlock", "WanResidualUpBlock", "WanResidualBlock",
+                          "WanResample", "WanRMS_norm", "DupUp3D")
+
+
+def _halo_conv(conv: nn.Conv2d | nn.Conv3d, rows: RowSplit, causal_conv3d: type) -> nn.Module | None:
+    """The halo wrapper of a convolution that mixes rows (None for one that does not: kernel height 1)."""
+    is_causal_3d = isinstance(conv, causal_conv3d)
+    if not is_causal_3d and not isinstance(conv, nn.Conv2d):
+        raise ValueError(f"row-parallel VAE: a plain {type(conv).__name__} in the decoder is not supported")
+    h = 1 if is_causal_3d else 0  # the H axis of the kernel
+    pad_h = conv._padding[2] if is_causal_3d else conv.padding[h]
+    if conv.kernel_size[h] == 1 and pad_h == 0:
+        return None
+    if (conv.kernel_size[h], conv.stride[h], conv.dilation[h]) != (2 * pad_h + 1, 1, 1) or conv.padding_mode != "zeros":
+        raise ValueError(f"row-parallel VAE: {conv} is not a stride-1 'same' convolution along H")
+    return _HaloCausalConv3d(conv, rows) if is_causal_3d else _HaloConv2d(conv, rows)
+
+
+def _is_nearest_integer_upsample(module: nn.Upsample) -> bool:
+    scales = module.scale_factor if isinstance(module.scale_factor, tuple) else (module.scale_factor,)
+    return module.mode in ("nearest", "nearest-exact") and all(float(s).is_integer() for s in scales)
+
+
+class _HaloCausalConv3d(nn.Module):
+    """diffusers' WanCausalConv3d whose zero padding along H is replaced by the neighbouring blocks' rows."""
+
+    def __init__(self, conv: nn.Conv3d, rows: RowSplit) -> None:
+        super().__init__()
+        self.conv, self.rows = conv, rows
+
+    def forward(self, x_BCFhW: Tensor, cache_x: Tensor | None = None) -> Tensor:
+        padding = list(self.conv._padding)  # (W, W, H, H, causal T, 0), as WanCausalConv3d.forward pads
+        if cache_x is not None and padding[4] > 0:
+            x_BCFhW = torch.cat([cache_x.to(x_BCFhW.device), x_BCFhW], dim=2)
+            padding[4] -= cache_x.shape[2]
+        x_padded = self.rows.fill_halo_(F.pad(x_BCFhW, padding), dim=3, k=padding[2])
+        return nn.Conv3d.forward(self.conv, x_padded)  # the conv's own padding is (0, 0, 0)
+
+
+class _HaloConv2d(nn.Module):
+    """An nn.Conv2d on [N, C, h, W] blocks (WanResample's, after upsampling) with its H padding from the neighbours."""
+
+    def __init__(self, conv: nn.Conv2d, rows: RowSplit) -> None:
+        super().__init__()
+        self.conv, self.rows = conv, rows
+
+    def forward(self, x_NChW: Tensor) -> Tensor:
+        pad_h, pad_w = self.conv.padding
+        x_padded = self.rows.fill_halo_(F.pad(x_NChW, (pad_w, pad_w, pad_h, pad_h)), dim=2, k=pad_h)
+        conv = self.conv
+        return F.conv2d(x_padded, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+
+
+class _GatheredAttention(nn.Module):
+    """WanAttentionBlock (attention over each whole frame) on the all-gathered frame; keeps this rank's rows."""
+
+    def __init__(self, attn: nn.Module, rows: RowSplit) -> None:
+        super().__init__()
+        self.attn, self.rows = attn, rows
+
+    def forward(self, x_BCFhW: Tensor) -> Tensor:
+        x_BCFHW = self.rows.all_gather(x_BCFhW, dim=3)
+        return self.rows.shard(self.attn(x_BCFHW), dim=3)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ import time
 
 import pytest
 import torch
-from tessera.attention import VSAMetadataCache, build_vsa_metadata, tile, untile, vsa_topk
+from tessera.attention import MetadataCache, build_vsa_metadata, get_backend, tile, untile, vsa_topk
 
 
 def _slow_tiles(grid, tile_size):
@@ -161,12 +161,12 @@ def test_large_grid_builds_fast():
     assert torch.equal(m.tile_partition_indices[m.reverse_tile_partition_indices], torch.arange(75_600))
 
 
-def test_cache_is_keyed_by_grid_sparsity_device_tile():
-    cache = VSAMetadataCache()
-    a = cache.get((5, 7, 9), 0.9, "cpu")
-    assert cache.get((5, 7, 9), 0.9, torch.device("cpu")) is a
-    assert cache.get((5, 7, 9), 0.5, "cpu") is not a
-    assert cache.get((5, 7, 10), 0.9, "cpu") is not a
-    assert cache.get((5, 7, 9), 0.9, "cpu", tile=(2, 4, 4)) is not a
-    assert len(cache) == 4 and a.device == torch.device("cpu")
-    assert VSAMetadataCache().get((5, 7, 9), 0.9, "cpu") is not a  # no hidden global state
+def test_cache_is_keyed_by_backend_grid_sparsity_device():
+    cache, vsa, dense = MetadataCache(), get_backend("vsa"), get_backend("dense")
+    a = cache.get(vsa, (5, 7, 9), 0.9, "cpu")
+    assert cache.get(vsa, (5, 7, 9), 0.9, torch.device("cpu")) is a
+    assert cache.get(vsa, (5, 7, 9), 0.5, "cpu") is not a
+    assert cache.get(vsa, (5, 7, 10), 0.9, "cpu") is not a
+    assert cache.get(dense, (5, 7, 9), 0.9, "cpu") is None  # dense builds no metadata
+    assert len(cache) == 3 and a.device == torch.device("cpu") and a.grid == (5, 7, 9)
+    assert MetadataCache().get(vsa, (5, 7, 9), 0.9, "cpu") is not a  # no hidden global state

@@ -209,3 +209,18 @@ def test_topk_matches_stable_sort_with_many_ties(num_tiles):
         got = _topk_lower_index_wins(scores, topk)
         assert got.dtype == torch.int32 and got.is_contiguous()
         assert torch.equal(got, expected), f"topk={topk}"
+
+
+def test_topk_with_nan_scores_still_selects_real_tiles():
+    """NaN latents reach the selection before the loop's finite check: every slot must hold a real tile index (NaN
+    ranks lowest), never uninitialised memory."""
+    from tessera.attention.vsa import _topk_lower_index_wins
+
+    scores = torch.randn(3, 7, 40, generator=torch.Generator().manual_seed(1))
+    scores[0] = float("nan")  # a whole NaN row: the lowest indices, as ties
+    scores[1, :, ::2] = float("nan")  # NaN beside numbers: the numbers win
+    got = _topk_lower_index_wins(scores, 5)
+    assert got.dtype == torch.int32 and ((got >= 0) & (got < 40)).all()
+    assert torch.equal(got[0], torch.arange(5, dtype=torch.int32).expand(7, 5))
+    assert (got[1] % 2 == 1).all()
+    assert torch.equal(got[2], _topk_lower_index_wins(scores[2:], 5)[0])

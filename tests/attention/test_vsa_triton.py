@@ -422,6 +422,37 @@ def test_gpu_full_call_matches_reference(consume_q: bool) -> None:
     assert err < 1e-2, f"rel err {err:.2e}"
 
 
+_FIRST_CALL_CONSUMES_Q = """
+import torch
+from tessera.attention import VSAAttention, build_vsa_metadata, vsa_attention_reference
+metadata = build_vsa_metadata((6, 10, 13), 0.5, "cuda")
+gen = torch.Generator().manual_seed(2)
+q, k, v, gate = (torch.randn(2, metadata.total_seq_length, 3, 128, generator=gen).cuda().transpose(1, 2)
+                 for _ in range(4))
+expected = vsa_attention_reference(q, k, v, gate, metadata)
+got = VSAAttention(metadata, impl="triton", consume_q=True)(q, k, v, gate)  # the process's first fine call: autotunes
+print(((got - expected).norm() / expected.norm()).item())
+"""
+
+
+@pytest.mark.gpu
+def test_gpu_autotuned_first_call_with_output_in_q_fp32() -> None:
+    """fp32 takes the autotuned pointer kernel; its first call benchmarks every config. With the output in q's buffer
+    (the one-rank DiT path) each benchmark run overwrote q unless OUT is restored between runs: a fresh process, so
+    the autotuner is cold."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", _FIRST_CALL_CONSUMES_Q], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+def test_autotuned_kernel_restores_its_output_between_configs() -> None:
+    """The CPU half of the check above (the autotuner cannot run under the interpreter): OUT is restored."""
+    from tessera.attention.vsa_triton import _vsa_fine_kernel_tuned
+
+    assert _vsa_fine_kernel_tuned.restore_value == ["OUT"]
+
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     if sys.argv[1] == "layout":

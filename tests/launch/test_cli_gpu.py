@@ -6,10 +6,11 @@ Several ranks on one GPU use gloo (`TESSERA_TEST_ONE_GPU=1`, read once by launch
 ranks on one device, gloo stages the CUDA tensors through the host, so the token-major all-to-all buffers and the
 kernels run as they do on several GPUs.
 
-Bounds: fp32 on the GPU against fp32 on the CPU (4 steps, VSA at 0.5): FP32_VS_CPU (cuDNN's TF32 convolutions are
-off in fp32 runs; what remains is summation order, about 1e-6 per forward, and VSA's top-k can turn a near tie the
-other way). SP/CFG layouts on the GPU against one GPU rank in fp32: 1e-5 (DESIGN.md section 5); in bf16:
-BF16_VS_ONE_RANK.
+Bounds: fp32 on the GPU against fp32 on the CPU (4 steps, CFG 5): FP32_VS_CPU (cuDNN's TF32 convolutions are off in
+fp32 runs; what remains is summation order, about 1e-6 per forward). SP/CFG layouts on the GPU against one GPU rank
+in fp32: 1e-5 (DESIGN.md section 5); in bf16: BF16_VS_ONE_RANK (measured: bit-identical at sp=2).
+History: one GPU rank in fp32 with VSA was 2.3e-3 off both the CPU and sp=2/3/5/cfg2 (which agreed with one another):
+the autotuned fp32 fine kernel benchmarked its configs with its output in q's buffer (fixed: restore_value).
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ def test_fp32_on_one_gpu_matches_the_cpu(runs, backend, nproc):
     gpu, report, out = runs(f"gpu{nproc}-{backend}", nproc, *overrides)
     _check_video_and_report(report, out, "cuda")
     assert report["attention"]["backend"] == backend
-    assert rel_err(gpu, cpu) < FP32_VS_CPU
+    err = rel_err(gpu, cpu)
+    print(f"fp32 {backend} {'torchrun' if nproc else 'python'} one GPU vs CPU: rel {err:.3e}")
+    assert err < FP32_VS_CPU
 
 
 @pytest.mark.parametrize("backend", ["dense", "vsa"])
@@ -127,7 +130,9 @@ def test_several_ranks_on_one_gpu_equal_one_rank_fp32(runs, layout):
     many, report, out = runs(f"one-gpu-{name}", nproc, *VSA, *overrides, one_gpu=True)
     _check_video_and_report(report, out, "cuda", world=nproc)
     assert all(r["device"].startswith("cuda") for r in report["ranks"])
-    assert rel_err(many, one) < FP32_VS_ONE_RANK
+    err = rel_err(many, one)
+    print(f"fp32 vsa {name} on one GPU vs one rank: rel {err:.3e}")
+    assert err < FP32_VS_ONE_RANK
 
 
 def test_several_ranks_on_one_gpu_bf16(runs):

@@ -133,6 +133,25 @@ def test_generate_two_ranks_matches_diffusers_pipeline(ckpt, reference, tmp_path
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert rel_err(latents_of(out), reference[0]) < 1e-4
+    assert json.loads(out.with_suffix(".json").read_text())["decode"]["ranks"] == 2  # both ranks decoded
+
+
+@pytest.mark.multirank
+def test_two_ranks_decode_in_parallel_to_diffusers_frames(ckpt, reference, tmp_path):
+    """The Python API under torchrun (2 ranks): the VAE decodes split over both, rank 0 gathers the frames."""
+    keys = {"load": {"model": {"path": str(ckpt)}, "attention": {"backend": "dense"}, "parallel": {"sp": 2}},
+            "generate": {**RUN, "prompt": PROMPT, "negative_prompt": NEGATIVE}}
+    out = tmp_path / "api_sp2.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "runtime" / "_generate_job.py"), json.dumps(keys), str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = torch.load(out, weights_only=False)  # the report: plain Python containers
+    assert result["report"]["decode"]["ranks"] == 2
+    assert rel_err(result["latents"], reference[0]) < 1e-4
+    ref_uint8 = (reference[1][0] * 255).to(torch.uint8)  # diffusers' export_to_video conversion
+    assert result["frames"].shape == ref_uint8.shape == (9, 32, 48, 3)
+    assert (result["frames"].int() - ref_uint8.int()).abs().max().item() <= 1
 
 
 def _fail_if_loading(*args, **kwargs):

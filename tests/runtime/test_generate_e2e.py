@@ -59,6 +59,7 @@ def test_two_rank_job_writes_video_report_and_latents(tmp_path):
     assert per_block[0] == ["dense"] * 4  # dense_steps=1
     assert per_block[1] == per_block[2] == ["dense", "vsa", "vsa", "vsa"]  # dense_blocks=[0]
     assert report["attention"]["sparsity_per_step"] == [None, 0.5, 0.5]
+    assert report["attention"]["kernels"] == {"dense": "sdpa", "vsa": "torch"}  # CPU: VSA's reference
     latents = latents_of(out)
     assert latents.dtype == torch.float32 and latents.shape == (1, 16, 4, 14, 10)
     assert torch.isfinite(latents).all()

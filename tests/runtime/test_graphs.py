@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tessera.attention import VSAMetadataCache
+from tessera.attention import MetadataCache
 from tessera.models import WanConfig, build_wan_on_meta, materialize_random_
 from tessera.parallel import build_mesh
 from tessera.runtime import AttentionConfig, build_attention_plan
@@ -48,7 +48,7 @@ def _request(device, num_steps=3):
     plan = build_attention_plan(AttentionConfig(backend="vsa", sparsity=[0.5, 0.5, 0.7], dense_steps=1),
                                 num_layers=2, num_steps=num_steps, grid_thw=grid, head_dim=128,
                                 dtype=torch.bfloat16, device=device)
-    state = build_request_state(model, plan, grid, build_mesh(cfg=1, sp=1, device=device), VSAMetadataCache())
+    state = build_request_state(model, plan, grid, build_mesh(cfg=1, sp=1, device=device), MetadataCache())
     return model, state, grid
 
 

@@ -20,14 +20,14 @@ def plan_for(grid=(5, 8, 8), num_layers=4, num_steps=3, dtype=torch.float32, **a
 
 def test_dense_backend_is_dense_everywhere():
     plan = plan_for(backend="dense")
-    assert plan.backend == "dense" and not plan.uses_vsa
+    assert plan.backend == "dense" and not plan.uses_sparse
     assert plan.blocks_per_step == (("dense",) * 4,) * 3
     assert plan.sparsity_per_step == (None, None, None)
 
 
 def test_vsa_with_dense_blocks_and_steps_and_schedule():
     plan = plan_for(backend="vsa", sparsity=[0.5, 0.8, 0.9], dense_blocks=[0, 3], dense_steps=1)
-    assert plan.backend == "vsa" and plan.uses_vsa
+    assert plan.backend == "vsa" and plan.uses_sparse
     assert plan.blocks_per_step[0] == ("dense",) * 4
     assert plan.blocks_per_step[1] == plan.blocks_per_step[2] == ("dense", "vsa", "vsa", "dense")
     assert plan.sparsity_per_step == (None, 0.8, 0.9)
@@ -49,7 +49,7 @@ def test_auto_prefers_vsa_on_a_gpu():
         dtype=torch.bfloat16, device=torch.device("cuda"),
     )
     # The plan only reads the device type (no GPU needed to build it); triton is a test dependency.
-    assert plan.backend == "vsa" and plan.uses_vsa and plan.blocks_per_step[0] == ("vsa",) * 4
+    assert plan.backend == "vsa" and plan.uses_sparse and plan.blocks_per_step[0] == ("vsa",) * 4
 
 
 @pytest.mark.parametrize(
@@ -72,9 +72,9 @@ def test_vsa_with_every_step_dense_warns_and_says_why():
     assert len(record) == 1
     for text in (str(record[0].message), plan.reason):
         assert "whole run is dense" in text and "attention.dense_steps=3 >= num_steps=3" in text
-    assert plan.backend == "dense" and not plan.uses_vsa
+    assert plan.backend == "dense" and not plan.uses_sparse
     assert plan.blocks_per_step == (("dense",) * 4,) * 3 and plan.sparsity_per_step == (None,) * 3
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one sparse step left: no warning
         plan = plan_for(backend="vsa", dense_steps=2, num_steps=3)
-    assert plan.backend == "vsa" and plan.uses_vsa and "dense_steps" not in plan.reason
+    assert plan.backend == "vsa" and plan.uses_sparse and "dense_steps" not in plan.reason

@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 import torch
-from tessera.attention import VSAMetadataCache
+from tessera.attention import MetadataCache
 from tessera.models import WanConfig, build_wan_on_meta, materialize_random_
 from tessera.parallel import build_mesh
 from tessera.runtime import AttentionConfig, build_attention_plan
@@ -70,7 +70,8 @@ def test_forward_reorders_tokens_once_and_never_computes_on_pads(backend: str, n
     cpu = torch.device("cpu")
     plan = build_attention_plan(AttentionConfig(backend=backend, sparsity=0.5), num_layers=num_layers,
                                 num_steps=1, grid_thw=grid, head_dim=16, dtype=torch.float32, device=cpu)
-    state = build_request_state(model, plan, grid, build_mesh(cfg=1, sp=1, device=cpu), VSAMetadataCache())
+    state = build_request_state(model, plan, grid, build_mesh(cfg=1, sp=1, device=cpu), MetadataCache())
+    assert state.kernels == ({"vsa": "torch"} if backend == "vsa" else {"dense": "sdpa"})  # reported per backend
     recorder = _Recorder()
     ctx = state.context_for_step(0)
     ctx = dataclasses.replace(ctx, attn=tuple(_Paused(attn, recorder) for attn in ctx.attn))

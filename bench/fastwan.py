@@ -1,0 +1,151 @@
+"""FastWan-1.3B regime end to end: 3 DMD steps, no CFG, VSA 0.8, on a random FastWan-shaped checkpoint.
+
+    python bench/fastwan.py --out bench_fastwan.json [--dir /tmp/tessera_bench_fastwan13b] [--text-layers 24]
+    python bench/fastwan.py --smoke --out /tmp/fastwan_smoke.json     # tiny shapes on the CPU (checks the path)
+
+Writes (once; reused when --dir holds it) bench/end_to_end.py's random 1.3B-sized diffusers checkpoint, relabelled
+as FastWan: model_index.json says WanDMDPipeline (its scheduler entry still UniPC, as FastWan's) and the DiT gets
+random VSA gates (`attn1.to_gate_compress`), so the checkpoint's own defaults apply: DMD [1000, 757, 522], VSA at
+the fastwan2.1-t2v-1.3b preset's 0.8 (the script checks the reports say so). For each size (448x832x61, the
+preset's, and 480x832x81), on one device:
+- cold launch: a fresh `launch/generate.py` process with an empty compile cache (`model.cache_dir`, when present);
+- warm launch: the same command again (page cache and compile cache warm);
+- API: a fresh process doing `tessera.load(...)`, then `generate(...)` + `save(...)` twice (the second request
+  with a new prompt and seed: the warm path a server sees).
+Each entry: process wall seconds and the report's per-stage seconds (load, text_encode, first_step, denoise,
+decode, write, total), step seconds and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from end_to_end import DIT_13B, DIT_SMOKE, PROMPT, write_checkpoint
+from safetensors.torch import save_file
+from tessera.launch.config import all_keys
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = ((61, 448, 832), (81, 480, 832))  # (frames, height, width): the preset's, then Wan2.1's 480p
+SMOKE_SIZES = ((13, 64, 64), (17, 64, 96))  # >= one 4x4x4 VSA tile after patchify
+SECOND_PROMPT = "a red fox running through fresh snow in the forest"
+REPORT_KEYS = ("stage_seconds", "step_seconds", "peak_memory_bytes", "sampler")
+
+
+def make_fastwan(root: Path, smoke: bool) -> None:
+    """Relabel end_to_end.py's checkpoint as FastWan: WanDMDPipeline + random VSA gate weights in their own file."""
+    arch = DIT_SMOKE if smoke else DIT_13B
+    dim = arch["num_attention_heads"] * arch["attention_head_dim"]
+    dtype = torch.float32 if smoke else torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    gates = {}
+    for block in range(arch["num_layers"]):
+        name = f"blocks.{block}.attn1.to_gate_compress"
+        gates[f"{name}.weight"] = (torch.randn(dim, dim, generator=gen) / dim**0.5).to(dtype)  # unit gain
+        gates[f"{name}.bias"] = torch.zeros(dim, dtype=dtype)
+    transformer = root / "transformer"
+    save_file(gates, str(transformer / "vsa_gates.safetensors"))
+    for index in transformer.glob("*.safetensors.index.json"):  # a sharded save: list the gates there too
+        data = json.loads(index.read_text())
+        data["weight_map"].update(dict.fromkeys(gates, "vsa_gates.safetensors"))
+        index.write_text(json.dumps(data, indent=2))
+    (root / "model_index.json").write_text(json.dumps(
+        {"_class_name": "WanDMDPipeline", "scheduler": ["diffusers", "UniPCMultistepScheduler"]}))
+
+
+def run_launch(argv: list[str], out: Path) -> dict:
+    """One `launch/generate.py` process: wall seconds and its report's numbers."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "generate.py"), *argv, f"output.path={out}",
+                           "output.overwrite=true"], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"generate failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    report = json.loads(out.with_suffix(".json").read_text())
+    return {"process_wall_seconds": wall, **{key: report.get(key) for key in REPORT_KEYS},
+            "attention": {k: report["attention"][k] for k in ("backend", "sparsity_per_step")}}
+
+
+def api_worker(spec: dict) -> dict:
+    """In a fresh process: load once, then two requests (generate + save), each timed from the caller's side."""
+    import tessera
+
+    t0 = time.perf_counter()
+    pipe = tessera.load(**spec["load"])
+    result: dict = {"load_call_seconds": time.perf_counter() - t0, "requests": []}
+    for index, (prompt, seed) in enumerate(((PROMPT, 0), (SECOND_PROMPT, 1))):
+        t0 = time.perf_counter()
+        video = pipe.generate(prompt=prompt, seed=seed, **spec["request"])
+        generate_seconds = time.perf_counter() - t0
+        video.save(Path(spec["out_dir"]) / f"api-{index}.mp4", overwrite=True)
+        result["requests"].append({"generate_call_seconds": generate_seconds,
+                                   "prompt_to_mp4_seconds": time.perf_counter() - t0,
+                                   **{key: video.report.get(key) for key in REPORT_KEYS}})
+    pipe.close()
+    return result
+
+
+def run_api(spec: dict, out_dir: Path) -> dict:
+    spec_file, result_file = out_dir / "api_spec.json", out_dir / "api_result.json"
+    spec_file.write_text(json.dumps(spec))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--api-worker", str(spec_file), "--out", str(result_file)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"API worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return {"process_wall_seconds": time.perf_counter() - t0, **json.loads(result_file.read_text())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--dir", default="/tmp/tessera_bench_fastwan13b")
+    parser.add_argument("--text-layers", type=int, default=24)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    parser.add_argument("--api-worker", metavar="SPEC", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.api_worker:
+        Path(args.out).write_text(json.dumps(api_worker(json.loads(Path(args.api_worker).read_text()))))
+        return
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    root, out_dir = Path(args.dir), Path(args.out).resolve().parent / (Path(args.out).stem + "_runs")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result: dict = {"device": str(device), "dir": str(root), "text_layers": args.text_layers, "regimes": []}
+    fresh = not (root / "model_index.json").is_file()
+    if fresh:
+        write_checkpoint(root, args.smoke, 2 if args.smoke else args.text_layers, device)
+        make_fastwan(root, args.smoke)
+    result["checkpoint_written_now"] = fresh
+
+    dtype = "float32" if args.smoke else "bfloat16"
+    # The smoke DiT matches no preset, so it gets no preset sparsity: give it the 1.3B one.
+    extra = {"attention": {"sparsity": 0.8}} if args.smoke else {}
+    has_cache_key = "model.cache_dir" in all_keys()  # the persistent compile cache, where this tree has it
+    for frames, height, width in SMOKE_SIZES if args.smoke else SIZES:
+        tag = f"{height}x{width}x{frames}"
+        cache = {"cache_dir": str(out_dir / f"compile_cache_{tag}_{time.time_ns()}")} if has_cache_key else {}
+        model = {"path": str(root), "dtype": dtype, **cache}
+        argv = [f"model.{k}={v}" for k, v in model.items()] + [
+            f"prompt={PROMPT}", f"num_frames={frames}", f"height={height}", f"width={width}",
+            *(["attention.sparsity=0.8"] if args.smoke else [])]
+        regime = {"size": tag, "cold_launch": run_launch(argv, out_dir / f"cold-{tag}.mp4")}
+        regime["warm_launch"] = run_launch(argv, out_dir / f"warm-{tag}.mp4")
+        spec = {"load": {"model": model, **extra}, "out_dir": str(out_dir),
+                "request": {"num_frames": frames, "height": height, "width": width}}
+        regime["api"] = run_api(spec, out_dir)
+        sampler, attention = regime["cold_launch"]["sampler"], regime["cold_launch"]["attention"]
+        assert sampler["name"] == "dmd" and sampler["timesteps"] == [1000, 757, 522], sampler
+        assert attention["backend"] == "vsa" and set(attention["sparsity_per_step"]) == {0.8}, attention
+        result["regimes"].append(regime)
+        print(json.dumps({tag: {k: regime[k]["process_wall_seconds"] for k in ("cold_launch", "warm_launch", "api")}}))
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,422 @@
+"""The server's rank-0 side: the job table, its FIFO queue, the OpenAI-style /v1/videos HTTP API and /metrics.
+
+Standard library only. `launch/serve.py` owns the model and the ranks: it hands `VideoJobs` a validator once the
+model is warm, takes jobs with `next_job` and reports each step (`step_done`, which also says whether to stop),
+completion or failure. HTTP handler threads only read and queue; the one running job changes state in the main thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+__all__ = ["STOP", "Job", "JobError", "VideoJobs", "build_http_server"]
+
+STOP = "stop"  # what `next_job` returns once the server drains
+# Why the running job stops at the next step boundary (broadcast to every rank as this integer).
+KEEP_GOING, CANCEL, SHUTDOWN = 0, 1, 2
+STOP_REASONS = {CANCEL: "cancelled by DELETE /v1/videos/{id}", SHUTDOWN: "cancelled: the server is shutting down"}
+MAX_BODY_BYTES = 1 << 20
+MAX_FINISHED_JOBS = 1000  # older finished jobs leave the table (their files stay in server.output_dir)
+_JOB_PATH = re.compile(r"^/v1/videos/(?P<id>[A-Za-z0-9_-]+)(?P<content>/content)?$")
+log = logging.getLogger("tessera")
+
+# (keys for VideoPipeline.generate, fields shown in the video object, save_latents) of a valid request body.
+Validator = Callable[[dict, Path], tuple[dict, dict, bool]]
+
+
+class JobError(Exception):
+    """An HTTP error answer: status, OpenAI-style `error` object (message, type, code, param)."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "code": self.code, "param": self.param}}
+
+
+@dataclass
+class Job:
+    id: str
+    keys: dict  # the request as VideoPipeline.generate(**keys) takes it, output.path included
+    info: dict  # model, prompt, size, seconds: shown in the video object
+    video_path: Path
+    save_latents: bool
+    created_at: int = field(default_factory=lambda: int(time.time()))
+    queued_at: float = field(default_factory=time.monotonic)
+    status: str = "queued"  # queued | in_progress | completed | failed
+    progress: int = 0
+    completed_at: int | None = None
+    error: dict | None = None
+    cancel_requested: bool = False
+
+    def to_json(self) -> dict:
+        """The OpenAI Videos API `video` object."""
+        return {"id": self.id, "object": "video", "created_at": self.created_at, "status": self.status,
+                "progress": self.progress, **self.info, "completed_at": self.completed_at, "error": self.error}
+
+    def files(self) -> list[Path]:
+        """Every file the job may have written: the video, its report, the latents."""
+        return [self.video_path, self.video_path.with_suffix(".json"),
+                self.video_path.with_suffix(".latents.safetensors")]
+
+
+class VideoJobs:
+    """Jobs by id, the FIFO queue (at most `max_queue` waiting beside the running job) and the counters of
+    /metrics. Thread-safe; `request_stop` is signal-handler-safe (it only assigns)."""
+
+    def __init__(self, output_dir: Path, max_queue: int, drain_timeout_s: float, model: str) -> None:
+        self.output_dir, self.max_queue, self.model = output_dir, max_queue, model
+        self.drain_timeout_s = drain_timeout_s
+        self._cond = threading.Condition()
+        self._validate_lock = threading.Lock()  # OmegaConf resolution is not known to be thread-safe
+        self._jobs: dict[str, Job] = {}
+        self._queue: deque[Job] = deque()
+        self._validator: Validator | None = None
+        self._draining = False
+        self.running: Job | None = None
+        self.stop_signal: int | None = None
+        self._stop_at = 0.0
+        self._counts = {"completed": 0, "failed": 0, "rejected": 0}
+        self._stage_seconds: dict[str, list[float]] = {}  # stage -> [sum, count]
+        self._steps = {"total": 0, "per_second": 0.0}
+
+    # -- the main thread (rank 0's request loop) -------------------------------------------------------------------
+
+    def ready(self, validator: Validator) -> None:
+        """The model is loaded and warm: accept requests, /health answers 200."""
+        self._validator = validator
+
+    def request_stop(self, signum: int) -> None:
+        """SIGTERM/SIGINT arrived: refuse new jobs now; the loop drains at its next poll or step boundary."""
+        self._stop_at, self.stop_signal = time.monotonic(), signum
+
+    def next_job(self, timeout_s: float) -> Job | str | None:
+        """The next queued job (now in progress), STOP once draining, or None after `timeout_s` without one."""
+        with self._cond:
+            if not self._queue and not self._drain_if_stopping():
+                self._cond.wait(timeout_s)
+            if self._drain_if_stopping():
+                return STOP
+            if not self._queue:
+                return None
+            job = self.running = self._queue.popleft()
+            job.status = "in_progress"
+            self._add_seconds("queue", time.monotonic() - job.queued_at)
+            return job
+
+    def step_done(self, job: Job, step: int, num_steps: int) -> int:
+        """Record the progress of the running job after denoising step `step` (0-based); returns KEEP_GOING,
+        CANCEL (DELETE asked for it) or SHUTDOWN (a signal came and server.drain_timeout_s has passed)."""
+        job.progress = min(99, 100 * (step + 1) // num_steps)  # 100 once written
+        with self._cond:
+            self._drain_if_stopping()
+        if job.cancel_requested:
+            return CANCEL
+        if self.stop_signal is not None and time.monotonic() - self._stop_at >= self.drain_timeout_s:
+            return SHUTDOWN
+        return KEEP_GOING
+
+    def complete(self, job: Job, report: dict) -> None:
+        steps, denoise = len(report.get("step_seconds", [])), report.get("denoise_seconds") or 0.0
+        with self._cond:
+            job.status, job.progress, job.completed_at = "completed", 100, int(time.time())
+            self._finish(job, "completed")
+            for stage, seconds in report.get("stage_seconds", {}).items():
+                if seconds is not None:
+                    self._add_seconds(stage, seconds)
+            self._steps["total"] += steps
+            self._steps["per_second"] = steps / denoise if denoise > 0 else 0.0
+
+    def fail(self, job: Job, code: str, message: str) -> None:
+        with self._cond:
+            job.status, job.completed_at, job.error = "failed", int(time.time()), {"code": code, "message": message}
+            self._finish(job, "failed")
+        log.warning("job %s failed: %s", job.id, message)
+
+    def fail_pending(self, code: str, message: str) -> list[str]:
+        """Fail the running job and every queued one (the job group is going down); their ids."""
+        with self._cond:
+            running, queued = self.running, list(self._queue)
+            self._queue.clear()
+        if running is not None:
+            self.fail(running, code, message)
+        for job in queued:
+            self.fail(job, code, f"not started: the server stopped ({message})")
+        return [job.id for job in ([running] if running is not None else []) + queued]
+
+    def summary(self) -> str:
+        with self._cond:
+            counts = dict(self._counts)
+        return ", ".join(f"{n} {outcome}" for outcome, n in counts.items())
+
+    def _drain_if_stopping(self) -> bool:
+        """Under the lock: after a signal, fail the queued jobs once; True while draining."""
+        if self.stop_signal is not None and not self._draining:
+            self._draining = True
+            queued = list(self._queue)
+            self._queue.clear()
+            for job in queued:
+                job.status, job.completed_at = "failed", int(time.time())
+                job.error = {"code": "server_shutdown", "message": "not started: the server is shutting down"}
+                self._finish(job, "failed")
+            log.info("draining: new requests get 503; queued jobs failed: %s%s",
+                     ", ".join(job.id for job in queued) or "none",
+                     "" if self.running is None else f"; {self.running.id} may run {self.drain_timeout_s:g} s more")
+        return self._draining
+
+    def _finish(self, job: Job, outcome: str) -> None:
+        if self.running is job:
+            self.running = None
+        self._counts[outcome] += 1
+        finished = [j for j in self._jobs.values() if j.status in ("completed", "failed")]
+        for old in finished[: max(0, len(finished) - MAX_FINISHED_JOBS)]:
+            del self._jobs[old.id]
+
+    def _add_seconds(self, stage: str, seconds: float) -> None:
+        total = self._stage_seconds.setdefault(stage, [0.0, 0])
+        total[0] += seconds
+        total[1] += 1
+
+    # -- HTTP handler threads ---------------------------------------------------------------------------------------
+
+    def health(self) -> tuple[int, dict]:
+        if self.stop_signal is not None:
+            return 503, {"status": "draining"}
+        if self._validator is None:
+            return 503, {"status": "loading"}
+        return 200, {"status": "ok", "model": self.model, "queued": len(self._queue),
+                     "in_progress": int(self.running is not None)}
+
+    def submit(self, raw: bytes) -> dict:
+        """Parse, validate and queue a request body; the queued job's video object (JobError: 400 bad request, 429
+        full queue, 503 loading or draining). Validation runs here, on the HTTP thread: a bad request never reaches
+        the ranks."""
+        self._refuse_unless_accepting()
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError as err:
+            raise self._rejected(400, f"the body is not valid JSON ({err}). Fix: send a JSON object such as "
+                                 '{"prompt": "a red fox in snow", "seed": 3}', "invalid_json") from None
+        if not isinstance(body, dict):
+            raise self._rejected(400, 'the body must be a JSON object of request keys, e.g. {"prompt": "a red fox '
+                                 'in snow", "seed": 3}', "invalid_request")
+        job_id = f"video_{secrets.token_hex(12)}"
+        path = self.output_dir / f"{job_id}.mp4"
+        try:
+            with self._validate_lock:
+                keys, info, save_latents = self._validator(body, path)
+        except (ValueError, TypeError) as err:
+            raise self._rejected(400, str(err), "invalid_request", _named_key(str(err))) from None
+        job = Job(job_id, keys, info, path, save_latents)
+        with self._cond:
+            self._refuse_unless_accepting()
+            if len(self._queue) >= self.max_queue:
+                raise self._rejected(429, f"the queue is full ({self.max_queue} jobs waiting beside the running one): "
+                                     "retry later, or start the server with a larger server.max_queue",
+                                     "queue_full")
+            self._jobs[job_id] = job
+            self._queue.append(job)
+            self._cond.notify_all()
+            queued = job.to_json()
+        log.info("job %s queued (%d waiting)", job_id, len(self._queue))
+        return queued
+
+    def _refuse_unless_accepting(self) -> None:
+        if self.stop_signal is not None:
+            raise self._rejected(503, "the server is shutting down and accepts no new jobs", "server_shutdown")
+        if self._validator is None:
+            raise self._rejected(503, "the model is still loading: retry once GET /health answers 200", "loading")
+
+    def _rejected(self, status: int, message: str, code: str, param: str | None = None) -> JobError:
+        with self._cond:
+            self._counts["rejected"] += 1
+        return JobError(status, message, code, param)
+
+    def get(self, job_id: str) -> Job:
+        with self._cond:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise JobError(404, f"no video {job_id!r} (finished jobs are kept for the last {MAX_FINISHED_JOBS})",
+                           "not_found", "id")
+        return job
+
+    def recent(self, limit: int, order: str) -> list[Job]:
+        with self._cond:
+            jobs = list(self._jobs.values())
+        return (jobs if order == "asc" else jobs[::-1])[:limit]
+
+    def delete(self, job_id: str) -> tuple[int, dict]:
+        """Cancel a queued job (200), ask the running one to stop at its next step boundary (202), or delete a
+        finished one's files and entry (200, `video.deleted`)."""
+        job = self.get(job_id)
+        with self._cond:
+            if job.status == "queued":
+                self._queue.remove(job)
+                job.status, job.completed_at = "failed", int(time.time())
+                job.error = {"code": "cancelled", "message": "cancelled by DELETE /v1/videos/{id} before it started"}
+                self._finish(job, "failed")
+                return 200, job.to_json()
+            if job.status == "in_progress":
+                job.cancel_requested = True
+                return 202, job.to_json()
+            del self._jobs[job_id]
+        for path in job.files():
+            path.unlink(missing_ok=True)
+        return 200, {"id": job_id, "object": "video.deleted", "deleted": True}
+
+    def metrics(self) -> str:
+        """Prometheus text exposition (version 0.0.4)."""
+        with self._cond:
+            counts, stages, steps = dict(self._counts), {k: list(v) for k, v in self._stage_seconds.items()}, dict(
+                self._steps)
+            queued, running = len(self._queue), int(self.running is not None)
+        lines = ["# HELP tessera_requests_total Video requests by outcome (rejected: refused at POST with 4xx/503).",
+                 "# TYPE tessera_requests_total counter"]
+        lines += [f'tessera_requests_total{{status="{status}"}} {n}' for status, n in counts.items()]
+        lines += ["# HELP tessera_queue_depth Jobs waiting beside the running one.", "# TYPE tessera_queue_depth gauge",
+                  f"tessera_queue_depth {queued}", "# HELP tessera_jobs_in_progress Jobs running (0 or 1).",
+                  "# TYPE tessera_jobs_in_progress gauge", f"tessera_jobs_in_progress {running}",
+                  "# HELP tessera_stage_seconds Seconds per stage of finished jobs (queue: waiting to start).",
+                  "# TYPE tessera_stage_seconds summary"]
+        for stage, (total, count) in stages.items():
+            lines += [f'tessera_stage_seconds_sum{{stage="{stage}"}} {total:.6f}',
+                      f'tessera_stage_seconds_count{{stage="{stage}"}} {count}']
+        lines += ["# HELP tessera_denoise_steps_total Denoising steps of completed jobs.",
+                  "# TYPE tessera_denoise_steps_total counter", f"tessera_denoise_steps_total {steps['total']}",
+                  "# HELP tessera_steps_per_second Denoising steps per second of the last completed job.",
+                  "# TYPE tessera_steps_per_second gauge", f"tessera_steps_per_second {steps['per_second']:.6f}"]
+        return "\n".join(lines) + "\n"
+
+
+def _named_key(message: str) -> str | None:
+    """The config key an error message starts with ("seed=abc must be ...", "unknown config key 'x'"), if any."""
+    match = re.match(r"unknown config key '([\w.]+)'|([a-z_]+(?:\.[a-z_]+)*)(?:=|\s(?:must|is|has|and)\s)", message)
+    return None if match is None else match.group(1) or match.group(2)
+
+
+def build_http_server(jobs: VideoJobs, host: str, port: int) -> ThreadingHTTPServer:
+    """Bind (OSError when the address is taken); the caller runs `serve_forever` on a thread."""
+    handler = type("VideosHandler", (_VideosHandler,), {"jobs": jobs})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server
+
+
+class _VideosHandler(BaseHTTPRequestHandler):
+    jobs: VideoJobs
+    server_version = "tessera"
+
+    def do_GET(self) -> None:
+        self._answer(self._get)
+
+    def do_POST(self) -> None:
+        self._answer(self._post)
+
+    def do_DELETE(self) -> None:
+        self._answer(self._delete)
+
+    def _answer(self, route: Callable[[str, dict], tuple[int, Any]]) -> None:
+        path, _, query = self.path.partition("?")
+        try:
+            status, payload = route(path.rstrip("/") or "/", parse_qs(query))
+        except JobError as err:
+            status, payload = err.status, err.body()
+        except Exception as err:  # noqa: BLE001 - a bug answers 500 and is logged; the server carries on
+            log.exception("error answering %s %s", self.command, self.path)
+            status, payload = 500, JobError(500, f"{type(err).__name__}: {err}", "internal_error").body()
+        if isinstance(payload, Path):
+            self._send_file(status, payload)
+        elif isinstance(payload, str):
+            self._send(status, payload.encode(), "text/plain; version=0.0.4; charset=utf-8")
+        else:
+            self._send(status, json.dumps(payload).encode(), "application/json")
+
+    def _get(self, path: str, query: dict) -> tuple[int, Any]:
+        if path == "/health":
+            return self.jobs.health()
+        if path == "/metrics":
+            return 200, self.jobs.metrics()
+        if path == "/v1/videos":
+            limit, order = query.get("limit", ["20"])[0], query.get("order", ["desc"])[0]
+            if not limit.isdigit() or not 1 <= int(limit) <= 100 or order not in ("asc", "desc"):
+                raise JobError(400, f"limit={limit} order={order}: limit must be 1..100 and order asc or desc",
+                               "invalid_request", "limit")
+            data = [job.to_json() for job in self.jobs.recent(int(limit), order)]
+            return 200, {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                         "last_id": data[-1]["id"] if data else None, "has_more": False}
+        job, content = self._job(path)
+        if not content:
+            return 200, job.to_json()
+        if job.status != "completed" or not job.video_path.exists():
+            raise JobError(404, f"video {job.id} is {job.status}: its content exists once it is completed",
+                           "not_ready", "id")
+        return 200, job.video_path
+
+    def _post(self, path: str, query: dict) -> tuple[int, Any]:
+        if path != "/v1/videos":
+            known = _JOB_PATH.match(path) is not None
+            raise JobError(405 if known else 404, f"POST {path} is not an endpoint: POST /v1/videos creates a video",
+                           "method_not_allowed" if known else "not_found")
+        length = self.headers.get("Content-Length") or "0"
+        if not length.isdigit():
+            raise JobError(400, f"Content-Length: {length} is not a byte count", "invalid_request")
+        length = int(length)
+        if length > MAX_BODY_BYTES:
+            raise JobError(413, f"the body is {length} bytes; at most {MAX_BODY_BYTES}", "body_too_large")
+        return 202, self.jobs.submit(self.rfile.read(length))
+
+    def _delete(self, path: str, query: dict) -> tuple[int, Any]:
+        job, content = self._job(path)
+        if content:
+            raise JobError(405, "DELETE /v1/videos/{id} deletes a video; its /content has no DELETE",
+                           "method_not_allowed")
+        return self.jobs.delete(job.id)
+
+    def _job(self, path: str) -> tuple[Job, bool]:
+        match = _JOB_PATH.match(path)
+        if match is None:
+            raise JobError(404, f"{path} is not an endpoint: /v1/videos, /v1/videos/{{id}}, "
+                           "/v1/videos/{id}/content, /health, /metrics", "not_found")
+        return self.jobs.get(match["id"]), match["content"] is not None
+
+    def _send(self, status: int, data: bytes, content_type: str) -> None:
+        self._headers(status, len(data), content_type)
+        self.wfile.write(data)
+
+    def _send_file(self, status: int, path: Path) -> None:
+        try:
+            handle = open(path, "rb")  # opened before the headers: a DELETE racing the download answers 404
+        except FileNotFoundError:
+            error = JobError(404, f"{path.name} was deleted", "not_found", "id")
+            self._send(404, json.dumps(error.body()).encode(), "application/json")
+            return
+        with handle:
+            self._headers(status, os.fstat(handle.fileno()).st_size, "video/mp4")
+            shutil.copyfileobj(handle, self.wfile)
+
+    def _headers(self, status: int, length: int, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(length))
+        if status in (429, 503):
+            self.send_header("Retry-After", "5")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
