@@ -52,6 +52,9 @@ class ModelConfig:
                               "weight loads", example="false")
     cache_dir: str | None = _key("~/.cache/tessera", doc="where torch.compile and Triton keep compiled kernels and "
                                  "autotune results across launches (null: torch's defaults)", example="/scratch/cache")
+    offload_text_encoder: bool = _key(False, doc="keep a loaded pipeline's text encoder in host memory between "
+                                      "requests (API, server): device memory for the DiT, a copy per new prompt",
+                                      example="true")
 
 
 @dataclass(frozen=True, kw_only=True)

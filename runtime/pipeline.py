@@ -139,6 +139,8 @@ class Pipeline:
             if not keep_text_encoder:
                 self._text_encoder, self._encoder_released = None, True
                 free_device_memory(mesh.device)
+            elif cfg.model.offload_text_encoder and self._text_encoder is not None:
+                self._place_text_encoder(torch.device("cpu"))  # back on the device only to encode a new prompt
             self._pending = {"text_encode": _elapsed_synced(t0, mesh.device)}  # reported by the first request
             _log_main(mesh, "text encoded in %.2f s", self._pending["text_encode"])
             t0 = time.perf_counter()
@@ -160,7 +162,10 @@ class Pipeline:
             mesh = self.mesh
             shape = (len(new), text_sequence_length(self.conditioning), self.model_cfg.text_dim)
             if self._text_encoder is not None:
+                self._place_text_encoder(mesh.device)
                 text = self._text_encoder.encode(new).to(device=mesh.device, dtype=self.dtype).contiguous()
+                if self.cfg.model.offload_text_encoder:
+                    self._place_text_encoder(torch.device("cpu"))
             else:
                 text = torch.empty(shape, device=mesh.device, dtype=self.dtype)
             if mesh.node_group is not None:
@@ -171,6 +176,17 @@ class Pipeline:
                 for prompt in stale[: max(0, len(self._embeddings) - MAX_CACHED_PROMPTS)]:
                     del self._embeddings[prompt]
         return torch.stack([self._embeddings[p] for p in prompts]) if prompts else torch.empty(0)
+
+    def _place_text_encoder(self, device: torch.device) -> None:
+        """Move the text encoder (`model.offload_text_encoder`: to the host between requests, back to encode)."""
+        encoder = self._text_encoder
+        if getattr(encoder, "device", device) == device:
+            return
+        if hasattr(encoder, "model"):  # UMT5: the weights move; the byte-level stand-in has only CPU tables
+            encoder.model.to(device)
+        encoder.device = device
+        if device.type == "cpu":
+            free_device_memory(self.mesh.device)
 
     def generate(self, cfg: GenerateConfig, *, faults: FaultPlan = NO_FAULTS, progress: Progress | None = None,
                  on_step: Callable[[int, int], None] | None = None) -> GenerateResult:
@@ -227,36 +243,43 @@ class Pipeline:
                       conditioning={"text_encoder": self.conditioning.text, "decoder": self.conditioning.decoder})
         del forward, state  # the graphs' pool holds the forward's activations
         progress.stage = "decode"
-        frames = None
-        # The Wan VAE decodes on every rank (a block of the latent rows each) and gathers the frames on rank 0;
-        # the preview decoder runs on rank 0 alone.
-        every_rank_decodes = self.conditioning.decoder == "wan-vae"
-        if mesh.is_main or every_rank_decodes:
-            free_device_memory(device)
-            t0 = time.perf_counter()
-            if self._decoder is None:
-                self._decoder = build_latent_decoder(self.conditioning, RANDOM_WEIGHTS_SEED, device,
-                                                     show_progress=mesh.is_main, mesh=mesh)
-            if mesh.is_main:
-                faults.fire_phase("decode", 0)  # rank 0's; the other ranks then fail on the exchange with it
-            peak_before_decode = _peak_memory(device)
-            _reset_peak_memory(device)
-            decoded = self._decoder.decode(latents)  # the frames on rank 0, None on the others
-            decode_peak = _peak_memory(device)
-        if mesh.is_main:
-            frames = decoded[0].cpu()
-            stage_seconds["decode"] = _elapsed_synced(t0, device)
-            log.info("decode %.2f s", stage_seconds["decode"])
-            decode_ranks = self._decoder.decode_ranks(latents.shape[3]) if every_rank_decodes else 1
-            report["decode"] = {"ranks": decode_ranks, "peak_memory_bytes": decode_peak}  # rank 0's
-            report["peak_memory_bytes"] = max(peak_before_decode, decode_peak)  # rank 0's, the decode included
-            report["latent_shape"] = list(latents.shape)
-            report["video"] = {"frames": int(frames.shape[0]), "height": int(frames.shape[1]),
-                               "width": int(frames.shape[2]), "fps": FPS}
+        frames = self._decode(latents, report, faults)
         stage_seconds["total"] = time.perf_counter() - t_start + stage_seconds["load"]
         report["total_seconds"] = stage_seconds["total"]
         return GenerateResult(latents=latents, frames=frames, report=report)
 
+
+    def _decode(self, latents: torch.Tensor, report: dict, faults: FaultPlan) -> torch.Tensor | None:
+        """The frames (uint8 [T, H, W, 3], CPU) on rank 0, None elsewhere; fills the report's decode entries. The Wan
+        VAE decodes on every rank (a block of the latent rows each) and gathers the frames on rank 0; the preview
+        decoder runs on rank 0 alone."""
+        mesh, device = self.mesh, self.mesh.device
+        every_rank_decodes = self.conditioning.decoder == "wan-vae"
+        if not (mesh.is_main or every_rank_decodes):
+            return None
+        free_device_memory(device)
+        t0 = time.perf_counter()
+        if self._decoder is None:
+            self._decoder = build_latent_decoder(self.conditioning, RANDOM_WEIGHTS_SEED, device,
+                                                 show_progress=mesh.is_main, mesh=mesh)
+        if mesh.is_main:
+            faults.fire_phase("decode", 0)  # rank 0's; the other ranks then fail on the exchange with it
+        peak_before_decode = _peak_memory(device)
+        _reset_peak_memory(device)
+        decoded = self._decoder.decode(latents)  # the frames on rank 0, None on the others
+        decode_peak = _peak_memory(device)
+        if not mesh.is_main:
+            return None
+        frames = decoded[0].cpu()
+        report["stage_seconds"]["decode"] = _elapsed_synced(t0, device)
+        log.info("decode %.2f s", report["stage_seconds"]["decode"])
+        decode_ranks = self._decoder.decode_ranks(latents.shape[3]) if every_rank_decodes else 1
+        report["decode"] = {"ranks": decode_ranks, "peak_memory_bytes": decode_peak}  # rank 0's
+        report["peak_memory_bytes"] = max(peak_before_decode, decode_peak)  # rank 0's, the decode included
+        report["latent_shape"] = list(latents.shape)
+        report["video"] = {"frames": int(frames.shape[0]), "height": int(frames.shape[1]),
+                           "width": int(frames.shape[2]), "fps": FPS}
+        return frames
 
 def _denoise(cfg, latents, text, scheduler, state, forward, faults, progress, mesh, dtype, on_step=None):
     """The hot loop: per step a forward (with the step's attention context), CFG, the scheduler step, then

@@ -155,3 +155,30 @@ def test_bad_prompts_file_fails_before_loading(tmp_path, capsys, content, needle
     err = capsys.readouterr().err
     assert needle in err and err.count("error:") == 1, err
     assert [p.name for p in tmp_path.iterdir()] == ["p.txt"]
+
+
+def test_offloaded_text_encoder_gives_the_same_video(pipe):
+    """`model.offload_text_encoder`: the encoder waits in host memory between requests; the embeddings are the same."""
+    with tessera.load(model={"preset": "wan-tiny", "offload_text_encoder": True},
+                      attention={"backend": "vsa", "sparsity": 0.5}, **SMALL) as offloaded:
+        for prompt in ("a fox", "a wolf"):  # the second prompt is encoded after the first request
+            assert torch.equal(offloaded.generate(prompt=prompt, seed=2).latents,
+                               pipe.generate(prompt=prompt, seed=2).latents)
+        assert offloaded._pipe._text_encoder.device == torch.device("cpu")
+
+
+@pytest.mark.gpu
+def test_offloaded_text_encoder_leaves_the_gpu_between_requests(tmp_path):
+    import sys as _sys
+
+    sys_path = str(Path(__file__).resolve().parents[1] / "runtime")
+    if sys_path not in _sys.path:
+        _sys.path.insert(0, sys_path)
+    from _wan_checkpoint import write_diffusers_checkpoint
+
+    ckpt = write_diffusers_checkpoint(tmp_path / "ckpt")
+    with tessera.load(model={"path": str(ckpt), "offload_text_encoder": True}, **SMALL) as gpu_pipe:
+        encoder = gpu_pipe._pipe._text_encoder
+        assert next(encoder.model.parameters()).device.type == "cpu"  # offloaded right after the load's prompts
+        video = gpu_pipe.generate(prompt="a red fox", seed=1)
+        assert next(encoder.model.parameters()).device.type == "cpu" and video.frames is not None

@@ -10,7 +10,8 @@ from tessera.runtime import GenerateConfig
 EXACT_KEYS = {
     "prompt", "negative_prompt", "seed", "num_frames", "height", "width", "num_steps", "guidance_scale",
     "flow_shift", "scheduler", "prompts_file", "model.preset", "model.path", "model.dtype", "model.cuda_graphs",
-    "model.memory_check", "model.cache_dir", "parallel.sp", "parallel.cfg", "parallel.timeout_s",
+    "model.memory_check", "model.cache_dir", "model.offload_text_encoder",
+    "parallel.sp", "parallel.cfg", "parallel.timeout_s",
     "attention.backend", "attention.sparsity", "attention.dense_blocks", "attention.dense_steps",
     "output.path", "output.overwrite", "output.save_latents", "dmd_timesteps",
 }
