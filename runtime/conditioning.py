@@ -90,6 +90,11 @@ def latent_shape(num_frames: int, height: int, width: int) -> tuple[int, int, in
     )
 
 
+def token_grid(num_frames: int, height: int, width: int, patch_size: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(T, Hh, Ww) token grid after patchify of a video's latent grid (`latent_shape`)."""
+    return tuple(n // p for n, p in zip(latent_shape(num_frames, height, width), patch_size, strict=True))
+
+
 class TinyTextEncoder:
     """Deterministic byte-level stand-in for UMT5 (wan-tiny preset); not a language model.
 

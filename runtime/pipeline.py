@@ -20,6 +20,7 @@ from tessera.models import WanConfig, WanTransformer, build_wan_on_meta, load_wa
 from tessera.parallel import ParallelMesh, warmup_collectives
 from tessera.runtime.checkpoint import resolve_checkpoint
 from tessera.runtime.compile_cache import compile_cache_counters, compile_cache_report, use_compile_cache
+from tessera.runtime.conditioning import token_grid
 from tessera.runtime.config import GenerateConfig
 from tessera.runtime.faults import NO_FAULTS, FaultPlan, inject_step_faults
 from tessera.runtime.graphs import GraphedForward, resolve_cuda_graphs
@@ -47,7 +48,6 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 LATENT_CHANNELS = 16
-VAE_STRIDE = (4, 8, 8)  # Wan VAE: 4x temporal (after the first frame), 8x spatial
 FPS = 16
 # The report's `stage_seconds`: text_encode includes loading the encoder, load is the DiT's weights, denoise
 # includes first_step; decode and write (the video and latents, not the JSON itself) are measured on rank 0 only.
@@ -60,16 +60,6 @@ class GenerateResult:
     latents: torch.Tensor  # [1, 16, F, H/8, W/8] float32 on the rank's device: final, before decoding
     frames: torch.Tensor | None  # uint8 [T, H, W, 3] on the CPU, decoded on rank 0 (None on the other ranks)
     report: dict
-
-
-def latent_shape(cfg: GenerateConfig) -> tuple[int, int, int]:
-    return (cfg.num_frames - 1) // VAE_STRIDE[0] + 1, cfg.height // VAE_STRIDE[1], cfg.width // VAE_STRIDE[2]
-
-
-def token_grid(cfg: GenerateConfig, model_cfg: WanConfig) -> tuple[int, int, int]:
-    f, h, w = latent_shape(cfg)
-    pt, ph, pw = model_cfg.patch_size
-    return f // pt, h // ph, w // pw
 
 
 # Text embeddings kept per pipeline while its encoder is loaded: UMT5's [512, 4096] bf16 is 4 MiB a prompt.
@@ -208,9 +198,10 @@ class Pipeline:
                   on_step: Callable[[int, int], None] | None = None) -> GenerateResult:
         t_start = time.perf_counter()
         mesh, device, model_cfg, dtype = self.mesh, self.mesh.device, self.model_cfg, self.dtype
+        grid = token_grid(cfg.num_frames, cfg.height, cfg.width, model_cfg.patch_size)
         plan = build_attention_plan(
             cfg.attention, num_layers=model_cfg.num_layers, num_steps=cfg.num_steps,
-            grid_thw=token_grid(cfg, model_cfg), head_dim=model_cfg.attention_head_dim, dtype=dtype, device=device,
+            grid_thw=grid, head_dim=model_cfg.attention_head_dim, dtype=dtype, device=device,
         )
         provenance, compiled_before = collect_provenance(device), compile_cache_counters()
         stage_seconds: dict[str, float | None] = dict.fromkeys(STAGES)
@@ -225,7 +216,7 @@ class Pipeline:
         scheduler = build_sampler(cfg)  # per request: DMD's noise generator is seeded here
         latents = scheduler.initial_noise(1, cfg.num_frames, cfg.height, cfg.width, LATENT_CHANNELS).to(device)
         scheduler.prepare(device, torch.float32)
-        state = build_request_state(self.model, plan, token_grid(cfg, model_cfg), mesh, self.metadata_cache)
+        state = build_request_state(self.model, plan, grid, mesh, self.metadata_cache)
         graphs = resolve_cuda_graphs(cfg.model.cuda_graphs, device, mesh.world_size)
         forward = GraphedForward(self.model, enabled=graphs != "never", adaptive=graphs == "adaptive")
         warmup_collectives(mesh)
@@ -247,7 +238,6 @@ class Pipeline:
         stage_seconds["total"] = time.perf_counter() - t_start + stage_seconds["load"]
         report["total_seconds"] = stage_seconds["total"]
         return GenerateResult(latents=latents, frames=frames, report=report)
-
 
     def _decode(self, latents: torch.Tensor, report: dict, faults: FaultPlan) -> torch.Tensor | None:
         """The frames (uint8 [T, H, W, 3], CPU) on rank 0, None elsewhere; fills the report's decode entries. The Wan
@@ -280,6 +270,7 @@ class Pipeline:
         report["video"] = {"frames": int(frames.shape[0]), "height": int(frames.shape[1]),
                            "width": int(frames.shape[2]), "fps": FPS}
         return frames
+
 
 def _denoise(cfg, latents, text, scheduler, state, forward, faults, progress, mesh, dtype, on_step=None):
     """The hot loop: per step a forward (with the step's attention context), CFG, the scheduler step, then

@@ -19,6 +19,7 @@ import torch
 from tessera.attention import get_backend
 from tessera.models import WanConfig
 from tessera.runtime.checkpoint import resolve_checkpoint
+from tessera.runtime.conditioning import token_grid
 from tessera.runtime.config import GenerateConfig
 from tessera.runtime.output import check_output_files
 from tessera.runtime.plan import build_attention_plan
@@ -63,9 +64,7 @@ def estimate_request_memory(
     """Per-rank estimate for `cfg` on a mesh with `sp` sequence-parallel ranks (this rank: `rank`)."""
     dsize = _DTYPE_BYTES[cfg.model.dtype]
     weights = _dit_parameter_count(model_cfg) * dsize
-    frames = (cfg.num_frames - 1) // 4 + 1
-    pt, ph, pw = model_cfg.patch_size
-    tokens = (frames // pt) * (cfg.height // 8 // ph) * (cfg.width // 8 // pw)
+    tokens = math.prod(token_grid(cfg.num_frames, cfg.height, cfg.width, model_cfg.patch_size))
     local_tokens = math.ceil(tokens / sp)
     batch = 2 if cfg.guidance_scale != 1.0 and cfg.parallel.cfg == 1 else 1
     dim, heads = model_cfg.dim, model_cfg.num_attention_heads
@@ -168,10 +167,9 @@ def preflight_request(
     `model.memory_check=false`, the request fits in memory. ValueError naming the key and the fix."""
     check_output_files(cfg.output.path, cfg.output.save_latents, cfg.output.overwrite)
     model_cfg = WanConfig(**arch)
-    f, h, w = (cfg.num_frames - 1) // 4 + 1, cfg.height // 8, cfg.width // 8
-    pt, ph, pw = model_cfg.patch_size
+    grid = token_grid(cfg.num_frames, cfg.height, cfg.width, model_cfg.patch_size)
     build_attention_plan(cfg.attention, num_layers=model_cfg.num_layers, num_steps=cfg.num_steps,
-                         grid_thw=(f // pt, h // ph, w // pw), head_dim=model_cfg.attention_head_dim,
+                         grid_thw=grid, head_dim=model_cfg.attention_head_dim,
                          dtype=getattr(torch, cfg.model.dtype), device=device)  # backend limits: fail here
     if not cfg.model.memory_check:
         return None

@@ -92,3 +92,14 @@ def test_preview_decoder_wan_factors_values() -> None:
 def test_latent_shape() -> None:
     assert latent_shape(81, 480, 832) == (21, 60, 104)
     assert latent_shape(17, 64, 64) == (5, 8, 8)
+
+
+@pytest.mark.parametrize(("frames", "height", "width", "patch"), [(81, 480, 832, (1, 2, 2)), (13, 112, 80, (1, 2, 2)),
+                                                                  (21, 256, 448, (2, 4, 2))])
+def test_token_grid_is_the_models_grid_of_the_latent_shape(frames, height, width, patch):
+    from tessera.models import WanConfig, build_wan_on_meta
+    from tessera.runtime.conditioning import token_grid
+
+    model = build_wan_on_meta(WanConfig(num_attention_heads=2, attention_head_dim=16, ffn_dim=32, num_layers=1,
+                                        patch_size=patch, text_dim=32))
+    assert token_grid(frames, height, width, patch) == model.grid_thw(latent_shape(frames, height, width))
