@@ -1,8 +1,10 @@
-"""Attention backends for Tessera: the backend protocol, the backend registry, dense SDPA and Video Sparse Attention.
+"""Attention backends for Tessera: the backend protocol, the backend registry, dense SDPA, Video Sparse Attention and
+Sparse-Linear Attention.
 
 Importing this package registers every backend (each at the end of its own file).
 
-The Triton fine-stage kernel (``attention.vsa_triton``) is imported lazily by ``VSAAttention``.
+The Triton kernels (``attention.vsa_triton``, ``attention.sla_triton``) are imported lazily by ``VSAAttention`` and
+``SLAAttention``.
 """
 
 from tessera.attention.dense import DenseAttention
@@ -30,6 +32,18 @@ from tessera.attention.vsa import (
     vsa_topk,
 )
 
+# isort: split
+# Registration order is attention.backend=auto's preference: VSA before SLA.
+from tessera.attention.sla import (
+    SLAAttention,
+    SLAMetadata,
+    build_sla_metadata,
+    sla_attention_reference,
+    sla_check_supported,
+    sla_num_selected,
+    sla_select_blocks,
+)
+
 __all__ = [
     "AttentionBackend",
     "Backend",
@@ -41,6 +55,13 @@ __all__ = [
     "sparse_backends",
     "unregister_backend",
     "DenseAttention",
+    "SLAAttention",
+    "SLAMetadata",
+    "build_sla_metadata",
+    "sla_attention_reference",
+    "sla_check_supported",
+    "sla_num_selected",
+    "sla_select_blocks",
     "VSAAttention",
     "VSAMetadata",
     "build_vsa_metadata",

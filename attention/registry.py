@@ -1,13 +1,14 @@
 """The attention-backend registry: each backend (dense, vsa, ...) is one immutable ``Backend`` object.
 
 The runtime asks the registry, never tests backend names: ``get_backend(name)`` for one, ``sparse_backends()`` for
-what ``attention.backend=auto`` may pick. Each backend registers itself at the end of its own file (dense.py, vsa.py).
+what ``attention.backend=auto`` may pick. Each backend registers itself at the end of its own file (dense.py, vsa.py,
+sla.py).
 Legend: T, H, W the token grid after patchify (frames, height, width).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,19 +22,28 @@ class Backend:
 
     check_supported(dtype, head_dim, device, grid_thw) -> why it cannot run, or None (called once per plan).
     auto_problem(device) -> why ``attention.backend=auto`` should not pick it here although it can run, or None.
-    build_metadata(grid_thw, sparsity, device) -> its per-request metadata; None for backends without any.
+    build_metadata(grid_thw, sparsity, device, **options) -> its per-request metadata; None for backends without any.
+        ``options`` are the attention-config fields named in ``config_keys`` (e.g. SLA's ``sla_topk``), as keywords.
     token_order(metadata) -> (order, inverse) int64 [S] raster index per position and back, or None for any order.
     build(metadata, dtype, head_dim) -> the callable (``AttentionBackend``) over the full sequence.
+    bind_layer(attn, attention_module) -> a copy of ``attn`` bound to one transformer block's own weights (SLA's
+        ``proj_l``), or None (the default) when every block shares the one callable.
+    layer_weight: the attribute of a block's self-attention module that holds those weights (``"proj_l"``), None when
+        there are none; the runtime reports a checkpoint without them (the backend then runs with zeros).
     """
 
     name: str
-    sparse: bool  # takes attention.sparsity; what attention.backend=auto picks when supported
+    sparse: bool  # a sparse backend: what attention.backend=auto may pick when supported
     uses_gate: bool
     check_supported: Callable[[torch.dtype, int, torch.device, tuple[int, int, int]], str | None]
     auto_problem: Callable[[torch.device], str | None]
-    build_metadata: Callable[[tuple[int, int, int], float, torch.device], Any] | None
+    build_metadata: Callable[..., Any] | None  # (grid_thw, sparsity | None, device, **options)
     token_order: Callable[[Any], tuple[torch.Tensor, torch.Tensor] | None]
     build: Callable[[Any, torch.dtype, int], AttentionBackend]
+    config_keys: tuple[str, ...] = ()  # attention-config fields passed to build_metadata as keyword arguments
+    takes_sparsity: bool = True  # False: attention.sparsity does not apply (build_metadata then gets None)
+    bind_layer: Callable[[AttentionBackend, Any], AttentionBackend] | None = None
+    layer_weight: str | None = None
 
 
 _BACKENDS: dict[str, Backend] = {}  # registration data, written at import (and by tests); no run-time state
@@ -66,17 +76,32 @@ def sparse_backends() -> tuple[Backend, ...]:
 
 
 class MetadataCache:
-    """Metadata of every backend, built once per (backend, grid, sparsity, device); one per pipeline, never global."""
+    """Metadata of every backend, built once per (backend, grid, sparsity, options, device); one per pipeline, never
+    global."""
 
     def __init__(self) -> None:
         self._entries: dict[tuple, Any] = {}
 
-    def get(self, backend: Backend, grid_thw: tuple[int, int, int], sparsity: float | None, device) -> Any:
+    def get(
+        self,
+        backend: Backend,
+        grid_thw: tuple[int, int, int],
+        sparsity: float | None,
+        device,
+        options: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """The backend's metadata; ``options`` (the attention-config values of ``backend.config_keys``) are passed to
+        ``build_metadata`` as keywords. A backend with ``takes_sparsity=False`` gets (and is cached under) None."""
         if backend.build_metadata is None:
             return None
-        key = (backend.name, tuple(grid_thw), sparsity, torch.device(device))
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(backend.config_keys))
+        if unknown:  # a caller bug, not a user error: the runtime passes exactly the backend's config_keys
+            raise TypeError(f"backend {backend.name!r} takes the options {backend.config_keys}, not {unknown}")
+        sparsity = sparsity if backend.takes_sparsity else None
+        key = (backend.name, tuple(grid_thw), sparsity, tuple(sorted(options.items())), torch.device(device))
         if key not in self._entries:
-            self._entries[key] = backend.build_metadata(tuple(grid_thw), sparsity, torch.device(device))
+            self._entries[key] = backend.build_metadata(tuple(grid_thw), sparsity, torch.device(device), **options)
         return self._entries[key]
 
     def __len__(self) -> int:

@@ -13,6 +13,7 @@ Legend: B batch, N heads, S tokens (compact tile order), T tiles, K selected til
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import warnings
@@ -278,8 +279,11 @@ def _autotune_configs() -> list[triton.Config]:
 # the kernel once per config before the real launch: without restoring OUT, every benchmark run after the first read
 # the previous run's output as q, and the first VSA call of a process returned attention of garbage queries (fp32 on
 # one GPU: 2.3e-3 off after 4 steps while sp=2, whose output goes to the all-to-all buffer, matched the CPU).
+# cache_results: the chosen config is kept in Triton's cache directory (`model.cache_dir`), so a warm launch does not
+# benchmark the configs again (the interpreter never caches).
 _vsa_fine_kernel_tuned = triton.autotune(
-    configs=_autotune_configs(), key=["HEAD_DIM", "HAS_GATE", "LOAD_MODE", "topk"], restore_value=["OUT"]
+    configs=_autotune_configs(), key=["HEAD_DIM", "HAS_GATE", "LOAD_MODE", "topk"], restore_value=["OUT"],
+    **({"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}),
 )(_vsa_fine_kernel)
 
 

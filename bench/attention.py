@@ -1,8 +1,8 @@
-"""Attention micro-benchmark on one GPU: dense SDPA (cuDNN, flash) vs our VSA (fine kernel, full call).
+"""Attention micro-benchmark on one GPU: dense SDPA (cuDNN, flash) vs our VSA (fine kernel, full call) and SLA.
 
-Run from the repo root:  python bench/attention.py --out bench_attention.json [--peer]
+Run from the repo root:  python bench/attention.py --out bench_attention.json [--peer] [--sla-only]
 Shapes: Wan-1.3B 480p (grid 21x30x52, 12 heads) and Wan-14B 720p (grid 21x45x80, 40 heads), D=128, bf16, B=1.
-Legend: B batch, N heads, S tokens, T tiles, K selected tiles, D head dim.
+Legend: B batch, N heads, S tokens, T tiles, K selected tiles, D head dim; SLA: Q query blocks, J selected key blocks.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from _timing import cuda_time_ms  # noqa: E402
 from tessera import attention  # noqa: E402
-from tessera.attention import vsa_triton  # noqa: E402
+from tessera.attention import sla_triton, vsa_triton  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 SHAPES = {"wan1.3b-480p": ((21, 30, 52), 12), "wan14b-720p": ((21, 45, 80), 40)}
@@ -109,6 +109,97 @@ def check_correctness(results: dict) -> None:
     assert err < 2e-2, err
 
 
+def check_sla_correctness(results: dict) -> None:
+    """Small grid with partial blocks: the full SLA call (bf16, with a proj_l) vs the fp32 torch reference."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    metadata = attention.build_sla_metadata((6, 10, 13), "cuda", sla_topk=0.3)
+    q, k, v = (torch.randn(1, 4, metadata.seq_len, HEAD_DIM, device="cuda", generator=gen, dtype=torch.bfloat16)
+               for _ in range(3))
+    weight = torch.randn(HEAD_DIM, HEAD_DIM, device="cuda", generator=gen) / math.sqrt(HEAD_DIM)
+    bias = torch.randn(HEAD_DIM, device="cuda", generator=gen)
+    expected = attention.sla_attention_reference(q.float(), k.float(), v.float(), metadata, proj_l_weight=weight,
+                                                 proj_l_bias=bias)
+    got = attention.SLAAttention(metadata, impl="triton").for_layer(weight, bias)(q, k, v)
+    err = ((got.float() - expected).norm() / expected.norm()).item()
+    results["sla_small_shape_rel_err"] = err
+    print(f"SLA correctness small grid (6,10,13) bf16 vs fp32 reference: rel err {err:.2e}")
+    assert err < 2e-2, err
+
+
+def sla_reference_rows(q, k, v, metadata, block_index, weight, bias, query_blocks) -> torch.Tensor:
+    """fp32 SLA output of a few query blocks on a given selection: softmax over the selected blocks' real keys plus
+    proj_l of the linear branch over all tokens (attention.sla's spec, restricted to those rows)."""
+    from tessera.attention.sla import sla_linear_reference
+
+    S, bq, bk = metadata.seq_len, metadata.block_q, metadata.block_k
+    outs = []
+    for qb in query_blocks:
+        rows = slice(qb * bq, min(S, qb * bq + bq))
+        keys = (block_index[:, :, qb].long()[..., None] * bk + torch.arange(bk, device=q.device)).flatten(-2)
+        real = keys < S
+        keys = keys.clamp(max=S - 1)[..., None].expand(-1, -1, -1, q.shape[-1])
+        scores = q[:, :, rows].float() @ k.float().gather(2, keys).transpose(-1, -2) / math.sqrt(q.shape[-1])
+        probs = scores.masked_fill(~real[:, :, None, :], float("-inf")).softmax(-1)
+        linear = sla_linear_reference(q[:, :, rows], k, v, metadata.feature_map)
+        outs.append(probs @ v.float().gather(2, keys) + F.linear(linear, weight.float(), bias.float()))
+    return torch.cat(outs, dim=2)
+
+
+def bench_sla(name: str, grid, q, k, v, topk: float, add, results: dict, variants: bool) -> None:
+    """SLA at the checkpoints' 128 x 64 blocks: the full call with a proj_l (every SLA layer has one), its stages,
+    and a few query blocks (the partial last one too) against the fp32 reference on the kernel's own selection."""
+    metadata = attention.build_sla_metadata(grid, "cuda", sla_topk=topk)
+    S, bq, bk, J = metadata.seq_len, metadata.block_q, metadata.block_k, metadata.num_selected
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    weight = (torch.randn(HEAD_DIM, HEAD_DIM, device="cuda", generator=gen) / math.sqrt(HEAD_DIM)).to(q.dtype)
+    bias = torch.randn(HEAD_DIM, device="cuda", generator=gen).to(q.dtype)
+    sla = attention.SLAAttention(metadata, dtype=q.dtype, head_dim=HEAD_DIM).for_layer(weight, bias)
+    extra = {"topk": topk, "num_selected": J}
+    full = lambda: sla(q, k, v)  # noqa: E731
+    add(f"sla full t={topk}", time_ms(full), {**extra, "host_us": host_us(full), "kernel": sla.kernel})
+    add(f"sla full graph t={topk}", graph_ms(full) or float("nan"), extra)
+    add(f"sla full queued t={topk}", queued_ms(full), extra)
+
+    def select():
+        return sla_triton.sla_topk_blocks(sla_triton.sla_pooled_scores(q, k, bq, bk), J)
+
+    block_index = select()
+    add(f"sla select t={topk}", time_ms(select), extra)
+    add("sla linear state", time_ms(lambda: sla_triton.sla_linear_state(k, v)))
+    sizes_q = torch.full((metadata.num_q_blocks,), bq, device="cuda")
+    sizes_q[-1] = S - (metadata.num_q_blocks - 1) * bq
+    sizes_k = torch.full((metadata.num_k_blocks,), bk, device="cuda")
+    sizes_k[-1] = S - (metadata.num_k_blocks - 1) * bk
+    pairs = (sizes_k[block_index.long()].sum(-1) * sizes_q).sum().item()  # real (query, key) pairs
+    for label, proj in (("sparse only", (None, None)), ("sparse+linear", (weight, bias))):
+        def sparse(proj=proj):
+            return sla_triton.sla_sparse_attention(q, k, v, block_index, bq, bk, proj_l_weight=proj[0],
+                                                   proj_l_bias=proj[1])
+        ms = time_ms(sparse)
+        add(f"sla {label} t={topk}", ms, {**extra, "real_tflops": 4.0 * pairs * HEAD_DIM / ms / 1e9})
+    if variants:  # the measurements behind sla_triton._SPARSE_CONFIGS (16-bit)
+        reference = sla_triton.sla_sparse_attention(q, k, v, block_index, bq, bk, proj_l_weight=weight,
+                                                    proj_l_bias=bias).float()
+        for block_m, warps, stages in ((128, 8, 2), (128, 8, 3), (128, 8, 4), (64, 4, 2), (64, 4, 3), (64, 4, 4),
+                                       (128, 4, 3), (64, 8, 3)):
+            config = dict(BLOCK_M=block_m, num_warps=warps, num_stages=stages)
+            def call(config=config):
+                return sla_triton.sla_sparse_attention(q, k, v, block_index, bq, bk, proj_l_weight=weight,
+                                                       proj_l_bias=bias, config=config)
+            err = ((call().float() - reference).norm() / reference.norm()).item()
+            ms = time_ms(call)
+            add(f"sla m{block_m} w{warps} s{stages} t={topk}", ms,
+                {**extra, "real_tflops": 4.0 * pairs * HEAD_DIM / ms / 1e9, "diff_vs_default": err})
+    blocks = [0, metadata.num_q_blocks // 2, metadata.num_q_blocks - 1]  # the last one is partial at both shapes
+    expected = sla_reference_rows(q, k, v, metadata, block_index, weight, bias, blocks)
+    out = full()
+    got = torch.cat([out[:, :, b * bq : (b + 1) * bq] for b in blocks], dim=2).float()
+    err = ((got - expected).norm() / expected.norm()).item()
+    print(f"{name} sla t={topk} (J={J}/{metadata.num_k_blocks}): query blocks {blocks} vs fp32 reference: "
+          f"rel err {err:.2e}")
+    results.setdefault("sla_real_shape_rel_err", {})[f"{name} t={topk}"] = err
+
+
 def bench_shape(name: str, sparsities: list[float], args, results: dict) -> None:
     grid, N = SHAPES[name]
     meta0 = attention.build_vsa_metadata(grid, sparsities[0], "cuda")
@@ -130,7 +221,7 @@ def bench_shape(name: str, sparsities: list[float], args, results: dict) -> None
             if backend == SDPBackend.CUDNN_ATTENTION:
                 add(label + " graph", graph_ms(lambda: F.scaled_dot_product_attention(q, k, v)) or float("nan"))
                 add(label + " queued", queued_ms(lambda: F.scaled_dot_product_attention(q, k, v)))
-    for sparsity in sparsities:
+    for sparsity in [] if args.sla_only else sparsities:
         metadata = attention.build_vsa_metadata(grid, sparsity, "cuda")
         vsa = attention.VSAAttention(metadata, impl="triton", fine_kernel=args.fine_kernel)
         block_index, coarse = attention.vsa_select_blocks(q, k, v, metadata)
@@ -177,6 +268,8 @@ def bench_shape(name: str, sparsities: list[float], args, results: dict) -> None
         results.setdefault("real_shape_rel_err", {})[f"{name} s={sparsity}"] = err
         if args.peer:
             run_peer(name, sparsity, metadata, q, k, v, gate, add)
+    for topk in args.sla_topk:
+        bench_sla(name, grid, q, k, v, topk, add, results, args.variants and topk == args.sla_topk[0])
     def mode(label: str) -> str:  # compare like with like: eager, graph or queued cuDNN
         return next((m for m in ("graph", "queued") if f" {m}" in label), "eager")
 
@@ -282,12 +375,19 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--sparsity", nargs="+", type=float, default=[0.8, 0.9, 0.95])
     parser.add_argument("--peer", action="store_true", help="also time fastvideo_kernel if importable")
-    parser.add_argument("--variants", action="store_true", help="time kernel variants at s=0.9")
+    parser.add_argument("--variants", action="store_true",
+                        help="time kernel variants at s=0.9 (VSA) and at the first --sla-topk (SLA)")
     parser.add_argument("--fine-kernel", choices=("auto", "gluon", "triton"), default="auto",
                         help="the full VSA call's fine kernel (VSAAttention(fine_kernel=...)); triton forces Triton")
+    parser.add_argument("--sla-topk", nargs="*", type=float, default=[0.1, 0.15],
+                        help="SLA top-k fractions to time (none: no SLA rows)")
+    parser.add_argument("--sla-only", action="store_true", help="time dense SDPA and SLA only (no VSA rows)")
     args = parser.parse_args()
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    check_correctness(results)
+    if not args.sla_only:
+        check_correctness(results)
+    if args.sla_topk:
+        check_sla_correctness(results)
     for name in args.shapes:
         bench_shape(name, args.sparsity, args, results)
     print(f"\n{'shape':<14} {'what':<28} {'ms':>9} {'TFLOP/s*':>9} {'x cuDNN':>8}")

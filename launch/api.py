@@ -8,6 +8,7 @@
     video.report   # dict, the JSON report
     video.save("out.mp4")  # mp4 + report beside it, atomic, same overwrite rules as the CLI
     pipe.generate(prompt="...", on_step=lambda step, num_steps: ...)  # after each step; may raise tessera.Cancelled
+    pipe.generate(prompt="...", image="fox.png")  # image-to-video checkpoints: a path, a PIL image or a uint8 array
 
 Keys are the CLI's (`--help`): groups as dicts, top-level keys as keywords. Keys given to `load` are defaults for
 every request; `generate` takes the per-request ones (everything but `model.*` and `parallel.*`). SPMD under
@@ -31,6 +32,7 @@ from tessera.runtime import build_mesh, destroy_process_group_safely, init_proce
 from tessera.runtime.config import GenerateConfig
 from tessera.runtime.faults import NO_FAULTS, FaultPlan
 from tessera.runtime.guards import Progress
+from tessera.runtime.image_conditioning import check_image_request
 from tessera.runtime.output import check_output_files
 from tessera.runtime.pipeline import GenerateResult, Pipeline, write_outputs
 from tessera.runtime.preflight import check_request_memory
@@ -78,12 +80,15 @@ class VideoPipeline:
         return self._pipe.cfg
 
     def request_config(self, **keys: Any) -> GenerateConfig:
-        """The validated configuration of one request (`load`'s keys, then these); no work is done."""
+        """The validated configuration of one request (`load`'s keys, then these); no work is done. An `image` given
+        as a PIL image or array is checked against the model here and left out of the config (`generate` passes it)."""
+        keys, image = _image_object(keys)
         fixed = sorted({k.split(".")[0] for k in to_overrides(keys)} & set(LOAD_ONLY_GROUPS))
         if fixed:
             raise ValueError(f"{fixed[0]}.* is fixed when the pipeline loads; pass it to tessera.load(...) instead")
         cfg, _ = resolve_config([*self._overrides, *to_overrides(keys)], world_size=self._world_size)
         cfg.validate(world_size=self._world_size)
+        check_image_request(cfg, self._pipe.model_cfg, image_given=cfg.image is not None or image is not None)
         return cfg
 
     @property
@@ -100,7 +105,8 @@ class VideoPipeline:
         return cfg
 
     def generate(self, *, on_step: Callable[[int, int], None] | None = None, **keys: Any) -> Video:
-        """One video: per-request keys as keywords (`prompt`, `seed`, `num_frames`, ..., `attention={...}`).
+        """One video: per-request keys as keywords (`prompt`, `seed`, `num_frames`, ..., `attention={...}`; `image`
+        for image-to-video models: a path, a PIL image or a uint8 [H, W, 3] array, rank 0's being encoded).
         Bad keys raise ValueError/TypeError before any work, as in the CLI (a request that one rank's memory
         refuses is refused on every rank). `on_step(step, num_steps)` runs on every rank after each denoising
         step (0-based); raising `tessera.Cancelled` there stops the request at that step boundary,
@@ -108,8 +114,9 @@ class VideoPipeline:
         cfg = self.request_config(**keys)
         self._check_memory_on_every_rank(cfg)
         self._progress = Progress()
-        return Video(self._pipe.generate(cfg, faults=self._faults, progress=self._progress, on_step=on_step), cfg,
-                     self._faults)
+        result = self._pipe.generate(cfg, image=_image_object(keys)[1], faults=self._faults, progress=self._progress,
+                                     on_step=on_step)
+        return Video(result, cfg, self._faults)
 
     def _check_memory(self, cfg: GenerateConfig) -> None:
         pipe = self._pipe
@@ -147,6 +154,17 @@ class VideoPipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _image_object(keys: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """(keys, None) when `image` is absent or a path (made a str: the config key), else (keys without it, the image
+    object: a PIL image or numpy array, which no config can hold)."""
+    image = keys.get("image")
+    if image is None or isinstance(image, str):
+        return keys, None
+    if isinstance(image, os.PathLike):
+        return {**keys, "image": os.fspath(image)}, None
+    return {k: v for k, v in keys.items() if k != "image"}, image
 
 
 class Video:

@@ -23,18 +23,20 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from tessera.runtime import PRESETS, GenerateConfig
-from tessera.runtime.checkpoint import arch_mismatches, resolve_model
+from tessera.runtime.checkpoint import arch_mismatches, check_expert_config, resolve_model
 from tessera.runtime.config import fix_example, schema_field
 from tessera.runtime.output import next_numbered_path
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-ALIASES = {"VSA_sparsity": "attention.sparsity", "attention.VSA_sparsity": "attention.sparsity"}
+ALIASES = {"VSA_sparsity": "attention.sparsity", "attention.VSA_sparsity": "attention.sparsity",
+           "sla_topk": "attention.sla_topk"}
 # Free text, taken verbatim: never parsed as YAML ("a fox: running" stays text, `negative_prompt=` is "").
 TEXT_KEYS = ("prompt", "negative_prompt")
 # What a value of each annotated schema type looks like, for type errors.
 _KINDS = {
     "int": "a whole number", "float": "a number", "bool": "true or false", "str": "a single word",
     "str | None": "a path or null", "int | str": "auto or a whole number", "list[int]": "a list of whole numbers",
+    "float | None": "a number or null",
 }
 
 
@@ -91,10 +93,14 @@ def resolve_config(argv: list[str], world_size: int = 1) -> tuple[GenerateConfig
     path = OmegaConf.select(overrides, "model.path", default=None)
     path = None if path is None else str(path)
     preset_is_explicit = OmegaConf.select(overrides, "model.preset", default=None) is not None
-    arch, checkpoint_defaults = resolve_model(str(preset), arch, preset_is_explicit, path)
+    arch, checkpoint_defaults = resolve_model(str(preset), arch, preset_is_explicit, path,
+                                              preset_boundary_ratio=_boundary_ratio(preset_defaults))
     if path is not None and not preset_is_explicit:
-        # No preset given: the preset with the checkpoint's architecture and sampler supplies the generation defaults.
-        inferred = _preset_of(arch, dmd=checkpoint_defaults.get("scheduler") == "dmd")
+        # No preset given: the preset with the checkpoint's architecture, sampler and number of experts supplies the
+        # generation defaults.
+        inferred = _preset_of(arch, dmd=checkpoint_defaults.get("scheduler") == "dmd",
+                              two_experts=_boundary_ratio(checkpoint_defaults) is not None)
+        inferred = _resolution_variant(inferred, path)
         if inferred is not None and inferred != preset:
             preset, preset_defaults = inferred, load_preset(inferred)[1]
             overrides = OmegaConf.merge(overrides, {"model": {"preset": inferred}})
@@ -108,19 +114,37 @@ def resolve_config(argv: list[str], world_size: int = 1) -> tuple[GenerateConfig
     except OmegaConfBaseException as err:
         raise _type_error(err, dict(item.split("=", 1) for item in dotlist)) from None
     cfg = _follow_sampler(replace(cfg, **text).resolved(world_size), dotlist)
+    check_expert_config(cfg.model.boundary_ratio, cfg.model.path)  # model.boundary_ratio set by hand
     if cfg.output.path is None:  # each run gets a new file; an explicit path is never silently renamed
         cfg = replace(cfg, output=replace(cfg.output, path=str(next_numbered_path())))
     return cfg, arch
 
 
-def _preset_of(arch: dict, dmd: bool) -> str | None:
-    """The first preset with this architecture whose sampler is DMD exactly when the checkpoint's is (a FastWan
-    checkpoint gets the fastwan preset of its size, a Wan2.1 one the wan2.1 preset)."""
+def _preset_of(arch: dict, dmd: bool, two_experts: bool = False) -> str | None:
+    """The first preset with this architecture whose sampler is DMD exactly when the checkpoint's is and which has
+    two experts exactly when it has (a FastWan checkpoint gets the fastwan preset of its size, a Wan2.1 one the
+    wan2.1 preset, a Wan2.2 A14B one wan2.2-t2v-a14b)."""
     for name in PRESETS:
         preset_arch, defaults = load_preset(name)
-        if not arch_mismatches(preset_arch, arch) and (defaults.get("scheduler") == "dmd") == dmd:
+        if (not arch_mismatches(preset_arch, arch) and (defaults.get("scheduler") == "dmd") == dmd
+                and (_boundary_ratio(defaults) is not None) == two_experts):
             return name
     return None
+
+
+def _resolution_variant(preset: str | None, path: str) -> str | None:
+    """Presets that differ only in resolution share an architecture (wan2.1-i2v-14b-480p / -720p): the one whose tag
+    the checkpoint's directory name holds (Wan2.1-I2V-14B-720P-Diffusers -> 720p), else `preset`."""
+    if preset is None or not re.search(r"-\d+p$", preset):
+        return preset
+    stem, folder = preset.rsplit("-", 1)[0], Path(path).name.lower()
+    return next((name for name in PRESETS if name.rsplit("-", 1)[0] == stem and name.rsplit("-", 1)[1] in folder),
+                preset)
+
+
+def _boundary_ratio(defaults: dict) -> float | None:
+    """`model.boundary_ratio` of a preset's or checkpoint's defaults: set for a two-expert model (Wan2.2 A14B)."""
+    return (defaults.get("model") or {}).get("boundary_ratio")
 
 
 def _follow_sampler(cfg: GenerateConfig, dotlist: list[str]) -> GenerateConfig:
@@ -135,12 +159,13 @@ def _follow_sampler(cfg: GenerateConfig, dotlist: list[str]) -> GenerateConfig:
             f"(now {list(cfg.dmd_timesteps)}). Fix: drop num_steps and list the steps, e.g. "
             f"dmd_timesteps=[1000,757,522]."
         )
-    if "guidance_scale" in given:
-        raise ValueError(
-            "guidance_scale cannot be set with scheduler=dmd: the DMD sampler is distilled without CFG (one "
-            "conditional forward per step, no negative prompt). Fix: drop guidance_scale, or use scheduler=unipc."
-        )
-    return replace(cfg, num_steps=len(cfg.dmd_timesteps), guidance_scale=1.0)
+    for key in ("guidance_scale", "guidance_scale_2"):
+        if key in given:
+            raise ValueError(
+                f"{key} cannot be set with scheduler=dmd: the DMD sampler is distilled without CFG (one conditional "
+                f"forward per step, no negative prompt). Fix: drop {key}, or use scheduler=unipc."
+            )
+    return replace(cfg, num_steps=len(cfg.dmd_timesteps), guidance_scale=1.0, guidance_scale_2=None)
 
 
 def _parse_values(dotlist: list[str]) -> tuple[dict[str, str], DictConfig]:
@@ -212,7 +237,8 @@ def help_text(argv: list[str] | None = None) -> str:
         lines.append(f"  {key:<{width}}{doc} (default: {_show(defaults[key])})")
     lines += [
         "",
-        "alias: VSA_sparsity=<x> is attention.sparsity=<x>; prompt and negative_prompt are taken verbatim",
+        "aliases: VSA_sparsity=<x> is attention.sparsity=<x>, sla_topk=<x> is attention.sla_topk=<x>; prompt and "
+        "negative_prompt are taken verbatim",
         "example: torchrun --nproc_per_node=2 launch/generate.py prompt='a red fox in snow' attention.backend=vsa",
     ]
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 Rank 0 answers an OpenAI-style /v1/videos API on a thread (launch/video_jobs.py) and keeps a FIFO queue; every rank
 runs the same request loop, receives each request from rank 0 (one `broadcast_object_list` per request or idle
-poll), and generates it through the Python API; rank 0 writes `<server.output_dir>/<id>.mp4` and `<id>.json`.
+poll), and generates it through the Python API; rank 0's writer thread writes `<server.output_dir>/<id>.mp4` and
+`<id>.json` while the mesh already runs the next request.
 Keys: launch/generate.py's (defaults of every request) plus `server.*`. SIGTERM/SIGINT drain, then exit 0.
 """
 
@@ -22,17 +23,19 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from tessera.launch.api import VideoPipeline, load
+from tessera.launch.api import Video, VideoPipeline, load
 from tessera.launch.config import TEXT_KEYS, parse_overrides, to_overrides
 from tessera.launch.generate import user_error
 from tessera.launch.video_jobs import STOP, STOP_REASONS, Job, VideoJobs, build_http_server
 from tessera.runtime.faults import FAULT_ENV, parse_fault_spec
 from tessera.runtime.guards import Cancelled, Interrupted, NonFiniteLatentsError, RankFailure, is_peer_loss
+from tessera.runtime.image_conditioning import request_image_path
 from tessera.runtime.pipeline import FPS
 
 EXIT_FAILURE = 1
@@ -232,7 +235,11 @@ def _serve(pipe: VideoPipeline, server_cfg: ServerConfig, jobs: VideoJobs | None
             jobs.ready(_RequestValidator(pipe, jobs.model))
             log.info("ready: POST /v1/videos")
         guard.on_stop = jobs.request_stop if jobs is not None else (lambda signum: None)
-        _request_loop(pipe, jobs, control, rank)
+        try:
+            _request_loop(pipe, jobs, control, rank)
+        finally:
+            if jobs is not None:
+                jobs.wait_for_writes()  # stopping or failing: every generated job's files land (or fail) first
     except RankFailure as failure:
         return _report_failure(rank, failure, jobs, cfg.parallel.timeout_s)
     if jobs is not None:
@@ -274,26 +281,29 @@ def _request_loop(pipe: VideoPipeline, jobs: VideoJobs | None, control: Any, ran
 
 def _run_job(pipe: VideoPipeline, request: dict, job: Job | None, jobs: VideoJobs | None, control: Any,
              rank: int) -> None:
-    """One request on every rank; rank 0 (`job`, `jobs`) records the outcome and writes. A failure that every rank
-    sees alike (bad request, NaN/Inf, cancel) or that only rank 0 can have after the last collective (decode, write)
-    fails the job; any other leaves the ranks out of step and raises RankFailure (the job group ends)."""
+    """One request on every rank; rank 0 (`job`, `jobs`) records a failure, or hands the files to its writer thread
+    and returns to take the next request (the job completes once they are written). A failure that every rank
+    sees alike (bad request, NaN/Inf, cancel) or that only rank 0 can have after the last collective (decode) fails
+    the job; any other leaves the ranks out of step and raises RankFailure (the job group ends)."""
     if job is not None:
         log.info("job %s started", job.id)
-    phase = None
     try:
         video = pipe.generate(on_step=_StepHook(jobs, job, control), **request["keys"])
-        if job is not None:
-            phase = "write"
-            video.save(job.video_path, save_latents=job.save_latents)
-            jobs.complete(job, video.report)
-            log.info("job %s completed in %.2f s", job.id, video.report["total_seconds"])
     except Exception as err:
-        phase = phase or pipe.phase
-        outcome = _job_failure(err, phase, rank)
+        outcome = _job_failure(err, pipe.phase, rank)
         if outcome is None:
-            raise RankFailure(rank, phase, err) from err
+            raise RankFailure(rank, pipe.phase, err) from err
         if job is not None:
             jobs.fail(job, *outcome)
+        return
+    if job is not None:
+        jobs.write_in_background(job, partial(_save, video, job))
+
+
+def _save(video: Video, job: Job) -> dict:
+    """The writer thread: `job`'s mp4, JSON report (and latents), all or none; its report, the write timed in it."""
+    video.save(job.video_path, save_latents=job.save_latents)
+    return video.report
 
 
 def _job_failure(err: Exception, phase: str, rank: int) -> tuple[str, str] | None:
@@ -304,7 +314,7 @@ def _job_failure(err: Exception, phase: str, rank: int) -> tuple[str, str] | Non
         return "nonfinite_latents", f"rank(s) {err.ranks} failed during step {err.step}: {err}"
     if isinstance(err, (ValueError, TypeError)) and phase == "config":  # validation: alike on every rank
         return "invalid_request", f"rank {rank} failed during config: {err}"
-    if rank == 0 and phase in ("decode", "write"):
+    if rank == 0 and phase == "decode":
         if not isinstance(err, OSError):
             traceback.print_exception(err)
         return "generation_failed", f"rank 0 failed during {phase}: {type(err).__name__}: {err}"
@@ -352,6 +362,8 @@ class _RequestValidator:
             if name in _SERVER_OWNED:
                 raise ValueError(f"{name} is set by the server (<server.output_dir>/<id>.mp4). Fix: drop {name}; "
                                  'ask for latents with {"output": {"save_latents": true}}')
+        if "image" in keys:  # a path on the server, or base64 bytes written beside the video as <id>.image.<format>
+            keys["image"] = request_image_path(keys["image"], video_path.with_name(f"{video_path.stem}.image"))
         keys["output.path"] = str(video_path)
         cfg = self.pipe.check(**keys)  # the config resolver's checks and this rank's memory pre-flight
         info = {"model": self.model, "prompt": cfg.prompt, "size": f"{cfg.width}x{cfg.height}",

@@ -1,8 +1,10 @@
 """The server's rank-0 side: the job table, its FIFO queue, the OpenAI-style /v1/videos HTTP API and /metrics.
 
 Standard library only. `launch/serve.py` owns the model and the ranks: it hands `VideoJobs` a validator once the
-model is warm, takes jobs with `next_job` and reports each step (`step_done`, which also says whether to stop),
-completion or failure. HTTP handler threads only read and queue; the one running job changes state in the main thread.
+model is warm, takes jobs with `next_job`, reports each step (`step_done`, which also says whether to stop) and a
+failure, and hands each generated job's file write to `write_in_background`: one writer thread writes them in FIFO
+order while the mesh runs the next job, and completes (or fails) each job once its files are written. HTTP handler
+threads only read and queue; the running job changes state in the main thread, a job being written in the writer's.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import re
 import secrets
 import shutil
@@ -31,6 +34,9 @@ KEEP_GOING, CANCEL, SHUTDOWN = 0, 1, 2
 STOP_REASONS = {CANCEL: "cancelled by DELETE /v1/videos/{id}", SHUTDOWN: "cancelled: the server is shutting down"}
 MAX_BODY_BYTES = 1 << 20
 MAX_FINISHED_JOBS = 1000  # older finished jobs leave the table (their files stay in server.output_dir)
+# Generated jobs whose files wait for the writer: one more blocks the mesh until one is written (a 480x832x81 video
+# holds ~100 MB of frames in host memory until then).
+MAX_PENDING_WRITES = 4
 _JOB_PATH = re.compile(r"^/v1/videos/(?P<id>[A-Za-z0-9_-]+)(?P<content>/content)?$")
 log = logging.getLogger("tessera")
 
@@ -59,11 +65,15 @@ class Job:
     save_latents: bool
     created_at: int = field(default_factory=lambda: int(time.time()))
     queued_at: float = field(default_factory=time.monotonic)
-    status: str = "queued"  # queued | in_progress | completed | failed
+    status: str = "queued"  # queued | in_progress (generating, then writing its files) | completed | failed
     progress: int = 0
     completed_at: int | None = None
     error: dict | None = None
     cancel_requested: bool = False
+    # time.monotonic() when the mesh took the job, when it handed the files to the writer, when they were written
+    started_at: float | None = None
+    generated_at: float | None = None
+    written_at: float | None = None
 
     def to_json(self) -> dict:
         """The OpenAI Videos API `video` object."""
@@ -87,6 +97,8 @@ class VideoJobs:
         self._validate_lock = threading.Lock()  # OmegaConf resolution is not known to be thread-safe
         self._jobs: dict[str, Job] = {}
         self._queue: deque[Job] = deque()
+        self._writing: list[Job] = []  # generated, files not written yet (FIFO)
+        self._writer = _Writer(self._write_job)
         self._validator: Validator | None = None
         self._draining = False
         self.running: Job | None = None
@@ -116,7 +128,7 @@ class VideoJobs:
             if not self._queue:
                 return None
             job = self.running = self._queue.popleft()
-            job.status = "in_progress"
+            job.status, job.started_at = "in_progress", time.monotonic()
             self._add_seconds("queue", time.monotonic() - job.queued_at)
             return job
 
@@ -131,6 +143,42 @@ class VideoJobs:
         if self.stop_signal is not None and time.monotonic() - self._stop_at >= self.drain_timeout_s:
             return SHUTDOWN
         return KEEP_GOING
+
+    def write_in_background(self, job: Job, write: Callable[[], dict]) -> None:
+        """The mesh is done with `job` and may take the next one: the writer thread runs `write` (it writes the
+        job's files and returns its report, stage seconds with the write included) after every write handed over
+        before it. The job stays in_progress (progress 99) until then, and is completed once `write` returns or
+        failed (code write_failed) naming its error. Blocks while MAX_PENDING_WRITES jobs wait for the writer."""
+        with self._cond:
+            job.generated_at, job.progress = time.monotonic(), 99
+            if self.running is job:
+                self.running = None
+            self._writing.append(job)
+        self._writer.put(job, write)
+
+    def wait_for_writes(self) -> None:
+        """Return once every write handed over is done (shutdown, or the job group failing): the last jobs complete
+        or fail before the server says what it leaves behind."""
+        self._writer.close()
+
+    def _write_job(self, job: Job, write: Callable[[], dict]) -> None:
+        """The writer thread: one job's files, then its outcome."""
+        if job.cancel_requested:  # DELETE came while it waited for the writer
+            job.written_at = time.monotonic()
+            self.fail(job, "cancelled", "cancelled by DELETE /v1/videos/{id} before its files were written")
+            return
+        try:
+            report = write()
+        except Exception as err:  # noqa: BLE001 - the job fails alone; the writer carries on with the next
+            job.written_at = time.monotonic()
+            if not isinstance(err, (OSError, ValueError)):  # a disk or path problem needs no traceback
+                log.error("job %s: writing its files failed", job.id, exc_info=err)
+            self.fail(job, "write_failed", f"rank 0 failed during write: {type(err).__name__}: {err}")
+            return
+        job.written_at = time.monotonic()
+        self.complete(job, report)
+        log.info("job %s completed in %.2f s (files written %.2f s after its generation ended)", job.id,
+                 report.get("total_seconds") or 0.0, job.written_at - job.generated_at)
 
     def complete(self, job: Job, report: dict) -> None:
         steps, denoise = len(report.get("step_seconds", [])), report.get("denoise_seconds") or 0.0
@@ -183,6 +231,8 @@ class VideoJobs:
     def _finish(self, job: Job, outcome: str) -> None:
         if self.running is job:
             self.running = None
+        if job in self._writing:
+            self._writing.remove(job)
         self._counts[outcome] += 1
         finished = [j for j in self._jobs.values() if j.status in ("completed", "failed")]
         for old in finished[: max(0, len(finished) - MAX_FINISHED_JOBS)]:
@@ -201,7 +251,7 @@ class VideoJobs:
         if self._validator is None:
             return 503, {"status": "loading"}
         return 200, {"status": "ok", "model": self.model, "queued": len(self._queue),
-                     "in_progress": int(self.running is not None)}
+                     "in_progress": int(self.running is not None), "writing": len(self._writing)}
 
     def submit(self, raw: bytes) -> dict:
         """Parse, validate and queue a request body; the queued job's video object (JobError: 400 bad request, 429
@@ -262,8 +312,9 @@ class VideoJobs:
         return (jobs if order == "asc" else jobs[::-1])[:limit]
 
     def delete(self, job_id: str) -> tuple[int, dict]:
-        """Cancel a queued job (200), ask the running one to stop at its next step boundary (202), or delete a
-        finished one's files and entry (200, `video.deleted`)."""
+        """Cancel a queued job (200), ask the running one to stop at its next step boundary or a generated one not
+        to be written if its write has not started (202), or delete a finished one's files and entry (200,
+        `video.deleted`)."""
         job = self.get(job_id)
         with self._cond:
             if job.status == "queued":
@@ -285,13 +336,15 @@ class VideoJobs:
         with self._cond:
             counts, stages, steps = dict(self._counts), {k: list(v) for k, v in self._stage_seconds.items()}, dict(
                 self._steps)
-            queued, running = len(self._queue), int(self.running is not None)
+            queued, running, writing = len(self._queue), int(self.running is not None), len(self._writing)
         lines = ["# HELP tessera_requests_total Video requests by outcome (rejected: refused at POST with 4xx/503).",
                  "# TYPE tessera_requests_total counter"]
         lines += [f'tessera_requests_total{{status="{status}"}} {n}' for status, n in counts.items()]
         lines += ["# HELP tessera_queue_depth Jobs waiting beside the running one.", "# TYPE tessera_queue_depth gauge",
-                  f"tessera_queue_depth {queued}", "# HELP tessera_jobs_in_progress Jobs running (0 or 1).",
+                  f"tessera_queue_depth {queued}", "# HELP tessera_jobs_in_progress Jobs on the mesh (0 or 1).",
                   "# TYPE tessera_jobs_in_progress gauge", f"tessera_jobs_in_progress {running}",
+                  "# HELP tessera_jobs_writing Generated jobs whose files are being written (the mesh runs on).",
+                  "# TYPE tessera_jobs_writing gauge", f"tessera_jobs_writing {writing}",
                   "# HELP tessera_stage_seconds Seconds per stage of finished jobs (queue: waiting to start).",
                   "# TYPE tessera_stage_seconds summary"]
         for stage, (total, count) in stages.items():
@@ -302,6 +355,32 @@ class VideoJobs:
                   "# HELP tessera_steps_per_second Denoising steps per second of the last completed job.",
                   "# TYPE tessera_steps_per_second gauge", f"tessera_steps_per_second {steps['per_second']:.6f}"]
         return "\n".join(lines) + "\n"
+
+
+class _Writer:
+    """One thread that runs `write_job(job, write)` for each handed-over job in FIFO order, started at the first;
+    `close` waits for every one handed over (a later `put` starts a new thread)."""
+
+    def __init__(self, write_job: Callable[[Job, Callable[[], dict]], None]) -> None:
+        self._write_job = write_job
+        self._pending: queue.Queue[tuple[Job, Callable[[], dict]] | None] = queue.Queue(MAX_PENDING_WRITES)
+        self._thread: threading.Thread | None = None
+
+    def put(self, job: Job, write: Callable[[], dict]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="writer", daemon=True)
+            self._thread.start()
+        self._pending.put((job, write))
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._pending.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while (item := self._pending.get()) is not None:
+            self._write_job(*item)
 
 
 def _named_key(message: str) -> str | None:

@@ -1,7 +1,8 @@
 """Stream Wan2.1 safetensors weights into a meta-device ``WanTransformer``, tensor by tensor.
 
 Accepts the diffusers layout (loaded as is) and the native Wan2.1 layout (``blocks.N.self_attn.q`` ...,
-renamed on load); single files, sharded checkpoints with ``*.index.json``, or a directory of either.
+renamed on load; I2V's ``img_emb.proj.*`` and ``cross_attn.{k_img,v_img,norm_k_img}`` too); single files,
+sharded checkpoints with ``*.index.json``, or a directory of either.
 Every key and shape is checked from the file headers before any tensor is read.
 """
 
@@ -30,6 +31,11 @@ _NATIVE_TOP = (
     ("time_projection.1.", "condition_embedder.time_proj."),
     ("head.head.", "proj_out."),
     ("head.modulation", "scale_shift_table"),
+    # I2V image embedder: LayerNorm, Linear, GELU, Linear, LayerNorm (as diffusers' single-file converter maps it).
+    ("img_emb.proj.0.", "condition_embedder.image_embedder.norm1."),
+    ("img_emb.proj.1.", "condition_embedder.image_embedder.ff.net.0.proj."),
+    ("img_emb.proj.3.", "condition_embedder.image_embedder.ff.net.2."),
+    ("img_emb.proj.4.", "condition_embedder.image_embedder.norm2."),
 )
 # Native -> diffusers names inside ``blocks.N.`` (prefix replacements on the rest of the name).
 _NATIVE_BLOCK = (
@@ -42,6 +48,9 @@ _NATIVE_BLOCK = (
     ("cross_attn.k.", "attn2.to_k."),
     ("cross_attn.v.", "attn2.to_v."),
     ("cross_attn.o.", "attn2.to_out.0."),
+    ("cross_attn.k_img.", "attn2.add_k_proj."),  # I2V: the image tokens' keys, values and key norm
+    ("cross_attn.v_img.", "attn2.add_v_proj."),
+    ("cross_attn.norm_k_img.", "attn2.norm_added_k."),
     ("cross_attn.", "attn2."),
     ("norm3.", "norm2."),  # native norm3 is the affine cross-attention norm = diffusers norm2
     ("ffn.0.", "ffn.net.0.proj."),
@@ -49,6 +58,10 @@ _NATIVE_BLOCK = (
     ("modulation", "scale_shift_table"),
 )
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.*)$")
+# SLA checkpoints' linear-branch projection, under the names their trainers used (after the native renaming,
+# ``self_attn.`` is already ``attn1.``): all become ``blocks.N.attn1.proj_l.*``, ``WanAttention.proj_l``.
+_SLA_PROJ_L = re.compile(r"^blocks\.(\d+)\.attn1\.(?:attn_impl|attn_op\.local_attn|local_attn)\.proj_l\.(weight|bias)$")
+_NET_PREFIX = "net."  # SLA (TurboWan) checkpoints prefix every key with it
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,7 @@ class LoadReport:
 
 def native_to_diffusers_name(key: str) -> str:
     """Map one native Wan2.1 parameter name to its diffusers name (unknown names pass through)."""
+    key = key.removeprefix(_NET_PREFIX)
     match = _BLOCK_KEY.match(key)
     if match is None:
         table, head, rest = _NATIVE_TOP, "", key
@@ -73,6 +87,12 @@ def native_to_diffusers_name(key: str) -> str:
         if rest.startswith(old):
             return head + new + rest[len(old) :]
     return key
+
+
+def canonical_sla_name(key: str) -> str:
+    """``blocks.N.attn1.<any SLA spelling>.proj_l.{weight,bias}`` -> ``blocks.N.attn1.proj_l.*``; others unchanged."""
+    match = _SLA_PROJ_L.match(key)
+    return key if match is None else f"blocks.{match.group(1)}.attn1.proj_l.{match.group(2)}"
 
 
 def _is_native_layout(keys: Sequence[str]) -> bool:
@@ -173,6 +193,7 @@ def load_wan_weights_(
     layout = "native" if _is_native_layout(list(entries)) else "diffusers"
     if layout == "native":
         entries = {native_to_diffusers_name(name): entry for name, entry in entries.items()}
+    entries = {canonical_sla_name(name.removeprefix(_NET_PREFIX)): entry for name, entry in entries.items()}
 
     expected = {name: tuple(param.shape) for name, param in model.named_parameters()}
     missing = [name for name in expected if name not in entries]
@@ -197,6 +218,8 @@ def load_wan_weights_(
         hint = ""
         if any("to_gate_compress" in name for name in unexpected):
             hint = " The checkpoint has VSA gate weights: set gate_compress=True in the model config."
+        if any(".proj_l." in name for name in unexpected):
+            hint += " The checkpoint has SLA proj_l weights: set sla_proj_l=True in the model config."
         where = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
         raise ValueError(
             f"checkpoint {where} ({layout} layout) does not match the model config {model.config}: "

@@ -1,13 +1,15 @@
-"""Wan2.1 text-to-video DiT, numerically matching diffusers' ``WanTransformer3DModel`` (T2V only).
+"""Wan2.1 text- and image-to-video DiT, numerically matching diffusers' ``WanTransformer3DModel``.
 
 Parameter names follow the diffusers layout, so its state dicts load strictly. The attention kernel,
 the token order and the sequence shard/gather are injected per request through ``WanForwardContext``;
 the model itself never communicates. Reference numbers (presets live in ``configs/models/*.yaml``):
   Wan2.1-T2V-1.3B: 12 heads x 128 (dim 1536), 30 layers, ffn_dim 8960, text_dim 4096, freq_dim 256.
   Wan2.1-T2V-14B:  40 heads x 128 (dim 5120), 40 layers, ffn_dim 13824, text_dim 4096, freq_dim 256.
+  Wan2.1-I2V-14B:  as T2V-14B with in_channels 36 (16 noisy + 4 mask + 16 first-frame latents), image_dim 1280
+                   (CLIP ViT-H/14 penultimate states, 257 tokens) and added_kv_proj_dim 5120 (the image branch).
 
 Legend: B batch, C channels, F latent frames, H/W latent height/width, S video tokens, L text tokens,
-N heads, D head dim; ``local_*`` is this rank's contiguous shard of the token sequence.
+N heads, D head dim, I image tokens; ``local_*`` is this rank's contiguous shard of the token sequence.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tessera.models.qk_norm_rope import qk_norm_rope
 
 # Parameters diffusers keeps in fp32 whatever the model dtype (its `_keep_in_fp32_modules`, matched
 # against the dotted name's components). Mirrored so bf16 numerics match a diffusers bf16 load.
-_KEEP_IN_FP32 = ("time_embedder", "scale_shift_table", "norm2")
+_KEEP_IN_FP32 = ("time_embedder", "scale_shift_table", "norm1", "norm2")
 
 
 def wan_param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
@@ -40,8 +42,8 @@ def wan_param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
 # Configuration
 # --------------------------------------------------------------------------------------------------
 
-# diffusers config keys that are accepted only at their T2V value (None): I2V / Wan2.2 features.
-_UNSUPPORTED_WHEN_SET = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
+# diffusers config keys accepted only at their default (None): Wan2.1 FLF2V (first-last-frame) features.
+_UNSUPPORTED_WHEN_SET = ("pos_embed_seq_len",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +64,11 @@ class WanConfig:
     eps: float = 1e-6
     rope_max_seq_len: int = 1024
     gate_compress: bool = False
+    sla_proj_l: bool = False  # SLA checkpoints: attn1.proj_l, the linear branch's Linear(D, D) (attention/sla.py)
+    # Image-to-video (Wan2.1 I2V): CLIP embedding width, and the width of the image tokens the cross-attention's
+    # add_k_proj/add_v_proj read (the image embedder's output: always `dim`). Both None for text-only models.
+    image_dim: int | None = None
+    added_kv_proj_dim: int | None = None
 
     def __post_init__(self) -> None:
         patch = tuple(self.patch_size)
@@ -84,7 +91,7 @@ class WanConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"WanConfig.{name} must be a positive int, got {value!r}")
-        for name in ("cross_attn_norm", "gate_compress"):
+        for name in ("cross_attn_norm", "gate_compress", "sla_proj_l"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"WanConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.attention_head_dim % 2 or self.attention_head_dim < 6:
@@ -101,11 +108,38 @@ class WanConfig:
             )
         if not (isinstance(self.eps, float) and self.eps > 0):
             raise ValueError(f"WanConfig.eps must be a positive float, got {self.eps!r}")
+        self._validate_image_branch()
+
+    def _validate_image_branch(self) -> None:
+        for name in ("image_dim", "added_kv_proj_dim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"WanConfig.{name} must be null or a positive int, got {value!r}")
+        if (self.image_dim is None) != (self.added_kv_proj_dim is None):
+            raise ValueError(
+                f"WanConfig.image_dim={self.image_dim} and added_kv_proj_dim={self.added_kv_proj_dim} must be set "
+                "together (Wan2.1 I2V: image_dim 1280, added_kv_proj_dim = dim) or both null (text-to-video)"
+            )
+        if self.added_kv_proj_dim is not None and self.added_kv_proj_dim != self.dim:
+            raise ValueError(
+                f"WanConfig.added_kv_proj_dim={self.added_kv_proj_dim} must equal the model width dim="
+                f"{self.dim}: add_k_proj/add_v_proj read the image embedder's output, which has that width"
+            )
 
     @property
     def dim(self) -> int:
         """Model width: ``num_attention_heads * attention_head_dim``."""
         return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def condition_channels(self) -> int:
+        """Input channels beyond the noisy latents: 20 for Wan2.1 I2V (4 mask + 16 first-frame latents), else 0."""
+        return self.in_channels - self.out_channels
+
+    @property
+    def takes_image(self) -> bool:
+        """Whether a request needs an image: CLIP tokens in cross-attention and/or first-frame condition channels."""
+        return self.image_dim is not None or self.condition_channels > 0
 
     @property
     def rope_dims(self) -> tuple[int, int, int]:
@@ -115,12 +149,12 @@ class WanConfig:
 
     @classmethod
     def from_diffusers_config(cls, config: Mapping[str, Any], **overrides: Any) -> WanConfig:
-        """Build from a diffusers ``config.json`` dict; unknown keys are ignored, I2V keys must be unset."""
+        """Build from a diffusers ``config.json`` dict; unknown keys are ignored, FLF2V keys must be unset."""
         for key in _UNSUPPORTED_WHEN_SET:
             if config.get(key) is not None:
                 raise ValueError(
-                    f"diffusers config key {key!r}={config[key]!r} is an image-to-video feature; "
-                    "Tessera supports Wan2.1 T2V only (the key must be null)"
+                    f"diffusers config key {key!r}={config[key]!r} is a first-last-frame-to-video (FLF2V) feature, "
+                    "which Tessera does not implement (the key must be null: Wan2.1 T2V or I2V)"
                 )
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in config.items() if k in names}
@@ -237,6 +271,25 @@ class _TextEmbedder(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
 
 
+class _ImageEmbedder(nn.Module):
+    """diffusers ``WanImageEmbedding``: FP32 LayerNorm -> Linear -> GELU (exact) -> Linear -> FP32 LayerNorm
+    (both norms affine, eps 1e-5: diffusers' FP32LayerNorm defaults). ``ff`` keeps FeedForward's names."""
+
+    def __init__(self, image_dim: int, dim: int) -> None:
+        super().__init__()
+        self.norm1 = _FP32LayerNorm(image_dim)
+        proj = nn.Module()
+        proj.proj = nn.Linear(image_dim, image_dim)  # FeedForward(mult=1): the hidden width is image_dim
+        self.ff = nn.Module()
+        self.ff.net = nn.ModuleList([proj, nn.Identity(), nn.Linear(image_dim, dim)])
+        self.norm2 = _FP32LayerNorm(dim)
+
+    def forward(self, image_BIC: torch.Tensor) -> torch.Tensor:
+        """CLIP states [B, I, image_dim] -> image tokens [B, I, dim] in the input dtype."""
+        net = self.ff.net
+        return self.norm2(net[2](F.gelu(net[0].proj(self.norm1(image_BIC)))))
+
+
 class _ConditionEmbedder(nn.Module):
     def __init__(self, config: WanConfig) -> None:
         super().__init__()
@@ -244,6 +297,7 @@ class _ConditionEmbedder(nn.Module):
         self.time_embedder = _TimestepEmbedder(config.freq_dim, config.dim)
         self.time_proj = nn.Linear(config.dim, 6 * config.dim)
         self.text_embedder = _TextEmbedder(config.text_dim, config.dim)
+        self.image_embedder = None if config.image_dim is None else _ImageEmbedder(config.image_dim, config.dim)
 
     def forward(self, timestep_B: torch.Tensor, text_BLC: torch.Tensor):
         """-> temb [B, C], modulation [B, 6, C], text [B, L, C]."""
@@ -291,7 +345,10 @@ class _FeedForward(nn.Module):
 class WanAttention(nn.Module):
     """Projections of one attention layer (diffusers ``WanAttention`` names); q/k RMSNorm over all heads."""
 
-    def __init__(self, config: WanConfig, gate_compress: bool = False) -> None:
+    def __init__(
+        self, config: WanConfig, gate_compress: bool = False, sla_proj_l: bool = False,
+        added_kv_proj_dim: int | None = None,
+    ) -> None:
         super().__init__()
         dim = config.dim
         self.num_heads = config.num_attention_heads
@@ -301,7 +358,16 @@ class WanAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.norm_q = nn.RMSNorm(dim, eps=config.eps)
         self.norm_k = nn.RMSNorm(dim, eps=config.eps)
+        # I2V cross-attention: keys/values of the image tokens (diffusers' added-KV names); None for text-only.
+        self.add_k_proj = self.add_v_proj = self.norm_added_k = None
+        if added_kv_proj_dim is not None:
+            self.add_k_proj = nn.Linear(added_kv_proj_dim, dim)
+            self.add_v_proj = nn.Linear(added_kv_proj_dim, dim)
+            self.norm_added_k = nn.RMSNorm(dim, eps=config.eps)
         self.to_gate_compress = nn.Linear(dim, dim) if gate_compress else None
+        # SLA's linear-branch projection, one per layer, shared by all heads (the backend applies it per head).
+        head_dim = config.attention_head_dim
+        self.proj_l = nn.Linear(head_dim, head_dim) if sla_proj_l else None
 
     def self_attention_inputs(
         self,
@@ -325,13 +391,23 @@ class WanAttention(nn.Module):
             gate_BSND = self.to_gate_compress(x_BSC).unflatten(2, heads)
         return q_BSND, k_BSND, v_BSND, gate_BSND
 
-    def cross_attention(self, x_BSC: torch.Tensor, text_BLC: torch.Tensor) -> torch.Tensor:
+    def cross_attention(
+        self, x_BSC: torch.Tensor, text_BLC: torch.Tensor, image_BIC: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attention of the video tokens to the text tokens [B, L, C] and, for I2V, separately to the image tokens
+        [B, I, C] (keys add_k_proj -> RMSNorm, values add_v_proj); the two outputs are summed before ``to_out``, as
+        diffusers' WanAttnProcessor does. No RoPE, no mask."""
         heads = (self.num_heads, -1)
         q_BNSD = self.norm_q(self.to_q(x_BSC)).unflatten(2, heads).transpose(1, 2)
         k_BNLD = self.norm_k(self.to_k(text_BLC)).unflatten(2, heads).transpose(1, 2)
         v_BNLD = self.to_v(text_BLC).unflatten(2, heads).transpose(1, 2)
-        out_BNSD = F.scaled_dot_product_attention(q_BNSD, k_BNLD, v_BNLD)
-        return self.to_out[0](out_BNSD.transpose(1, 2).flatten(2).type_as(q_BNSD))
+        out_BSC = F.scaled_dot_product_attention(q_BNSD, k_BNLD, v_BNLD).transpose(1, 2).flatten(2).type_as(q_BNSD)
+        if image_BIC is not None:
+            k_BNID = self.norm_added_k(self.add_k_proj(image_BIC)).unflatten(2, heads).transpose(1, 2)
+            v_BNID = self.add_v_proj(image_BIC).unflatten(2, heads).transpose(1, 2)
+            out_img_BNSD = F.scaled_dot_product_attention(q_BNSD, k_BNID, v_BNID)
+            out_BSC = out_BSC + out_img_BNSD.transpose(1, 2).flatten(2).type_as(q_BNSD)
+        return self.to_out[0](out_BSC)
 
 
 class WanBlock(nn.Module):
@@ -341,11 +417,11 @@ class WanBlock(nn.Module):
         super().__init__()
         dim = config.dim
         self.norm1 = _FP32LayerNorm(dim, config.eps, elementwise_affine=False)
-        self.attn1 = WanAttention(config, gate_compress=config.gate_compress)
+        self.attn1 = WanAttention(config, gate_compress=config.gate_compress, sla_proj_l=config.sla_proj_l)
         self.norm2 = (
             _FP32LayerNorm(dim, config.eps, elementwise_affine=True) if config.cross_attn_norm else None
         )
-        self.attn2 = WanAttention(config)
+        self.attn2 = WanAttention(config, added_kv_proj_dim=config.added_kv_proj_dim)
         self.norm3 = _FP32LayerNorm(dim, config.eps, elementwise_affine=False)
         self.ffn = _FeedForward(dim, config.ffn_dim)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
@@ -378,17 +454,19 @@ class WanBlock(nn.Module):
         return (x_BSC.float() + out_BSC * gate).type_as(x_BSC)
 
     def text_and_ffn(
-        self, x_BSC: torch.Tensor, text_BLC: torch.Tensor, modulation_B6C: torch.Tensor, fused: bool = False
+        self, x_BSC: torch.Tensor, text_BLC: torch.Tensor, modulation_B6C: torch.Tensor, fused: bool = False,
+        image_BIC: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Stages 2-3 (token-local): cross-attention to the (unsharded) text tokens, no RoPE, no mask; then
-        the modulated FFN. ``fused``: the Triton op for the two norms, else the composites."""
+        """Stages 2-3 (token-local): cross-attention to the (unsharded) text tokens and, for I2V, image tokens, no
+        RoPE, no mask; then the modulated FFN. ``fused``: the Triton op for the two norms, else the composites."""
         c_shift, c_scale, c_gate = self._modulation(modulation_B6C)[3:]
         h_BSC = x_BSC
         if self.norm2 is not None:
             h_BSC = (modulated_layer_norm(x_BSC, self.norm2.weight, self.norm2.bias, self.norm2.eps, fused)
                      if fused else self.norm2(x_BSC.float()).type_as(x_BSC))
         x_BSC, h_BSC = add_modulated_layer_norm(
-            x_BSC, self.attn2.cross_attention(h_BSC, text_BLC), 1 + c_scale, c_shift, self.norm3.eps, fused)
+            x_BSC, self.attn2.cross_attention(h_BSC, text_BLC, image_BIC), 1 + c_scale, c_shift, self.norm3.eps,
+            fused)
         out_BSC = self.ffn(h_BSC)
         return (x_BSC.float() + out_BSC.float() * c_gate).type_as(x_BSC)
 
@@ -399,7 +477,8 @@ class WanBlock(nn.Module):
 
 
 class WanTransformer(nn.Module):
-    """Wan2.1 T2V DiT. ``forward(latents [B, C_in, F, H, W], timestep [B], text [B, L, text_dim])``."""
+    """Wan2.1 DiT. ``forward(latents [B, C_in, F, H, W], timestep [B], text [B, L, text_dim], image)``; ``image``
+    [B, I, image_dim] (CLIP states) for I2V models (``config.image_dim`` set), else None."""
 
     def __init__(self, config: WanConfig) -> None:
         super().__init__()
@@ -467,15 +546,22 @@ class WanTransformer(nn.Module):
         hidden_states_BCFHW: torch.Tensor,
         timestep_B: torch.Tensor,
         encoder_hidden_states_BLC: torch.Tensor,
+        encoder_hidden_states_image_BIC: torch.Tensor | None = None,
         *,
         ctx: WanForwardContext | None = None,
     ) -> torch.Tensor:
         """Predict the flow/noise [B, out_channels, F, H, W] in the model dtype.
 
+        I2V: ``hidden_states`` holds the noisy latents and the condition channels (``config.in_channels``: 16 + 4
+        mask + 16 first-frame latents) and ``encoder_hidden_states_image`` the CLIP states; the image tokens add
+        channels and context tokens only, so the token grid (and the SP shard plan) is the text-only one.
         ctx None: one device, raster order, dense SDPA. Otherwise tokens are permuted by
         ``ctx.token_order``, sharded with ``ctx.shard``, attended with ``ctx.attn[i]``, and brought back
         with ``ctx.gather`` and ``ctx.token_order_inverse``.
         """
+        if (encoder_hidden_states_image_BIC is None) != (self.config.image_dim is None):  # a Python check, no sync
+            raise ValueError(f"encoder_hidden_states_image must be given exactly when the model has an image branch "
+                             f"(image_dim={self.config.image_dim})")
         dtype = self.patch_embedding.weight.dtype
         batch, _, frames, height, width = hidden_states_BCFHW.shape
         grid = self.grid_thw((frames, height, width))
@@ -494,9 +580,12 @@ class WanTransformer(nn.Module):
             local_x_BSC = ctx.shard(x_BSC).contiguous()
         del x_BCTHW, x_BSC  # only the local shard lives on (the full or permuted copy would stay to the end)
 
-        # 2. Conditions: timestep -> temb and six modulation vectors per block; text -> model width.
+        # 2. Conditions: timestep -> temb and six modulation vectors per block; text (and image) -> model width.
         text_BLC = encoder_hidden_states_BLC.to(self.condition_embedder.text_embedder.linear_1.weight.dtype)
         temb_BC, modulation_B6C, text_BLC = self.condition_embedder(timestep_B, text_BLC)
+        image_BIC = None
+        if encoder_hidden_states_image_BIC is not None:
+            image_BIC = self.condition_embedder.image_embedder(encoder_hidden_states_image_BIC.to(dtype))
 
         # 3. Blocks, on the local token shard. Only `attn` mixes tokens (and communicates, under SP); the
         #    token-local stages around it are plain or, after `compile_blocks()`, torch.compile'd functions.
@@ -513,7 +602,7 @@ class WanTransformer(nn.Module):
                 attn(*attention_inputs(block, local_x_BSC, modulation_B6C, rope, attn.uses_gate, fused)),
                 modulation_B6C,
             )
-            local_x_BSC = text_and_ffn(block, local_x_BSC, text_BLC, modulation_B6C, fused)
+            local_x_BSC = text_and_ffn(block, local_x_BSC, text_BLC, modulation_B6C, fused, image_BIC)
 
         # 4. Output norm and projection (token-local, so before the gather: fewer channels to move).
         shift, scale = (self.scale_shift_table + temb_BC.unsqueeze(1)).chunk(2, dim=1)

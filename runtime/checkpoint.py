@@ -1,10 +1,12 @@
 """What `model.path` points at: a diffusers Wan2.1 directory, a native Wan2.1 directory or one safetensors file.
 
 `resolve_checkpoint` reads only JSON files and safetensors headers (cheap, runs before any weight load) and says
-where the DiT weights, the text encoder, tokenizer, VAE and scheduler settings live. `resolve_model` combines it
-with the preset: the architecture comes from the checkpoint when it has a config; the preset supplies
-generation defaults; an explicitly chosen preset whose architecture disagrees with the checkpoint is an error.
-A diffusers checkpoint whose model_index.json names `WanDMDPipeline` (FastWan) defaults to the DMD sampler.
+where the DiT weights, the text encoder, tokenizer, VAE, scheduler settings and (I2V) the CLIP image encoder and
+its image processor live. `resolve_model` combines it with the preset: the architecture comes from the checkpoint
+when it has a config; the preset supplies generation defaults; an explicitly chosen preset whose architecture
+disagrees with the checkpoint is an error.
+A diffusers checkpoint whose model_index.json names `WanDMDPipeline` (FastWan) defaults to the DMD sampler. One with
+`transformer_2/` and a `boundary_ratio` in model_index.json carries a second, low-noise expert (Wan2.2 A14B).
 """
 
 from __future__ import annotations
@@ -17,16 +19,18 @@ from typing import Any
 from safetensors import safe_open
 from tessera.models import WanConfig
 
-__all__ = ["Checkpoint", "arch_mismatches", "resolve_checkpoint", "resolve_model"]
+__all__ = ["Checkpoint", "arch_mismatches", "check_expert_config", "resolve_checkpoint", "resolve_model"]
 
 # Architecture fields compared between an explicit preset and a checkpoint config (gate_compress is not:
 # VSA blocks get a zero-initialised gate when the checkpoint lacks one).
 _ARCH_FIELDS = (
     "patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
-    "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm",
+    "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "image_dim", "added_kv_proj_dim",
 )
 _GATE_KEY = "to_gate_compress"  # diffusers attn1.to_gate_compress, native self_attn.to_gate_compress
+_SLA_KEY = ".proj_l."  # SLA checkpoints: blocks.N.<attn1|self_attn>.<...>.proj_l.{weight,bias}
 DMD_PIPELINE_CLASS = "WanDMDPipeline"  # FastVideo's few-step distilled (FastWan) checkpoints
+I2V_PIPELINE_CLASS = "WanImageToVideoPipeline"  # Wan2.1 I2V: with image_encoder/ (CLIP) and image_processor/
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,11 @@ class Checkpoint:
     vae: Path | None = None
     scheduler_config: dict[str, Any] | None = None
     pipeline_class: str | None = None  # model_index.json's `_class_name`, e.g. "WanPipeline", "WanDMDPipeline"
+    image_encoder: Path | None = None  # I2V: transformers CLIPVisionModel
+    image_processor: Path | None = None  # I2V: CLIPImageProcessor (preprocessor_config.json)
+    image_processor_class: str | None = None  # model_index.json's transformers class for image_processor/
+    weights_2: Path | None = None  # two-expert (Wan2.2 A14B): transformer_2/, the low-noise expert's weights
+    boundary_ratio: float | None = None  # two-expert: model_index.json's boundary_ratio (None: one expert)
 
     @property
     def flow_shift(self) -> float | None:
@@ -77,22 +86,29 @@ def resolve_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def resolve_model(
-    preset: str, preset_arch: dict[str, Any], preset_is_explicit: bool, path: str | Path | None
+    preset: str, preset_arch: dict[str, Any], preset_is_explicit: bool, path: str | Path | None, *,
+    preset_boundary_ratio: float | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(architecture, checkpoint generation defaults) for a preset and an optional `model.path`.
 
     The checkpoint's config wins over the preset's architecture; with `preset_is_explicit` a disagreement is a
     ValueError naming both. Defaults: `flow_shift` from the diffusers scheduler config, when present; for a
     `WanDMDPipeline` checkpoint `scheduler=dmd` (whatever scheduler its model_index.json names: FastVideo samples
-    these with DMD) and the attention backend its weights were trained with (see `_checkpoint_defaults`).
+    these with DMD) and the attention backend its weights were trained with (see `_checkpoint_defaults`); for a
+    two-expert checkpoint `model.boundary_ratio`. The number of experts (a preset's `preset_boundary_ratio` set:
+    two) is part of the architecture an explicit preset must match.
     """
     if path is None:
         return preset_arch, {}
     ckpt = resolve_checkpoint(path)
-    if ckpt.arch is None:
-        return preset_arch, {}
+    if ckpt.arch is None:  # a bare file: the preset's architecture, with the extra weights its header shows
+        sla_proj_l = _has_sla_proj_l(ckpt.weights)
+        return {**preset_arch, "sla_proj_l": sla_proj_l}, _sla_defaults(sla_proj_l)
     if preset_is_explicit:
         diffs = arch_mismatches(preset_arch, ckpt.arch)
+        experts = (1 if preset_boundary_ratio is None else 2, 1 if ckpt.weights_2 is None else 2)
+        if experts[0] != experts[1]:
+            diffs.append(f"experts: preset {experts[0]} vs checkpoint {experts[1]}")
         if diffs:
             raise ValueError(
                 f"model.preset={preset} does not match the architecture of model.path={path} "
@@ -111,7 +127,15 @@ def _checkpoint_defaults(ckpt: Checkpoint) -> dict[str, Any]:
     if ckpt.pipeline_class == DMD_PIPELINE_CLASS:
         gated = bool(ckpt.arch and ckpt.arch.get("gate_compress"))
         defaults.update(scheduler="dmd", attention={"backend": "vsa" if gated else "dense"})
+    defaults.update(_sla_defaults(bool(ckpt.arch and ckpt.arch.get("sla_proj_l"))))
+    if ckpt.boundary_ratio is not None:  # Wan2.2 A14B: transformer_2/ takes over below boundary_ratio x 1000
+        defaults["model"] = {"boundary_ratio": ckpt.boundary_ratio}
     return defaults
+
+
+def _sla_defaults(sla_proj_l: bool) -> dict[str, Any]:
+    """A checkpoint trained with SLA (it carries proj_l) runs SLA by default: its blocks never saw dense outputs."""
+    return {"attention": {"backend": "sla"}} if sla_proj_l else {}
 
 
 def arch_mismatches(preset_arch: dict[str, Any], checkpoint_arch: dict[str, Any]) -> list[str]:
@@ -137,16 +161,30 @@ def _read_json(file: Path, model_path: Path) -> dict[str, Any]:
     return data
 
 
-def _has_gate_weights(weights_dir: Path) -> bool:
-    """True when any safetensors header in `weights_dir` lists a VSA gate (diffusers or native name)."""
-    for file in sorted(weights_dir.glob("*.safetensors")):
+def _has_weights(weights: Path, marker: str) -> bool:
+    """True when a safetensors header in `weights` (one file or a directory) lists a key containing `marker`."""
+    files = [weights] if weights.is_file() else sorted(weights.glob("*.safetensors"))
+    for file in files:
+        if not file.name.endswith(".safetensors"):
+            continue  # an index: its shards are in the same directory, read through the directory form
         try:
             with safe_open(str(file), framework="pt", device="cpu") as handle:
-                if any(_GATE_KEY in key for key in handle.keys()):
+                if any(marker in key for key in handle.keys()):
                     return True
         except Exception as err:  # SafetensorError for corrupt headers
             raise ValueError(f"cannot read safetensors file {file} (corrupt or truncated?): {err}") from err
     return False
+
+
+def _has_gate_weights(weights: Path) -> bool:
+    """A VSA gate (diffusers attn1.to_gate_compress or native self_attn.to_gate_compress)."""
+    return _has_weights(weights, _GATE_KEY)
+
+
+def _has_sla_proj_l(weights: Path) -> bool:
+    """SLA's linear-branch projection, under any of the spellings `models.loading` accepts."""
+    return _has_weights(weights if weights.is_dir() or weights.name.endswith(".safetensors") else weights.parent,
+                        _SLA_KEY)
 
 
 def _resolve_diffusers(path: Path) -> Checkpoint:
@@ -161,12 +199,16 @@ def _resolve_diffusers(path: Path) -> Checkpoint:
         )
     config = _read_json(transformer / "config.json", path)
     try:
-        arch = asdict(WanConfig.from_diffusers_config(config, gate_compress=_has_gate_weights(transformer)))
+        arch = asdict(WanConfig.from_diffusers_config(config, gate_compress=_has_gate_weights(transformer),
+                                                      sla_proj_l=_has_sla_proj_l(transformer)))
     except (TypeError, ValueError) as err:
-        raise ValueError(f"model.path={path}: transformer/config.json is not a Wan2.1 T2V config: {err}") from err
+        raise ValueError(f"model.path={path}: transformer/config.json is not a Wan2.1 T2V/I2V config: {err}") from err
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     index_file = path / "model_index.json"
-    pipeline_class = _read_json(index_file, path).get("_class_name") if index_file.is_file() else None
+    index = _read_json(index_file, path) if index_file.is_file() else {}
+    pipeline_class = index.get("_class_name")
+    processor_entry = index.get("image_processor")  # ["transformers", "CLIPImageProcessor"]
+    weights_2, boundary_ratio = _second_expert(path, arch, index)
     return Checkpoint(
         path=path,
         kind="diffusers",
@@ -177,7 +219,72 @@ def _resolve_diffusers(path: Path) -> Checkpoint:
         vae=_dir_with(path / "vae", "config.json"),
         scheduler_config=_read_json(scheduler_file, path) if scheduler_file.is_file() else None,
         pipeline_class=pipeline_class if isinstance(pipeline_class, str) else None,
+        weights_2=weights_2,
+        boundary_ratio=boundary_ratio,
+        image_encoder=_dir_with(path / "image_encoder", "config.json"),
+        image_processor=_dir_with(path / "image_processor", "preprocessor_config.json"),
+        image_processor_class=processor_entry[1] if isinstance(processor_entry, list) and len(processor_entry) == 2
+        and isinstance(processor_entry[1], str) else None,
     )
+
+
+def _second_expert(path: Path, arch: dict[str, Any], index: dict[str, Any]) -> tuple[Path | None, float | None]:
+    """(transformer_2/, boundary_ratio) of a two-expert checkpoint (Wan2.2 A14B), (None, None) for one expert.
+
+    diffusers' WanPipeline switches to `transformer_2` (the low-noise expert) below boundary_ratio x 1000, so the
+    directory and model_index.json's `boundary_ratio` come together; either alone, a ratio outside (0, 1) or two
+    experts of different architectures is a ValueError naming the file and the fix."""
+    folder, ratio, index_file = path / "transformer_2", index.get("boundary_ratio"), path / "model_index.json"
+    if ratio is None and not folder.is_dir():
+        return None, None
+    if ratio is None:
+        raise ValueError(
+            f"model.path={path} has transformer_2/ (a second, low-noise expert) but {index_file} sets no "
+            f"boundary_ratio, so when to switch experts is unknown. Fix: add \"boundary_ratio\": 0.875 (Wan2.2 "
+            f"T2V-A14B's) to model_index.json, or remove transformer_2/ to run transformer/ alone."
+        )
+    if not (folder / "config.json").is_file() or not list(folder.glob("*.safetensors")):
+        raise ValueError(
+            f"model.path={path}: {index_file} sets boundary_ratio={ratio!r} (a two-expert model) but "
+            f"transformer_2/config.json or transformer_2/*.safetensors is missing. Fix: download the complete "
+            f"checkpoint (e.g. Wan-AI/Wan2.2-T2V-A14B-Diffusers), or set boundary_ratio to null for one expert."
+        )
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise ValueError(f"model.path={path}: {index_file} has boundary_ratio={ratio!r}; it must lie in (0, 1). "
+                         f"Fix: e.g. 0.875 (Wan2.2 T2V-A14B's).")
+    config = _read_json(folder / "config.json", path)
+    try:
+        arch_2 = asdict(WanConfig.from_diffusers_config(config, gate_compress=_has_gate_weights(folder),
+                                                        sla_proj_l=_has_sla_proj_l(folder)))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"model.path={path}: transformer_2/config.json is not a Wan config: {err}") from err
+    diffs = [f"{key}: transformer/ {arch[key]!r} vs transformer_2/ {arch_2[key]!r}"
+             for key in arch if _norm(arch[key]) != _norm(arch_2[key])]
+    if diffs:
+        raise ValueError(f"model.path={path}: the two experts differ ({'; '.join(diffs)}); Tessera runs two experts "
+                         f"of one architecture (Wan2.2 A14B). Fix: pair transformer/ with a transformer_2/ of the "
+                         f"same architecture (and the same extra weights).")
+    return folder, float(ratio)
+
+
+def check_expert_config(boundary_ratio: float | None, path: str | Path | None) -> None:
+    """ValueError unless `model.boundary_ratio` and the checkpoint agree on a second expert (with no checkpoint,
+    random weights: a ratio asks for two random experts). Cheap: JSON and safetensors headers only."""
+    if path is None:
+        return
+    ckpt = resolve_checkpoint(path)
+    if boundary_ratio is not None and ckpt.weights_2 is None:
+        raise ValueError(
+            f"model.boundary_ratio={boundary_ratio} asks for a second (low-noise) expert but model.path={path} has "
+            f"one (no transformer_2/ with a boundary_ratio in model_index.json). Fix: drop model.boundary_ratio (a "
+            f"preset such as wan2.2-t2v-a14b sets it: choose a one-expert preset), or load a Wan2.2 A14B checkpoint."
+        )
+    if boundary_ratio is None and ckpt.weights_2 is not None:
+        raise ValueError(
+            f"model.boundary_ratio=null but model.path={path} has two experts (transformer/ and transformer_2/, "
+            f"boundary_ratio={ckpt.boundary_ratio} in model_index.json). Fix: drop model.boundary_ratio=null (the "
+            f"checkpoint's ratio applies), or set it to a value in (0, 1)."
+        )
 
 
 def _dir_with(folder: Path, marker: str) -> Path | None:
@@ -192,7 +299,9 @@ def _resolve_native(path: Path) -> Checkpoint:
     config = _read_json(config_file, path)
     if config.get("model_type", "t2v") != "t2v":
         raise ValueError(
-            f"model.path={path}: config.json has model_type={config['model_type']!r}; Tessera runs Wan2.1 T2V only."
+            f"model.path={path}: config.json has model_type={config['model_type']!r}; Tessera runs native Wan2.1 "
+            f"T2V directories only. For image-to-video use the diffusers layout (e.g. "
+            f"Wan-AI/Wan2.1-I2V-14B-480P-Diffusers: its image_encoder/ and image_processor/ are loaded)."
         )
     try:
         dim, num_heads = int(config["dim"]), int(config["num_heads"])
@@ -210,6 +319,7 @@ def _resolve_native(path: Path) -> Checkpoint:
                 cross_attn_norm=bool(config.get("cross_attn_norm", True)),
                 eps=float(config.get("eps", 1e-6)),
                 gate_compress=_has_gate_weights(path),
+                sla_proj_l=_has_sla_proj_l(path),
             )
         )
     except (KeyError, TypeError, ValueError) as err:

@@ -13,6 +13,8 @@ from typing import Any
 
 PRESETS = (
     "wan-tiny", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "fastwan2.1-t2v-1.3b", "fastwan2.1-t2v-14b", "fastwan2.2-ti2v-5b",
+    "wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p",
+    "wan2.2-t2v-a14b",
 )
 # Presets that document a model this runtime cannot run yet: choosing one is an error saying why.
 UNSUPPORTED_PRESETS = {
@@ -22,10 +24,17 @@ UNSUPPORTED_PRESETS = {
 # Presets whose weights are random by design; the real architectures need a checkpoint.
 RANDOM_WEIGHT_PRESETS = ("wan-tiny",)
 DTYPES = ("float32", "bfloat16")
+VAE_DTYPES = ("float32", "bfloat16", "float16")
+# x264's speed presets, fastest first; `output.encoder_preset` picks one (python bench/write_video.py compares them).
+ENCODER_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
+                   "placebo")
+DEFAULT_ENCODER_PRESET = "veryfast"
 SCHEDULERS = ("unipc", "euler", "dmd")
 FASTWAN_DMD_TIMESTEPS = (1000, 757, 522)  # FastVideo's dmd_denoising_steps for the FastWan checkpoints
-BACKENDS = ("dense", "vsa", "auto")
+BACKENDS = ("dense", "vsa", "sla", "auto")
+SLA_FEATURE_MAPS = ("softmax", "elu", "relu")
 CUDA_GRAPHS = ("auto", "true", "false")  # OmegaConf turns true/on into "True": compared lower-cased
+OFFLOAD_EXPERTS = ("auto", "true", "false")  # compared lower-cased, as CUDA_GRAPHS
 
 
 def _key(default: Any = MISSING, *, doc: str, example: str | tuple[str, ...], factory: Any = MISSING) -> Any:
@@ -55,6 +64,18 @@ class ModelConfig:
     offload_text_encoder: bool = _key(False, doc="keep a loaded pipeline's text encoder in host memory between "
                                       "requests (API, server): device memory for the DiT, a copy per new prompt",
                                       example="true")
+    # The Wan VAE's weights and activations; latents are cast in, frames come out as uint8 either way. bfloat16:
+    # python bench/vae_decode.py measured 1.5x faster on an H200 at 480x832x81, frames within 1.7% (norm) of fp32.
+    vae_dtype: str = _key("float32", doc=f"dtype the Wan VAE decodes in: {', '.join(VAE_DTYPES)}",
+                          example="bfloat16")
+    # Two-expert models (Wan2.2 A14B, runtime/experts.py): set from the checkpoint's model_index.json or the preset.
+    # With random weights (model.path unset) it gives two random experts, for smoke runs of the switch.
+    boundary_ratio: float | None = _key(None, doc="two-expert models (Wan2.2 A14B): the high-noise expert runs while "
+                                        "the timestep >= boundary_ratio x 1000, the low-noise one after (null: one "
+                                        "expert; read from the checkpoint)", example="0.875")
+    # "auto": offload only when the pre-flight estimate says both experts do not fit (runtime/preflight.py).
+    offload_experts: str = _key("auto", doc="two-expert models: keep the idle expert in host memory and move it to "
+                                "the device at the switch: auto, true or false", example="true")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,14 +91,21 @@ class ParallelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class AttentionConfig:
-    backend: str = _key("auto", doc="dense, vsa (sparse) or auto (vsa where supported, else dense; the report "
-                        "says why)", example="vsa")
+    backend: str = _key("auto", doc="dense, vsa or sla (sparse), or auto (vsa where supported, else dense; the "
+                        "report says why; sla only when asked for or by an SLA checkpoint)", example="vsa")
     # A float, or a list with one value per denoising step. VSA default 0.9, never a silent 0.
     sparsity: Any = _key(0.9, doc="VSA sparsity (fraction of key tiles skipped): one number, or a list with one "
                          "per step", example=("0.9", "[0.5,0.9,0.9]"))
     dense_blocks: list[int] = _key(doc="transformer blocks that always run dense attention", example="[0,29]",
                                    factory=list)
     dense_steps: int = _key(0, doc="the first N denoising steps run dense attention", example="10")
+    # Sparse-linear attention (attention/sla.py): 1-D blocks of consecutive raster tokens.
+    sla_topk: float = _key(0.1, doc="SLA: fraction of key blocks each query block attends to exactly, in (0, 1]",
+                           example="0.15")
+    sla_block_q: int = _key(128, doc="SLA: query tokens per block (a power of two)", example="64")
+    sla_block_k: int = _key(64, doc="SLA: key tokens per block (a power of two)", example="32")
+    sla_feature_map: str = _key("softmax", doc=f"SLA: feature map of the linear branch: {', '.join(SLA_FEATURE_MAPS)}",
+                                example="elu")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +114,9 @@ class OutputConfig:
                             "file outputs/video-NNN.mp4 per run)", example="outputs/fox.mp4")
     overwrite: bool = _key(False, doc="replace existing output files", example="true")
     save_latents: bool = _key(False, doc="also write the final latents (.latents.safetensors)", example="true")
+    # libx264's speed/size trade at the same quality (crf 23): see python bench/write_video.py for the numbers.
+    encoder_preset: str = _key(DEFAULT_ENCODER_PRESET, example="medium",
+                               doc=f"x264 speed preset of the mp4: {', '.join(ENCODER_PRESETS)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +125,8 @@ class GenerateConfig:
                        doc="what the video shows (taken verbatim)", example="'a red fox in snow'")
     negative_prompt: str = _key("", doc="what the video should not show (taken verbatim; empty = none)",
                                 example="'blurry, low quality'")
+    image: str | None = _key(None, doc="image-to-video: the first frame, a PNG or JPEG file (needed by I2V "
+                             "checkpoints, refused by text-only ones)", example="inputs/fox.png")
     seed: int = _key(0, doc="seed of the initial noise (and of wan-tiny's random weights)", example="42")
     num_frames: int = _key(17, doc="frames to generate: 4k+1 (the VAE packs 4 frames per latent frame)",
                            example="81")
@@ -101,6 +134,8 @@ class GenerateConfig:
     width: int = _key(128, doc="video width in pixels, a multiple of 16", example="832")
     num_steps: int = _key(8, doc="denoising steps", example="50")
     guidance_scale: float = _key(5.0, doc="classifier-free guidance scale; 1 = no CFG", example="5.0")
+    guidance_scale_2: float | None = _key(None, doc="two-expert models (Wan2.2 A14B): the low-noise expert's "
+                                          "guidance scale (null: guidance_scale)", example="3.0")
     flow_shift: float = _key(3.0, doc="timestep shift of the flow schedule (Wan: 3.0 at 480p, 5.0 at 720p)",
                              example="5.0")
     scheduler: str = _key("unipc", doc=f"sampler: {', '.join(SCHEDULERS)} (dmd: few-step distilled checkpoints, "
@@ -154,6 +189,8 @@ class GenerateConfig:
             raise ValueError(f"model.preset={self.model.preset} cannot run yet: {why_not}. Its defaults are "
                              f"documented in configs/models/{self.model.preset}.yaml.")
         _check_choice("model.dtype", self.model.dtype, DTYPES)
+        _check_choice("model.vae_dtype", self.model.vae_dtype, VAE_DTYPES)
+        _check_choice("output.encoder_preset", self.output.encoder_preset, ENCODER_PRESETS)
         _check_choice("model.cuda_graphs", str(self.model.cuda_graphs).lower(), CUDA_GRAPHS)
         if self.model.path is None and self.model.preset not in RANDOM_WEIGHT_PRESETS:
             raise ValueError(
@@ -167,6 +204,11 @@ class GenerateConfig:
             )
         self._validate_parallel(world_size)
         self._validate_attention()
+        self._validate_experts()
+        if self.image is not None:
+            from tessera.runtime.image_conditioning import check_image_file  # here: it imports this module
+
+            check_image_file(self.image)
 
     def _validate_sampler(self) -> None:
         """scheduler=dmd runs one step per dmd_timesteps entry and no CFG; checked before the generic keys, so the
@@ -224,6 +266,34 @@ class GenerateConfig:
                 f"--nproc_per_node={par.sp * par.cfg}."
             )
 
+    def _validate_experts(self) -> None:
+        """model.boundary_ratio, model.offload_experts and guidance_scale_2 (the low-noise expert's scale): the last
+        two mean something only for a two-expert model (diffusers' WanPipeline refuses guidance_scale_2 without a
+        boundary_ratio too)."""
+        ratio, gs2 = self.model.boundary_ratio, self.guidance_scale_2
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1):
+            raise ValueError(f"model.boundary_ratio={ratio!r} must lie in (0, 1) (the high-noise expert runs while the "
+                             f"timestep >= boundary_ratio x 1000). Fix: {fix_example('model.boundary_ratio')} "
+                             f"(Wan2.2 T2V-A14B's), or leave it to the checkpoint.")
+        offload = str(self.model.offload_experts).lower()
+        _check_choice("model.offload_experts", offload, OFFLOAD_EXPERTS)
+        if ratio is None and offload == "true":
+            raise ValueError("model.offload_experts=true but this model has one expert (model.boundary_ratio is "
+                             "unset): there is no idle expert to keep in host memory. Fix: drop model.offload_experts.")
+        if gs2 is None:
+            return
+        if ratio is None:
+            raise ValueError(f"guidance_scale_2={gs2} is the low-noise expert's guidance scale, but this model has one "
+                             f"expert (a Wan2.1 checkpoint: no transformer_2/, model.boundary_ratio unset). Fix: drop "
+                             f"guidance_scale_2 and set guidance_scale, or load a two-expert (Wan2.2 A14B) checkpoint.")
+        if not math.isfinite(gs2) or gs2 < 0:
+            raise ValueError(f"guidance_scale_2={gs2} must be a finite number >= 0 (1 = no guidance in the "
+                             f"low-noise steps), or null for guidance_scale.")
+        if self.guidance_scale == 1.0 and gs2 != 1.0:
+            raise ValueError(f"guidance_scale_2={gs2} with guidance_scale=1: guidance_scale=1 turns classifier-free "
+                             f"guidance off for the whole request (as in diffusers' WanPipeline, which then ignores "
+                             f"guidance_scale_2). Fix: set guidance_scale != 1, or drop guidance_scale_2.")
+
     def _validate_attention(self) -> None:
         att = self.attention
         _check_choice("attention.backend", att.backend, BACKENDS)
@@ -238,6 +308,21 @@ class GenerateConfig:
             raise ValueError(f"attention.dense_steps={att.dense_steps} must be >= 0.")
         for block in att.dense_blocks:
             _check_type("attention.dense_blocks", block, int)
+        self._validate_sla()
+
+    def _validate_sla(self) -> None:
+        """SLA's keys, checked whatever the backend (cheap, and a typo should not wait for the day SLA runs)."""
+        att = self.attention
+        if isinstance(att.sla_topk, bool) or not isinstance(att.sla_topk, (int, float)) or not 0 < att.sla_topk <= 1:
+            raise ValueError(f"attention.sla_topk={att.sla_topk!r} must lie in (0, 1] (the fraction of key blocks "
+                             f"each query block attends to exactly). Fix: attention.sla_topk=0.1 (the SLA "
+                             f"checkpoints' value).")
+        for key in ("sla_block_q", "sla_block_k"):
+            value = getattr(att, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value & (value - 1):
+                raise ValueError(f"attention.{key}={value!r} must be a power of two (the kernels' tile sizes). "
+                                 f"Fix: attention.{key}={128 if key == 'sla_block_q' else 64} (the default).")
+        _check_choice("attention.sla_feature_map", att.sla_feature_map, SLA_FEATURE_MAPS)
 
 
 def check_dmd_timesteps(timesteps: Any, num_train_timesteps: int = 1000) -> None:

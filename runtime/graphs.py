@@ -46,8 +46,9 @@ def host_bound(host_seconds: float, span_seconds: float) -> bool:
 
 
 class GraphedForward:
-    """``graphed(latents, timestep, text, ctx=ctx)``: the model's forward, replayed from a CUDA graph when
-    ``enabled`` (else the plain forward). Returns a fresh tensor (the static output is cloned)."""
+    """``graphed(latents, timestep, text, image, ctx=ctx)``: the model's forward, replayed from a CUDA graph when
+    ``enabled`` (else the plain forward); ``image`` (I2V's CLIP states) is None for text-only models. Returns a fresh
+    tensor (the static output is cloned)."""
 
     def __init__(self, model: torch.nn.Module, enabled: bool, adaptive: bool = False) -> None:
         self.model = model
@@ -59,10 +60,11 @@ class GraphedForward:
         self._calls: dict[tuple, int] = {}
         self._pool = None
 
-    def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, *, ctx: Any):
+    def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                 image: torch.Tensor | None = None, *, ctx: Any):
+        inputs = (latents, timestep, text) if image is None else (latents, timestep, text, image)
         if not self.enabled:
-            return self.model(latents, timestep, text, ctx=ctx)
-        inputs = (latents, timestep, text)
+            return self.model(*inputs, ctx=ctx)
         key = (id(ctx), *((x.shape, x.dtype, x.stride()) for x in inputs))
         entry = self.graphs.get(key)
         if entry is None:

@@ -17,9 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from tessera.runtime.config import DEFAULT_ENCODER_PRESET, ENCODER_PRESETS
 
 __all__ = [
     "VIDEO_SUFFIXES",
+    "X264_CRF",
+    "check_encoder_preset",
     "check_output_files",
     "check_output_path",
     "next_numbered_path",
@@ -30,6 +33,8 @@ __all__ = [
 ]
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov")  # containers that hold libx264 / yuv420p
+# x264's own default rate factor: the one the writer always used (imageio passes no -crf unless given `quality`).
+X264_CRF = 23
 
 
 def _nearest_existing_dir(parent: Path) -> Path:
@@ -178,18 +183,31 @@ def _as_frames(frames: Any) -> np.ndarray:
 
 
 def write_video_atomic(
-    path: str | os.PathLike[str], frames_FHW3_uint8: Any, fps: int = 16, overwrite: bool = False
+    path: str | os.PathLike[str], frames_FHW3_uint8: Any, fps: int = 16, overwrite: bool = False, *,
+    preset: str = DEFAULT_ENCODER_PRESET,
 ) -> Path:
     """Encode RGB frames (uint8 [num_frames, H, W, 3], numpy or torch) as H.264/yuv420p at `fps`, atomically.
 
-    Odd H or W is padded by one replicated row/column (yuv420p needs even sizes). Raises FileExistsError
-    (naming output.overwrite=true) if the file exists and `overwrite` is False; that file stays untouched.
+    libx264 at constant rate factor `X264_CRF` with the x264 speed `preset` (`output.encoder_preset`); a preset
+    x264 does not know raises ValueError naming that key before anything is encoded. Odd H or W is padded by one
+    replicated row/column (yuv420p needs even sizes). Raises FileExistsError (naming output.overwrite=true) if the
+    file exists and `overwrite` is False; that file stays untouched.
     """
+    check_encoder_preset(preset)
     frames = _as_frames(frames_FHW3_uint8)
-    return _write_atomic(path, overwrite, lambda tmp: _encode_video(tmp, frames, fps))
+    return _write_atomic(path, overwrite, lambda tmp: _encode_video(tmp, frames, fps, preset))
 
 
-def _encode_video(tmp: Path, frames: np.ndarray, fps: int) -> None:
+def check_encoder_preset(preset: str) -> None:
+    """ValueError naming `output.encoder_preset` unless `preset` is one of x264's speed presets."""
+    if preset not in ENCODER_PRESETS:
+        raise ValueError(
+            f"output.encoder_preset={preset!r} is not an x264 preset. Fix: set output.encoder_preset to one of "
+            f"{', '.join(ENCODER_PRESETS)} (faster presets write bigger files at the same quality)."
+        )
+
+
+def _encode_video(tmp: Path, frames: np.ndarray, fps: int, preset: str) -> None:
     import imageio.v2 as imageio
 
     writer = imageio.get_writer(
@@ -201,6 +219,7 @@ def _encode_video(tmp: Path, frames: np.ndarray, fps: int) -> None:
         pixelformat="yuv420p",
         macro_block_size=1,  # sizes are already even; never let imageio resize
         ffmpeg_log_level="error",
+        output_params=["-preset", preset, "-crf", str(X264_CRF)],
     )
     try:
         for frame in frames:

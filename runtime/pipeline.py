@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,10 +19,11 @@ import torch.distributed as dist
 from tessera.attention import MetadataCache, backend_names, get_backend
 from tessera.models import WanConfig, WanTransformer, build_wan_on_meta, load_wan_weights_, materialize_random_
 from tessera.parallel import ParallelMesh, warmup_collectives
-from tessera.runtime.checkpoint import resolve_checkpoint
+from tessera.runtime.checkpoint import check_expert_config, resolve_checkpoint
 from tessera.runtime.compile_cache import compile_cache_counters, compile_cache_report, use_compile_cache
 from tessera.runtime.conditioning import token_grid
 from tessera.runtime.config import GenerateConfig
+from tessera.runtime.experts import EXPERT_NAMES, ExpertRun, Experts, build_expert_schedule
 from tessera.runtime.faults import NO_FAULTS, FaultPlan, inject_step_faults
 from tessera.runtime.graphs import GraphedForward, resolve_cuda_graphs
 from tessera.runtime.guards import (
@@ -31,9 +33,19 @@ from tessera.runtime.guards import (
     RankFailure,
     first_nonfinite_step_synced,
 )
+from tessera.runtime.image_conditioning import (
+    TEXT_ONLY,
+    ImageCondition,
+    ImageConditioner,
+    ImageInput,
+    check_image_object,
+    check_image_request,
+    plan_image_conditioning,
+)
 from tessera.runtime.output import output_files, write_json_atomic, write_latents_atomic, write_video_atomic
 from tessera.runtime.plan import AttentionPlan, build_attention_plan
 from tessera.runtime.precision import exact_fp32
+from tessera.runtime.preflight import choose_expert_offload
 from tessera.runtime.report import collect_provenance, gather_rank_stats
 from tessera.runtime.request import RequestState, build_request_state
 from tessera.runtime.samplers import build_sampler
@@ -67,20 +79,57 @@ MAX_CACHED_PROMPTS = 64
 RANDOM_WEIGHTS_SEED = 0  # wan-tiny's weights, byte encoder and preview decoder: part of the model, not of a request
 
 
-def build_model(cfg: GenerateConfig, model_cfg: WanConfig, device: torch.device) -> tuple[WanTransformer, dict]:
+def build_model(
+    cfg: GenerateConfig, model_cfg: WanConfig, device: torch.device, expert: int = 0
+) -> tuple[WanTransformer, dict]:
+    """The DiT on `device`; `expert` 1 is a two-expert model's low-noise one (transformer_2/; random: seed + 1)."""
     dtype = getattr(torch, cfg.model.dtype)
     model = build_wan_on_meta(model_cfg)
     if cfg.model.path is None:
-        materialize_random_(model, seed=RANDOM_WEIGHTS_SEED, device=device, dtype=dtype)
-        load_info = {"weights": "random", "seed": RANDOM_WEIGHTS_SEED}
+        materialize_random_(model, seed=RANDOM_WEIGHTS_SEED + expert, device=device, dtype=dtype)
+        load_info = {"weights": "random", "seed": RANDOM_WEIGHTS_SEED + expert}
     else:
-        weights = resolve_checkpoint(cfg.model.path).weights  # transformer/ of a diffusers directory
+        ckpt = resolve_checkpoint(cfg.model.path)
+        weights = ckpt.weights if expert == 0 else ckpt.weights_2  # transformer/ (or transformer_2/) of a diffusers dir
         report = load_wan_weights_(model, weights, device=device, dtype=dtype)
         load_info = {"weights": cfg.model.path, "zero_initialised": list(report.zero_initialised)}
     load_info["parameter_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
     if device.type == "cuda":
         model.compile_blocks()  # fuses the token-local elementwise work; compiled once, on the first step
     return model.eval(), load_info
+
+
+def build_experts(cfg: GenerateConfig, model_cfg: WanConfig, mesh: ParallelMesh) -> tuple[Experts, dict]:
+    """The DiT, or both experts of a two-expert model (`model.boundary_ratio`), loaded one after the other; with
+    `model.offload_experts` (or `auto` and a device too small for both) each waits in host memory once loaded.
+    Returns them and the load report (two experts: the sum of their parameter bytes and one entry per expert)."""
+    check_expert_config(cfg.model.boundary_ratio, cfg.model.path)  # ValueError before any weight loads
+    num_experts = 1 if cfg.model.boundary_ratio is None else 2
+    offload, reason = choose_expert_offload(cfg, model_cfg, mesh.device, sp=mesh.sp_size, rank=mesh.rank)
+    experts = Experts(mesh.device, offload=offload, offload_reason=reason)
+    infos = []
+    for index in range(num_experts):
+        model, info = build_model(cfg, model_cfg, mesh.device, expert=index)
+        experts.add(model)
+        infos.append({**info, "component": EXPERT_NAMES[index]} if num_experts > 1 else info)
+    if num_experts == 1:
+        return experts, infos[0]
+    return experts, {**infos[0], "parameter_bytes": sum(info["parameter_bytes"] for info in infos), "experts": infos}
+
+
+def _note_missing_layer_weights(cfg: GenerateConfig, model: WanTransformer, load_info: dict) -> None:
+    """A backend with per-layer weights (SLA's proj_l) on a checkpoint without them runs with zeros: warn, naming
+    them, and list them with the report's zero-initialised parameters."""
+    if cfg.attention.backend == "auto":
+        return  # auto never picks a backend with per-layer weights (their auto_problem)
+    name = get_backend(cfg.attention.backend).layer_weight
+    if name is None or getattr(model.blocks[0].attn1, name, None) is not None:
+        return
+    entry = f"blocks.*.attn1.{name}"
+    warnings.warn(f"attention.backend={cfg.attention.backend}: the checkpoint has no {entry} weights, so that "
+                  f"backend's {name} is zero in every block (its linear branch adds nothing). Use a checkpoint "
+                  f"trained with attention.backend={cfg.attention.backend}.", stacklevel=3)
+    load_info.setdefault("zero_initialised", []).append(entry)
 
 
 def request_prompts(cfg: GenerateConfig) -> list[str]:
@@ -97,6 +146,7 @@ class Pipeline:
     `keep_text_encoder=False` the encoder is freed right after them, so the load's peak is the larger of the two
     models, not their sum (the CLI: it knows every prompt up front); a later request with a new prompt then fails.
     The encoder runs once per node (local rank 0) and its embeddings are broadcast over the node's ranks.
+    A two-expert model (Wan2.2 A14B, `model.boundary_ratio`) holds both DiTs in `experts` (runtime/experts.py).
     """
 
     def __init__(
@@ -105,6 +155,7 @@ class Pipeline:
     ) -> None:
         progress = progress or Progress()
         self.cfg, self.mesh, self.dtype = cfg, mesh, getattr(torch, cfg.model.dtype)
+        self.vae_dtype = getattr(torch, cfg.model.vae_dtype)  # the Wan VAE's; the tiny preview decoder is float32
         model_cfg = WanConfig(**arch)
         candidates = backend_names() if cfg.attention.backend == "auto" else (cfg.attention.backend,)
         if any(get_backend(name).uses_gate for name in candidates) and not model_cfg.gate_compress:
@@ -112,6 +163,9 @@ class Pipeline:
             model_cfg = dataclasses.replace(model_cfg, gate_compress=True)
         self.model_cfg = model_cfg
         self.conditioning = plan_conditioning(cfg)  # real UMT5 + VAE or the tiny stand-ins; fails before loading
+        if cfg.image is not None:  # an image given at load (the CLI's first request, the API's defaults) must fit
+            check_image_request(cfg, model_cfg, image_given=True)
+        self.image_conditioner = ImageConditioner(plan_image_conditioning(cfg, model_cfg), mesh, self.dtype)
         self.metadata_cache = MetadataCache()
         self._embeddings: dict[str, torch.Tensor] = {}
         self._text_encoder = None
@@ -135,10 +189,16 @@ class Pipeline:
             _log_main(mesh, "text encoded in %.2f s", self._pending["text_encode"])
             t0 = time.perf_counter()
             self.compile_cache = use_compile_cache(cfg.model.cache_dir)  # before anything compiles
-            self.model, self.load_info = build_model(cfg, model_cfg, mesh.device)
+            self.experts, self.load_info = build_experts(cfg, model_cfg, mesh)
             self._pending["load"] = _elapsed_synced(t0, mesh.device)
+        _note_missing_layer_weights(cfg, self.model, self.load_info)
         _log_main(mesh, "weights loaded: %.2f GiB in %.2f s", self.load_info["parameter_bytes"] / 2**30,
                   self._pending["load"])
+
+    @property
+    def model(self) -> WanTransformer:
+        """The DiT (two-expert models: the high-noise expert, `transformer`; both: `experts.models`)."""
+        return self.experts.models[0]
 
     @torch.inference_mode()  # the encoders return inference tensors; broadcast writes into them
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -178,24 +238,28 @@ class Pipeline:
         if device.type == "cpu":
             free_device_memory(self.mesh.device)
 
-    def generate(self, cfg: GenerateConfig, *, faults: FaultPlan = NO_FAULTS, progress: Progress | None = None,
-                 on_step: Callable[[int, int], None] | None = None) -> GenerateResult:
+    def generate(self, cfg: GenerateConfig, *, image: ImageInput | None = None, faults: FaultPlan = NO_FAULTS,
+                 progress: Progress | None = None, on_step: Callable[[int, int], None] | None = None) -> GenerateResult:
         """Run one request (per-request keys of `cfg`; its `model.*` and `parallel.*` must be the pipeline's).
 
         Returns the final latents on every rank and, on rank 0, the decoded frames; writes nothing (see
         `write_outputs`). Nothing is decoded unless every rank's latents stayed finite. `on_step(step, num_steps)`
         runs on every rank after each denoising step (0-based); raising `Cancelled` there stops the request at
-        that step boundary (every rank must raise it after the same step)."""
+        that step boundary (every rank must raise it after the same step). `image`: an image-to-video request's first
+        frame as a PIL image or uint8 array (rank 0's is used), instead of `cfg.image`'s file."""
+        check_image_request(cfg, self.model_cfg, image_given=image is not None or cfg.image is not None)
+        if image is not None:
+            check_image_object(image)
         if (cfg.model, cfg.parallel) != (self.cfg.model, self.cfg.parallel):
             raise ValueError("model.* and parallel.* are fixed when the pipeline loads; load another pipeline to "
                              "change them")
         progress = progress or Progress()
         with exact_fp32(self.dtype, self.mesh.device):
-            return self._generate(cfg, faults.for_seed(cfg.seed), progress, on_step)
+            return self._generate(cfg, faults.for_seed(cfg.seed), progress, on_step, image)
 
     @torch.inference_mode()
     def _generate(self, cfg: GenerateConfig, faults: FaultPlan, progress: Progress,
-                  on_step: Callable[[int, int], None] | None = None) -> GenerateResult:
+                  on_step: Callable[[int, int], None] | None = None, image: ImageInput | None = None) -> GenerateResult:
         t_start = time.perf_counter()
         mesh, device, model_cfg, dtype = self.mesh, self.mesh.device, self.model_cfg, self.dtype
         grid = token_grid(cfg.num_frames, cfg.height, cfg.width, model_cfg.patch_size)
@@ -215,29 +279,43 @@ class Pipeline:
 
         scheduler = build_sampler(cfg)  # per request: DMD's noise generator is seeded here
         latents = scheduler.initial_noise(1, cfg.num_frames, cfg.height, cfg.width, LATENT_CHANNELS).to(device)
+        image_cond = self.image_conditioner.condition(cfg, image, batch=text.shape[0])  # I2V: once, before the loop
         scheduler.prepare(device, torch.float32)
-        state = build_request_state(self.model, plan, grid, mesh, self.metadata_cache)
-        graphs = resolve_cuda_graphs(cfg.model.cuda_graphs, device, mesh.world_size)
-        forward = GraphedForward(self.model, enabled=graphs != "never", adaptive=graphs == "adaptive")
+        run = self._expert_run(cfg, scheduler, plan, grid)
         warmup_collectives(mesh)
-        latents, step_seconds, denoise = _denoise(cfg, latents, text, scheduler, state, forward, faults, progress,
-                                                  mesh, dtype, on_step)
+        latents, step_seconds, denoise = _denoise(cfg, latents, text, scheduler, run, faults, progress, mesh, dtype,
+                                                  on_step, image_cond)
         stage_seconds["first_step"], stage_seconds["denoise"] = step_seconds[0], denoise
         # Every rank, once per request (never per step): rank 0 alone goes on to decode.
         ranks = gather_rank_stats({"rank": mesh.rank, "step_seconds": step_seconds,
                                    "peak_memory_bytes": _peak_memory(device), "device": str(device)}, mesh)
-        report = _build_report(cfg, model_cfg, mesh, plan, state, self.load_info)
+        report = _build_report(cfg, model_cfg, mesh, plan, run.states[0], self.load_info)
         report["sampler"] = scheduler.describe()  # its name, the model timestep and the sigma of each step
         report.update(provenance=provenance, ranks=ranks, step_seconds=step_seconds, denoise_seconds=denoise,
-                      stage_seconds=stage_seconds, cuda_graphs=forward.report(),
+                      stage_seconds=stage_seconds, cuda_graphs=run.cuda_graphs_report(),
                       compile_cache=compile_cache_report(self.compile_cache, compiled_before),
                       conditioning={"text_encoder": self.conditioning.text, "decoder": self.conditioning.decoder})
-        del forward, state  # the graphs' pool holds the forward's activations
+        if image_cond is not TEXT_ONLY:
+            report["image"] = image_cond.report  # rank 0's: source, size, encode seconds, aspect warning
+        if len(self.experts.models) > 1:
+            report["experts"] = run.report(cfg)  # per step the expert and guidance scale; the weight moves
+        del run  # the graphs' pool holds the forwards' activations
         progress.stage = "decode"
         frames = self._decode(latents, report, faults)
         stage_seconds["total"] = time.perf_counter() - t_start + stage_seconds["load"]
         report["total_seconds"] = stage_seconds["total"]
         return GenerateResult(latents=latents, frames=frames, report=report)
+
+    def _expert_run(self, cfg: GenerateConfig, scheduler, plan: AttentionPlan, grid: tuple[int, int, int]) -> ExpertRun:
+        """Per expert its request state (attention contexts built on its modules; the metadata cache is shared) and
+        its forward (CUDA graphs per expert); per step the expert and guidance scale, from the sampler's timesteps."""
+        mesh, models = self.mesh, self.experts.models
+        schedule = build_expert_schedule(cfg, scheduler.timesteps, len(models))
+        graphs = resolve_cuda_graphs(cfg.model.cuda_graphs, mesh.device, mesh.world_size)
+        states = tuple(build_request_state(model, plan, grid, mesh, self.metadata_cache) for model in models)
+        forwards = tuple(GraphedForward(model, enabled=graphs != "never", adaptive=graphs == "adaptive")
+                         for model in models)
+        return ExpertRun(self.experts, schedule, states, forwards)
 
     def _decode(self, latents: torch.Tensor, report: dict, faults: FaultPlan) -> torch.Tensor | None:
         """The frames (uint8 [T, H, W, 3], CPU) on rank 0, None elsewhere; fills the report's decode entries. The Wan
@@ -251,7 +329,7 @@ class Pipeline:
         t0 = time.perf_counter()
         if self._decoder is None:
             self._decoder = build_latent_decoder(self.conditioning, RANDOM_WEIGHTS_SEED, device,
-                                                 show_progress=mesh.is_main, mesh=mesh)
+                                                 show_progress=mesh.is_main, mesh=mesh, dtype=self.vae_dtype)
         if mesh.is_main:
             faults.fire_phase("decode", 0)  # rank 0's; the other ranks then fail on the exchange with it
         peak_before_decode = _peak_memory(device)
@@ -264,7 +342,8 @@ class Pipeline:
         report["stage_seconds"]["decode"] = _elapsed_synced(t0, device)
         log.info("decode %.2f s", report["stage_seconds"]["decode"])
         decode_ranks = self._decoder.decode_ranks(latents.shape[3]) if every_rank_decodes else 1
-        report["decode"] = {"ranks": decode_ranks, "peak_memory_bytes": decode_peak}  # rank 0's
+        decode_dtype = str(self.vae_dtype if every_rank_decodes else torch.float32).removeprefix("torch.")
+        report["decode"] = {"ranks": decode_ranks, "peak_memory_bytes": decode_peak, "dtype": decode_dtype}  # rank 0's
         report["peak_memory_bytes"] = max(peak_before_decode, decode_peak)  # rank 0's, the decode included
         report["latent_shape"] = list(latents.shape)
         report["video"] = {"frames": int(frames.shape[0]), "height": int(frames.shape[1]),
@@ -272,12 +351,14 @@ class Pipeline:
         return frames
 
 
-def _denoise(cfg, latents, text, scheduler, state, forward, faults, progress, mesh, dtype, on_step=None):
-    """The hot loop: per step a forward (with the step's attention context), CFG, the scheduler step, then
-    `on_step(step, num_steps)` if given (it may raise `Cancelled`). Returns (final latents, step seconds, loop
-    seconds); NonFiniteLatentsError after the loop if any rank went NaN/Inf."""
+def _denoise(cfg, latents, text, scheduler, run: ExpertRun, faults, progress, mesh, dtype, on_step=None,
+             image_cond: ImageCondition = TEXT_ONLY):
+    """The hot loop: per step a forward (with the step's attention context and, I2V, the image condition), CFG, the
+    scheduler step, then `on_step(step, num_steps)` if given (it may raise `Cancelled`). Returns (final latents, step
+    seconds, loop seconds); NonFiniteLatentsError after the loop if any rank went NaN/Inf."""
     device = mesh.device
     timesteps, batch = scheduler.timesteps.to(device), text.shape[0]
+    expert_per_step, guidance_per_step = run.schedule.expert_per_step, run.schedule.guidance_per_step
     step_faults = faults.step_faults(mesh.rank)
     finite_steps = torch.ones(cfg.num_steps, dtype=torch.bool, device=device)  # read once, after the loop
     step_seconds: list[float] = []
@@ -285,16 +366,20 @@ def _denoise(cfg, latents, text, scheduler, state, forward, faults, progress, me
     t_loop = time.perf_counter()
     with logging_redirect_tqdm():  # log lines above the bar, not through it
         for step in tqdm(range(cfg.num_steps), desc="denoising", disable=not mesh.is_main, leave=True):
+            if step in run.schedule.switch_steps:  # outside the step's time: an offloaded expert's weights move
+                run.move_seconds[step] = run.experts.activate_synced(expert_per_step[step])
             t0 = time.perf_counter()
             progress.step = step
             if step in step_faults:
                 latents = inject_step_faults(step_faults[step], latents, step, mesh.rank)
             timestep = timesteps[step].expand(batch)
-            model_in = latents.to(dtype).expand(batch, -1, -1, -1, -1)
-            pred = forward(model_in, timestep, text, ctx=state.context_for_step(step)).float()
+            model_in = image_cond.model_input(latents, dtype, batch)  # I2V: + mask and first-frame latent channels
+            expert = expert_per_step[step]
+            pred = run.forwards[expert](model_in, timestep, text, image_cond.embeds_BIC,
+                                        ctx=run.states[expert].context_for_step(step)).float()
             if cfg.guidance_scale != 1.0:
                 cond, uncond = _cfg_branches(pred, mesh)
-                pred = uncond + cfg.guidance_scale * (cond - uncond)
+                pred = uncond + guidance_per_step[step] * (cond - uncond)
             latents = scheduler.step(pred, step, latents)
             finite_steps[step] = torch.isfinite(latents).all()  # on the device: no host sync per step
             step_seconds.append(_elapsed_synced(t0, device))
@@ -365,6 +450,7 @@ def _build_report(
             "reason": plan.reason,
             "backend_per_block": [list(blocks) for blocks in plan.blocks_per_step],
             "sparsity_per_step": list(plan.sparsity_per_step),
+            **({"options": dict(plan.options)} if plan.options else {}),
             "kernels": dict(state.kernels),
         },
     }
@@ -388,7 +474,8 @@ def write_outputs(cfg: GenerateConfig, result: GenerateResult, faults: FaultPlan
     report["video"]["path"] = str(out)
     written: list[Path] = []
     try:  # all files or none: a failure (disk full, interrupt) removes those already written
-        written.append(write_video_atomic(out, frames.numpy(), fps=FPS, overwrite=cfg.output.overwrite))
+        written.append(write_video_atomic(out, frames.numpy(), fps=FPS, overwrite=cfg.output.overwrite,
+                                          preset=cfg.output.encoder_preset))
         for path, _ in latents_path:
             written.append(write_latents_atomic(path, result.latents.float().cpu(), overwrite=cfg.output.overwrite))
         faults.fire_phase("write", 0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tessera.attention import Backend, dense_backend, get_backend, sparse_backends
@@ -19,7 +20,8 @@ class AttentionPlan:
     backend: str  # resolved: a registered backend name ("dense" or a sparse one such as "vsa")
     reason: str  # why `backend` was chosen (reported; matters for attention.backend=auto)
     blocks_per_step: tuple[tuple[str, ...], ...]  # [step][block] -> registered backend name
-    sparsity_per_step: tuple[float | None, ...]  # None on steps where no block runs a sparse backend
+    sparsity_per_step: tuple[float | None, ...]  # None on steps where no block runs a backend taking a sparsity
+    options: tuple[tuple[str, Any], ...] = ()  # `backend`'s own attention.* keys (Backend.config_keys), e.g. SLA's
 
     @property
     def backends_in_use(self) -> tuple[Backend, ...]:
@@ -30,6 +32,10 @@ class AttentionPlan:
     @property
     def uses_sparse(self) -> bool:
         return any(backend.sparse for backend in self.backends_in_use)
+
+    def options_for(self, backend: Backend) -> dict[str, Any]:
+        """The attention.* options `backend` builds its metadata with (none for the exact backend)."""
+        return dict(self.options) if backend.name == self.backend else {}
 
     def step_key(self, step: int) -> tuple[tuple[str, ...], float | None]:
         """Steps with equal keys share their attention callables and forward context."""
@@ -72,12 +78,14 @@ def build_attention_plan(
             backend.name if sparse_step and block not in dense_blocks else dense.name for block in range(num_layers)
         )
         blocks_per_step.append(blocks)
-        sparsity_per_step.append(schedule[step] if any(get_backend(b).sparse for b in blocks) else None)
+        takes_sparsity = any(get_backend(b).sparse and get_backend(b).takes_sparsity for b in blocks)
+        sparsity_per_step.append(schedule[step] if takes_sparsity else None)
     return AttentionPlan(
         backend=backend.name,
         reason=reason,
         blocks_per_step=tuple(blocks_per_step),
         sparsity_per_step=tuple(sparsity_per_step),
+        options=tuple((key, getattr(cfg, key)) for key in backend.config_keys),
     )
 
 

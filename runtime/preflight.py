@@ -21,18 +21,21 @@ from tessera.models import WanConfig
 from tessera.runtime.checkpoint import resolve_checkpoint
 from tessera.runtime.conditioning import token_grid
 from tessera.runtime.config import GenerateConfig
+from tessera.runtime.image_conditioning import check_image_request
 from tessera.runtime.output import check_output_files
 from tessera.runtime.plan import build_attention_plan
 
 __all__ = [
-    "MemoryEstimate", "available_memory", "check_request_memory", "estimate_request_memory", "preflight_request",
+    "MemoryEstimate", "available_memory", "check_request_memory", "choose_expert_offload", "estimate_request_memory",
+    "preflight_request",
 ]
 
 _GIB = 1024**3
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
 # Wan VAE decoder: 96 channels at full resolution, a causal chunk of 4 frames, about four live tensors of that
-# size inside a residual block (input, two convs, the cache); frames come back as float32 [3, T, H, W].
+# size inside a residual block (input, two convs, the cache), in `model.vae_dtype`; frames come back as float32
+# [3, T, H, W] whatever that dtype.
 _VAE_FULL_RES_CHANNELS = 96
 _VAE_LIVE_TENSORS = 4
 _VAE_CHUNK_FRAMES = 4
@@ -46,6 +49,7 @@ class MemoryEstimate:
     activations: int
     text_encoder: int
     decode: int
+    experts: int = 1  # DiT experts whose weights `weights` counts (two-expert models, both on the device: 2)
 
     @property
     def peak(self) -> int:
@@ -53,17 +57,21 @@ class MemoryEstimate:
         return max(self.text_encoder, self.weights + self.activations, self.decode)
 
     def describe(self) -> str:
-        parts = (("DiT weights", self.weights), ("activations", self.activations),
+        dit = "DiT weights" if self.experts == 1 else f"DiT weights ({self.experts} experts)"
+        parts = ((dit, self.weights), ("activations", self.activations),
                  ("text encoder", self.text_encoder), ("decode", self.decode))
         return ", ".join(f"{name} {value / _GIB:.2f} GiB" for name, value in parts if value)
 
 
 def estimate_request_memory(
-    cfg: GenerateConfig, model_cfg: WanConfig, *, sp: int, rank: int, text_encoder_bytes: int = 0
+    cfg: GenerateConfig, model_cfg: WanConfig, *, sp: int, rank: int, text_encoder_bytes: int = 0,
+    resident_experts: int | None = None,
 ) -> MemoryEstimate:
-    """Per-rank estimate for `cfg` on a mesh with `sp` sequence-parallel ranks (this rank: `rank`)."""
+    """Per-rank estimate for `cfg` on a mesh with `sp` sequence-parallel ranks (this rank: `rank`), with
+    `resident_experts` DiTs on the device (None: the fewest `cfg` allows, `fewest_resident_experts`)."""
     dsize = _DTYPE_BYTES[cfg.model.dtype]
-    weights = _dit_parameter_count(model_cfg) * dsize
+    experts = fewest_resident_experts(cfg) if resident_experts is None else resident_experts
+    weights = experts * _dit_parameter_count(model_cfg) * dsize
     tokens = math.prod(token_grid(cfg.num_frames, cfg.height, cfg.width, model_cfg.patch_size))
     local_tokens = math.ceil(tokens / sp)
     batch = 2 if cfg.guidance_scale != 1.0 and cfg.parallel.cfg == 1 else 1
@@ -80,12 +88,41 @@ def estimate_request_memory(
     pixels = cfg.height * cfg.width
     decode = 0
     if cfg.model.path is not None:  # the Wan VAE: every rank decodes a block of rows (at least sp ranks)
-        decode += _VAE_LIVE_TENSORS * _VAE_FULL_RES_CHANNELS * _VAE_CHUNK_FRAMES * pixels * 4 // sp
+        vae_bytes = _DTYPE_BYTES[cfg.model.vae_dtype]
+        decode += _VAE_LIVE_TENSORS * _VAE_FULL_RES_CHANNELS * _VAE_CHUNK_FRAMES * pixels * vae_bytes // sp
         decode += (4 * 3 + 3) * cfg.num_frames * pixels // sp  # this rank's float and uint8 frames
     if rank == 0:  # gathers the whole video
         decode += 4 * 3 * cfg.num_frames * pixels + 3 * cfg.num_frames * pixels  # float frames + uint8 frames
     return MemoryEstimate(weights=weights, activations=activations, text_encoder=text_encoder_bytes,
-                          decode=decode)
+                          decode=decode, experts=experts)
+
+
+def fewest_resident_experts(cfg: GenerateConfig) -> int:
+    """DiTs that must be on the device at once: 2 for a two-expert model with model.offload_experts=false, else 1
+    (`auto` offloads when both do not fit: `choose_expert_offload`)."""
+    two_experts = cfg.model.boundary_ratio is not None
+    return 2 if two_experts and str(cfg.model.offload_experts).lower() == "false" else 1
+
+
+def choose_expert_offload(
+    cfg: GenerateConfig, model_cfg: WanConfig, device: torch.device, *, sp: int, rank: int
+) -> tuple[bool, str]:
+    """(whether the idle expert of a two-expert model waits in host memory, why) for the pipeline's load.
+
+    model.offload_experts=auto offloads when this request's estimate with both experts on the device exceeds what
+    the device has free now; never on a CPU device, whose "host memory" is the same memory."""
+    if cfg.model.boundary_ratio is None:
+        return False, "one expert"
+    setting = str(cfg.model.offload_experts).lower()
+    if setting != "auto":
+        return setting == "true", f"model.offload_experts={setting}"
+    if device.type != "cuda":
+        return False, "model.offload_experts=auto: on the CPU the host memory is the device memory"
+    both = estimate_request_memory(cfg, model_cfg, sp=sp, rank=rank, resident_experts=2)
+    have, what = available_memory(device)
+    fits = "fit" if both.peak <= have else "do not fit"
+    return both.peak > have, (f"model.offload_experts=auto: both experts {fits} ({both.peak / _GIB:,.1f} GiB per "
+                              f"rank: {both.describe()}; {what} {have / _GIB:,.1f} GiB)")
 
 
 def available_memory(device: torch.device) -> tuple[int, str]:
@@ -122,9 +159,13 @@ def check_request_memory(
             f"num_frames={cfg.num_frames} height={cfg.height} width={cfg.width} needs about "
             f"{estimate.peak / _GIB:,.1f} GiB per rank{shared} ({estimate.describe()}) but {what} is "
             f"{have / _GIB:,.1f} GiB. Lower num_frames, height or width, spread the tokens over more ranks "
-            f"(parallel.sp), or set model.memory_check=false to skip this estimate."
+            f"(parallel.sp){_offload_hint(estimate)}, or set model.memory_check=false to skip this estimate."
         )
     return estimate
+
+
+def _offload_hint(estimate: MemoryEstimate) -> str:
+    return ", keep the idle expert in host memory (model.offload_experts=true)" if estimate.experts > 1 else ""
 
 
 def _dit_parameter_count(c: WanConfig) -> int:
@@ -136,6 +177,9 @@ def _dit_parameter_count(c: WanConfig) -> int:
     conditions = (c.freq_dim * dim + dim + dim * dim + dim) + (6 * dim * dim + 6 * dim)
     conditions += c.text_dim * dim + dim + dim * dim + dim
     head = dim * c.out_channels * math.prod(c.patch_size) + c.out_channels * math.prod(c.patch_size) + 2 * dim
+    if c.image_dim is not None:  # I2V: image embedder (2 norms, 2 linears) and per block add_k/add_v + norm_added_k
+        conditions += 3 * c.image_dim + c.image_dim * c.image_dim + c.image_dim * dim + 3 * dim
+        block += 2 * (c.added_kv_proj_dim * dim + dim) + dim
     return c.num_layers * block + embed + conditions + head
 
 
@@ -167,6 +211,7 @@ def preflight_request(
     `model.memory_check=false`, the request fits in memory. ValueError naming the key and the fix."""
     check_output_files(cfg.output.path, cfg.output.save_latents, cfg.output.overwrite)
     model_cfg = WanConfig(**arch)
+    check_image_request(cfg, model_cfg, image_given=cfg.image is not None)  # an image for an I2V model only
     grid = token_grid(cfg.num_frames, cfg.height, cfg.width, model_cfg.patch_size)
     build_attention_plan(cfg.attention, num_layers=model_cfg.num_layers, num_steps=cfg.num_steps,
                          grid_thw=grid, head_dim=model_cfg.attention_head_dim,

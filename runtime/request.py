@@ -58,11 +58,11 @@ def build_request_state(
             backend = get_backend(name)
             callable_key = (name, sparsity if backend.sparse else None)
             if callable_key not in callables:
-                meta = metadata_cache.get(backend, grid_thw, callable_key[1], device)
+                meta = metadata_cache.get(backend, grid_thw, callable_key[1], device, plan.options_for(backend))
                 attn = backend.build(meta, None, head_dim)  # dtype None: the kernel checks each call's
                 state.kernels[name] = attn.kernel
-                callables[callable_key] = UlyssesAttention.from_mesh(attn, mesh, seq_plan, num_heads)
-        attn = tuple(callables[(b, sparsity if get_backend(b).sparse else None)] for b in blocks)
+                callables[callable_key] = _per_layer(backend, attn, model, mesh, seq_plan, num_heads)
+        attn = tuple(callables[(b, sparsity if get_backend(b).sparse else None)][i] for i, b in enumerate(blocks))
         state.contexts[key] = WanForwardContext(
             token_order=token_order,
             token_order_inverse=token_order_inverse,
@@ -74,12 +74,22 @@ def build_request_state(
     return state
 
 
+def _per_layer(backend, attn, model: WanTransformer, mesh, seq_plan, num_heads: int) -> tuple:
+    """One Ulysses-wrapped callable per block: the same object for every block, or for a backend with per-layer
+    weights (``Backend.bind_layer``, e.g. SLA's proj_l) a copy bound to each block's self-attention module."""
+    if backend.bind_layer is None:
+        return (UlyssesAttention.from_mesh(attn, mesh, seq_plan, num_heads),) * len(model.blocks)
+    return tuple(UlyssesAttention.from_mesh(backend.bind_layer(attn, block.attn1), mesh, seq_plan, num_heads)
+                 for block in model.blocks)
+
+
 def _token_order(plan: AttentionPlan, grid_thw, device, metadata_cache: MetadataCache) -> tuple:
     """(order, inverse) that every backend in use accepts, or (None, None) for raster order."""
     orders = {}
     for backend in plan.backends_in_use:
         any_sparsity = next((s for s in plan.sparsity_per_step if s is not None), None)
-        order = backend.token_order(metadata_cache.get(backend, grid_thw, any_sparsity, device))
+        sparsity = any_sparsity if backend.takes_sparsity else None
+        order = backend.token_order(metadata_cache.get(backend, grid_thw, sparsity, device, plan.options_for(backend)))
         if order is not None:
             orders[backend.name] = order
     if len(orders) > 1:  # the token order is permuted once per forward, so all blocks must share it

@@ -113,13 +113,14 @@ def build_text_encoder(
 
 def build_latent_decoder(
     plan: ConditioningPlan, seed: int, device: torch.device, show_progress: bool = True,
-    mesh: ParallelMesh | None = None,
+    mesh: ParallelMesh | None = None, dtype: torch.dtype = torch.float32,
 ) -> LatentDecoder:
     """`show_progress=False` hides diffusers' loading bars (on every rank but 0, so they appear once). The Wan VAE
-    decodes over `mesh` (every rank builds it and calls `decode`); the tiny preview decoder on one rank."""
+    decodes over `mesh` (every rank builds it and calls `decode`) in `dtype` (`model.vae_dtype`); the tiny preview
+    decoder on one rank, always in float32."""
     if plan.decoder == "tiny-preview":
         return TinyLatentDecoder(seed=seed)
-    return WanVAEDecoder(plan.vae_dir, device=device, show_progress=show_progress, mesh=mesh)
+    return WanVAEDecoder(plan.vae_dir, device=device, dtype=dtype, show_progress=show_progress, mesh=mesh)
 
 
 def free_device_memory(device: torch.device) -> None:
@@ -187,11 +188,13 @@ class UMT5TextEncoder:
 
 
 class WanVAEDecoder:
-    """diffusers `AutoencoderKLWan` (fp32, as Wan's examples load it) with the checkpoint's latent mean/std.
+    """diffusers `AutoencoderKLWan` with the checkpoint's latent mean/std, its weights and activations in `dtype`
+    (`model.vae_dtype`: float32 by default, as Wan's examples load it; bfloat16 or float16 decode faster).
 
-    `decode`: normalised latents [B, 16, F, H, W] -> uint8 frames [B, T, 8H, 8W, 3], T = 4(F-1)+1, converted as
-    diffusers does: VideoProcessor 'np' output ((x/2 + 0.5).clamp(0, 1)) then export_to_video's
-    `(frame * 255).astype(uint8)` (truncation).
+    `decode`: normalised latents [B, 16, F, H, W] (any float dtype) -> uint8 frames [B, T, 8H, 8W, 3], T = 4(F-1)+1,
+    converted as diffusers does: VideoProcessor 'np' output ((x/2 + 0.5).clamp(0, 1)) then export_to_video's
+    `(frame * 255).astype(uint8)` (truncation). The latents are de-normalised in float32 and then cast to `dtype`;
+    the frames leave the VAE in `dtype` and are converted to float32 before the uint8 step.
     With a `mesh` of several ranks every rank calls `decode` (or `decode_float`) with the same latents: the H latent
     rows are split over the first `decode_ranks(H)` = min(world, H) ranks, each decodes its block exactly (see
     `build_row_parallel_vae`), and rank 0 gathers the frames (one point-to-point gather) and returns them; the
@@ -209,8 +212,9 @@ class WanVAEDecoder:
             self.vae = AutoencoderKLWan.from_pretrained(str(vae_dir), torch_dtype=dtype).to(device).eval()
         cfg = self.vae.config
         shape = (1, cfg.z_dim, 1, 1, 1)
-        self._mean = torch.tensor(cfg.latents_mean, dtype=dtype, device=device).view(shape)
-        self._std = torch.tensor(cfg.latents_std, dtype=dtype, device=device).view(shape)
+        self.dtype = dtype
+        self._mean = torch.tensor(cfg.latents_mean, dtype=torch.float32, device=device).view(shape)
+        self._std = torch.tensor(cfg.latents_std, dtype=torch.float32, device=device).view(shape)
         self.mesh = mesh
         self._by_height: dict[int, tuple[RowSplit, AutoencoderKLWan]] = {}  # latent H -> (split, its VAE)
 
@@ -239,15 +243,16 @@ class WanVAEDecoder:
     @torch.inference_mode()
     def _decode_rows(self, latents_BCFHW: Tensor) -> tuple[RowSplit, Tensor | None]:
         """(the split of the latent rows, float frames [B, T, 8h, 8W, 3] of this rank's block, None if it has none)."""
-        latents = latents_BCFHW.to(device=self._mean.device, dtype=self._mean.dtype)
+        latents = latents_BCFHW.to(device=self._mean.device, dtype=torch.float32)
         rows, vae = self._split(latents.shape[3])
         if not rows.holds_rows:
             return rows, None
         if rows.num_ranks > 1:
             latents = rows.shard(latents, dim=3)
-        # WanPipeline: latents / (1 / std) + mean
-        video_BCThW = vae.decode(latents / (1.0 / self._std) + self._mean, return_dict=False)[0]
-        return rows, (video_BCThW * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).float()
+        # WanPipeline: latents / (1 / std) + mean, in float32 (the mean/std of a bf16 VAE would round first)
+        latents = (latents / (1.0 / self._std) + self._mean).to(self.dtype)
+        video_BCThW = vae.decode(latents, return_dict=False)[0]
+        return rows, (video_BCThW.float() * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1)
 
     def _split(self, latent_height: int) -> tuple[RowSplit, AutoencoderKLWan]:
         """The split of `latent_height` rows over the mesh and the VAE that decodes a block: cached by height."""

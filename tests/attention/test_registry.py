@@ -17,6 +17,8 @@ from tessera.attention import (
 )
 
 CPU = torch.device("cpu")
+# an example value for every attention-config key a backend takes (Backend.config_keys)
+_EXAMPLE_OPTIONS = {"sla_topk": 0.5, "sla_block_q": 128, "sla_block_k": 64, "sla_feature_map": "softmax"}
 
 
 @pytest.mark.parametrize("name", backend_names())
@@ -27,7 +29,8 @@ def test_every_backend_is_complete(name: str) -> None:
         assert callable(getattr(backend, field)), field
     assert backend.build_metadata is None or callable(backend.build_metadata)
     assert backend.check_supported(torch.float32, 32, CPU, (8, 8, 8)) is None  # all run on CPU, the spec
-    meta = backend.build_metadata((8, 8, 8), 0.5, CPU) if backend.build_metadata else None
+    options = {key: _EXAMPLE_OPTIONS[key] for key in backend.config_keys}
+    meta = backend.build_metadata((8, 8, 8), 0.5, CPU, **options) if backend.build_metadata else None
     attn = backend.build(meta, torch.float32, 32)
     assert attn.uses_gate == backend.uses_gate and isinstance(attn.kernel, str)
     order = backend.token_order(meta)
@@ -36,15 +39,16 @@ def test_every_backend_is_complete(name: str) -> None:
 
 
 def test_the_shipped_backends() -> None:
-    assert {"dense", "vsa"} <= set(backend_names())
-    assert [b.name for b in sparse_backends()] == ["vsa"]
+    assert {"dense", "vsa", "sla"} <= set(backend_names())
+    assert [b.name for b in sparse_backends()] == ["vsa", "sla"]  # registration order: auto asks VSA first
+    assert "proj_l" in get_backend("sla").auto_problem(torch.device("cuda"))  # never picked by auto
     assert get_backend("vsa").check_supported(torch.float32, 32, CPU, (2, 8, 8)) is not None  # smaller than a tile
     assert "CUDA" in get_backend("vsa").auto_problem(CPU) and get_backend("dense").auto_problem(CPU) is None
 
 
 def test_unknown_backend_names_the_registered_ones() -> None:
-    with pytest.raises(ValueError, match="unknown attention backend 'sla'; registered: dense, vsa"):
-        get_backend("sla")
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'; registered: dense, vsa, sla"):
+        get_backend("nope")
     with pytest.raises(ValueError, match="already registered"):
         register_backend(get_backend("dense"))
 

@@ -218,6 +218,24 @@ def test_injected_faults_fail_only_their_job(server):
     _no_temp_files(server)
 
 
+def test_a_failing_write_fails_its_job_and_the_server_carries_on(server):
+    # While the slow job generates (3 s in step 0), its mp4 path becomes a directory: the writer's check refuses it
+    # (a real error, also as root). The next job was queued behind it and completes.
+    slow = server.post({"seed": SLOW_SEED})["id"]
+    server.wait_for(slow, ("in_progress",))
+    (server.out_dir / f"{slow}.mp4").mkdir()
+    after = server.post({"seed": 6})["id"]
+    failed, completed = server.wait_for(slow), server.wait_for(after)
+    assert failed["status"] == "failed" and failed["error"]["code"] == "write_failed", failed
+    assert failed["error"]["message"].startswith("rank 0 failed during write: ValueError: output.path=")
+    assert "is a directory" in failed["error"]["message"]
+    assert completed["status"] == "completed"
+    assert server.request("GET", f"/v1/videos/{slow}/content")[0] == 404
+    assert [name for name in server.files() if name.startswith(slow)] == [f"{slow}.mp4"]  # only our directory
+    (server.out_dir / f"{slow}.mp4").rmdir()
+    _no_temp_files(server)
+
+
 def test_full_queue_gets_429_and_delete_cancels_queued_and_running_jobs(server):
     slow = server.post({"seed": SLOW_SEED})["id"]
     server.wait_for(slow, ("in_progress",))

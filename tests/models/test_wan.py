@@ -107,8 +107,13 @@ def test_config_from_diffusers_and_rope_split():
         num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30
     ).rope_dims == (44, 42, 42)
     assert cfg.rope_dims == (ref.rope.t_dim, ref.rope.h_dim, ref.rope.w_dim)
-    with pytest.raises(ValueError, match="image_dim"):
-        WanConfig.from_diffusers_config({**TINY, "image_dim": 1280})
+    i2v = WanConfig.from_diffusers_config({**TINY, "in_channels": 36, "out_channels": 16, "image_dim": 1280,
+                                           "added_kv_proj_dim": cfg.dim})
+    assert (i2v.image_dim, i2v.condition_channels, i2v.takes_image) == (1280, 20, True) and not cfg.takes_image
+    with pytest.raises(ValueError, match="pos_embed_seq_len"):  # Wan2.1 FLF2V: not implemented
+        WanConfig.from_diffusers_config({**TINY, "image_dim": 1280, "pos_embed_seq_len": 514})
+    with pytest.raises(ValueError, match="added_kv_proj_dim"):
+        WanConfig(**{**TINY, "image_dim": 1280, "added_kv_proj_dim": cfg.dim + 1})
     with pytest.raises(ValueError, match="attention_head_dim"):
         WanConfig(**{**TINY, "attention_head_dim": 15})
     with pytest.raises(ValueError, match="num_layers"):

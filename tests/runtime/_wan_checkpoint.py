@@ -2,7 +2,9 @@
 
 transformer (WanTransformer3DModel), text_encoder (UMT5EncoderModel), tokenizer (a local WordLevel tokenizer
 saved as PreTrainedTokenizerFast, loadable with AutoTokenizer), vae (AutoencoderKLWan), scheduler (UniPC with
-flow sigmas), model_index.json: all through `WanPipeline.save_pretrained`.
+flow sigmas), model_index.json: all through `WanPipeline.save_pretrained`. `write_i2v_checkpoint` adds a tiny
+CLIPVisionModel (image_encoder/) and CLIPImageProcessor (image_processor/) through
+`WanImageToVideoPipeline.save_pretrained`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ TRANSFORMER_CONFIG = dict(
     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
     text_dim=TEXT_DIM, freq_dim=32, ffn_dim=48, num_layers=2, cross_attn_norm=True, eps=1e-6, rope_max_seq_len=1024,
 )
+IMAGE_DIM = 24  # the tiny CLIP's width = the I2V DiT's image_dim; added_kv_proj_dim is the DiT width (2 x 16)
+I2V_TRANSFORMER_OVERRIDES = dict(in_channels=36, image_dim=IMAGE_DIM, added_kv_proj_dim=32)
 WORDS = "a red fox running through fresh snow in the forest cinematic lighting blurry low quality".split()
 
 
@@ -37,7 +41,45 @@ def _tokenizer():
 def write_diffusers_checkpoint(root: Path, seed: int = 0, **transformer_overrides) -> Path:
     """The tiny checkpoint; `transformer_overrides` change TRANSFORMER_CONFIG (e.g. 12 heads x 128 for the GPU
     kernels)."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline(**_components(seed, transformer_overrides))
+    pipe.save_pretrained(str(root), safe_serialization=True)
+    return root
+
+
+def write_i2v_checkpoint(root: Path, seed: int = 0, **transformer_overrides) -> Path:
+    """The tiny Wan2.1 I2V checkpoint: the DiT with 36 input channels and an image branch (image_dim 24, the CLIP
+    width; added_kv_proj_dim 32, the DiT width), a 2-layer CLIP vision tower on 28x28 crops in 14x14 patches (5
+    tokens: 4 patches + class), and its image processor (resize shortest edge to 28, centre crop 28x28).
+    `transformer_overrides` as `write_diffusers_checkpoint`'s (a wider DiT needs added_kv_proj_dim = its width)."""
+    from diffusers import WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    components = _components(seed, {**I2V_TRANSFORMER_OVERRIDES, **transformer_overrides})
+    image_encoder = CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=IMAGE_DIM, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+        patch_size=14)).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    pipe = WanImageToVideoPipeline(**components, image_encoder=image_encoder, image_processor=processor)
+    pipe.save_pretrained(str(root), safe_serialization=True)
+    return root
+
+
+def write_two_expert_checkpoint(root: Path, boundary_ratio: float, seed: int = 0) -> Path:
+    """A tiny Wan2.2 A14B-shaped checkpoint: transformer/ (high noise) and transformer_2/ (low noise), one
+    architecture with different random weights, and `boundary_ratio` in model_index.json."""
+    from diffusers import WanPipeline
+
+    transformer_2 = _components(seed + 1, {})["transformer"]  # another seed: other weights
+    pipe = WanPipeline(**_components(seed, {}), transformer_2=transformer_2, boundary_ratio=boundary_ratio)
+    pipe.save_pretrained(str(root), safe_serialization=True)
+    return root
+
+
+def _components(seed: int, transformer_overrides: dict) -> dict:
+    """transformer, text_encoder, tokenizer, vae, scheduler: the random parts both pipelines share."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(seed)
@@ -53,10 +95,8 @@ def write_diffusers_checkpoint(root: Path, seed: int = 0, **transformer_override
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=FLOW_SHIFT
     )
-    pipe = WanPipeline(tokenizer=_tokenizer(), text_encoder=text_encoder, vae=vae, scheduler=scheduler,
-                       transformer=transformer)
-    pipe.save_pretrained(str(root), safe_serialization=True)
-    return root
+    return dict(tokenizer=_tokenizer(), text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                transformer=transformer)
 
 
 def write_native_copy(diffusers_root: Path, dest: Path) -> Path:
@@ -78,12 +118,18 @@ _TOP = {
     "condition_embedder.text_embedder.linear_1.": "text_embedding.0.",
     "condition_embedder.text_embedder.linear_2.": "text_embedding.2.",
     "condition_embedder.time_proj.": "time_projection.1.",
+    "condition_embedder.image_embedder.norm1.": "img_emb.proj.0.",
+    "condition_embedder.image_embedder.ff.net.0.proj.": "img_emb.proj.1.",
+    "condition_embedder.image_embedder.ff.net.2.": "img_emb.proj.3.",
+    "condition_embedder.image_embedder.norm2.": "img_emb.proj.4.",
     "proj_out.": "head.head.",
     "scale_shift_table": "head.modulation",
 }
 _BLOCK = {
     "attn1.to_q.": "self_attn.q.", "attn1.to_k.": "self_attn.k.", "attn1.to_v.": "self_attn.v.",
     "attn1.to_out.0.": "self_attn.o.", "attn1.": "self_attn.", "attn2.to_q.": "cross_attn.q.",
+    "attn2.add_k_proj.": "cross_attn.k_img.", "attn2.add_v_proj.": "cross_attn.v_img.",
+    "attn2.norm_added_k.": "cross_attn.norm_k_img.",
     "attn2.to_k.": "cross_attn.k.", "attn2.to_v.": "cross_attn.v.", "attn2.to_out.0.": "cross_attn.o.",
     "attn2.": "cross_attn.", "norm2.": "norm3.", "ffn.net.0.proj.": "ffn.0.", "ffn.net.2.": "ffn.2.",
     "scale_shift_table": "modulation",

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import tessera.runtime.output as output
 import torch
+from tessera.launch.config import resolve_config
+from tessera.runtime.config import DEFAULT_ENCODER_PRESET, ENCODER_PRESETS
 from tessera.runtime.output import check_output_path, write_json_atomic, write_latents_atomic, write_video_atomic
 
 imageio = pytest.importorskip("imageio.v2")
@@ -78,10 +80,10 @@ def test_failure_mid_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.Mo
     target = tmp_path / "crash.mp4"
     seen: list[Path] = []
 
-    def failing_encode(tmp: Path, frames: np.ndarray, fps: int) -> None:
+    def failing_encode(tmp: Path, frames: np.ndarray, fps: int, preset: str) -> None:
         seen.append(tmp)
         assert tmp.parent == tmp_path and tmp.name.startswith(".crash.tmp-") and tmp.suffix == ".mp4"
-        real_encode(tmp, frames[:2], fps)  # a real partial file exists now
+        real_encode(tmp, frames[:2], fps, preset)  # a real partial file exists now
         assert tmp.stat().st_size > 0
         raise RuntimeError("disk full")
 
@@ -96,13 +98,47 @@ def test_existing_file_survives_failed_overwrite(tmp_path: Path, monkeypatch: py
     target = tmp_path / "v.mp4"
     target.write_bytes(b"old")
 
-    def failing_encode(tmp: Path, frames: np.ndarray, fps: int) -> None:
+    def failing_encode(tmp: Path, frames: np.ndarray, fps: int, preset: str) -> None:
         raise OSError("encoder died")
 
     monkeypatch.setattr(output, "_encode_video", failing_encode)
     with pytest.raises(OSError, match="encoder died"):
         write_video_atomic(target, _frames(), overwrite=True)
     assert target.read_bytes() == b"old" and _leftovers(tmp_path) == []
+
+
+# What x264 writes into every stream (an SEI message listing its options): each preset's own motion search settings.
+X264_OPTIONS = {"ultrafast": "subme=0", "veryfast": "subme=2", "medium": "subme=7"}
+
+
+@pytest.mark.parametrize("preset", list(X264_OPTIONS))
+def test_encoder_preset_reaches_x264(tmp_path: Path, preset: str) -> None:
+    frames = _frames(9, 64, 48)
+    out = write_video_atomic(tmp_path / f"{preset}.mp4", frames, preset=preset)
+    options = out.read_bytes().split(b"options: ", 1)[1].split(b"\x00", 1)[0].decode()
+    assert X264_OPTIONS[preset] in options.split() and "crf=23.0" in options.split(), options
+    assert _read_video(out).shape == frames.shape  # and the file plays back
+
+
+def test_default_encoder_preset_is_the_config_default(tmp_path: Path) -> None:
+    assert resolve_config([])[0].output.encoder_preset == DEFAULT_ENCODER_PRESET == "veryfast"
+    out = write_video_atomic(tmp_path / "default.mp4", _frames())
+    assert b" subme=2 " in out.read_bytes()  # veryfast's
+
+
+def test_bad_encoder_preset_fails_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_encode(*args: object) -> None:
+        raise AssertionError("the encoder ran")
+
+    monkeypatch.setattr(output, "_encode_video", no_encode)
+    with pytest.raises(ValueError, match=r"output\.encoder_preset='turbo' is not an x264 preset\. Fix: set "
+                       r"output\.encoder_preset to one of ultrafast, "):
+        write_video_atomic(tmp_path / "v.mp4", _frames(), preset="turbo")
+    assert list(tmp_path.iterdir()) == []
+    cfg, _ = resolve_config(["output.encoder_preset=turbo"])  # the config says so before anything loads
+    with pytest.raises(ValueError, match=r"output\.encoder_preset='turbo' is not one of ultrafast, .*placebo"):
+        cfg.validate()
+    assert resolve_config(["output.encoder_preset=medium"])[0].output.encoder_preset in ENCODER_PRESETS
 
 
 def test_json_round_trip(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ Small random VAEs (the same seed on every rank), latent heights that do not spli
 with fewer rows than ranks; `dim_mult=[1, 2, 4, 4]` changes the channel count around every upsampling. One spawned
 3-rank job (diffusers' import dominates, so one job) decodes every case split over 2 ranks (the third idles: the
 exchange is point-to-point) and over 3, through `WanVAEDecoder` on the whole mesh, and once in one process (the
-reference); the parent compares (fp32, relative 1e-5).
+reference); the parent compares (fp32, relative 1e-5). A bfloat16 decoder (`model.vae_dtype`) on the same mesh gives
+the one-process bfloat16 frames up to bf16 rounding.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ VAES = {
 DECODE_CASES = [("tiny", 3, 7, 6), ("mult1244", 3, 11, 6), ("residual", 2, 5, 3)]
 # through WanVAEDecoder on the 3-rank mesh (normalisation, uint8, the gather to rank 0); H=2, 1: fewer rows than ranks
 DECODER_HEIGHTS = (7, 2, 1)
+# bf16 split over 3 ranks vs bf16 in one process: the blocks' convolutions round differently (uint8 levels)
+BF16_LEVELS = 10
 
 
 def _vae(name: str):
@@ -74,14 +77,18 @@ def _job(rank: int, world_size: int, vae_dir: str) -> dict:
     if rank == 0:
         _vae("tiny").save_pretrained(vae_dir)
     dist.barrier()
-    decoder = WanVAEDecoder(Path(vae_dir), torch.device("cpu"), mesh=build_mesh(cfg=1, sp=world_size,
-                                                                                 device=torch.device("cpu")))
+    mesh = build_mesh(cfg=1, sp=world_size, device=torch.device("cpu"))
+    decoder = WanVAEDecoder(Path(vae_dir), torch.device("cpu"), mesh=mesh)
     one_process = WanVAEDecoder(Path(vae_dir), torch.device("cpu")) if rank == world_size - 1 else None
     for height in DECODER_HEIGHTS:
         latents = _latents(height, 3, height, 6)
         out[height] = (decoder.decode_ranks(height), decoder.decode_float(latents), decoder.decode(latents))
         if one_process is not None:
             out[height, "reference"] = (one_process.decode_float(latents), one_process.decode(latents))
+    latents = _latents(7, 3, 7, 6)
+    out["bfloat16"] = WanVAEDecoder(Path(vae_dir), torch.device("cpu"), torch.bfloat16, mesh=mesh).decode(latents)
+    if one_process is not None:
+        out["bfloat16", "reference"] = WanVAEDecoder(Path(vae_dir), torch.device("cpu"), torch.bfloat16).decode(latents)
     return out
 
 
@@ -114,3 +121,9 @@ def test_row_parallel_decode_matches_one_process(tmp_path: Path) -> None:
             assert _rel_err(frames_float, ref_float) <= REL_TOL, f"H={height}"
             # uint8 truncation: a float difference of ~1e-7 may cross an integer boundary, nothing more
             assert (frames_uint8.int() - ref_uint8.int()).abs().max().item() <= 1
+
+    bf16, bf16_ref = results[0]["bfloat16"], refs["bfloat16", "reference"]
+    assert bf16.dtype == torch.uint8 and bf16.shape == bf16_ref.shape == refs[7, "reference"][1].shape
+    assert all(result["bfloat16"] is None for result in results[1:])
+    assert (bf16.int() - bf16_ref.int()).abs().max().item() <= BF16_LEVELS
+    assert not torch.equal(bf16_ref, refs[7, "reference"][1])  # it did decode in bf16
