@@ -161,13 +161,19 @@ def test_sla_differs_from_dense_and_from_its_own_sparse_part(sla_ckpts, ckpt, tm
     assert rel_err(latents_of(without_l), latents_of(dense)) > 1e-4
 
 
+@pytest.fixture(scope="module")
+def one_rank_sla(sla_ckpts, tmp_path_factory) -> torch.Tensor:
+    out = tmp_path_factory.mktemp("sla_one") / "one.mp4"
+    assert main(run_args(sla_ckpts["local_attn"], out, *SLA)) == 0
+    return latents_of(out)
+
+
 @pytest.mark.multirank
 @pytest.mark.parametrize("ranks", [2, 3])
-def test_sla_on_several_ranks_equals_one_rank(sla_ckpts, tmp_path, ranks):
-    one, many = tmp_path / "one.mp4", tmp_path / "many.mp4"
-    assert main(run_args(sla_ckpts["local_attn"], one, *SLA)) == 0
+def test_sla_on_several_ranks_equals_one_rank(sla_ckpts, one_rank_sla, tmp_path, ranks):
+    many = tmp_path / "many.mp4"
     run_torchrun(tmp_path, ranks, run_args(sla_ckpts["local_attn"], many, *SLA))
-    assert rel_err(latents_of(many), latents_of(one)) < 1e-5
+    assert rel_err(latents_of(many), one_rank_sla) < 1e-5
     assert report_of(many)["attention"]["backend"] == "sla"
 
 
