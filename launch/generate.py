@@ -153,12 +153,15 @@ def _planned_device(share_one_gpu: bool) -> tuple[torch.device, int]:
 
 
 def user_error(rank: int, err: Exception) -> int:
-    """Rank 0 prints the error (every rank found the same one); the others wait a moment before exiting, so that
-    torchrun's SIGTERM (sent once any rank exits) does not reach rank 0 before it has printed."""
+    """Rank 0 prints the error (usually every rank found the same one); the others wait a moment before exiting, so
+    that torchrun's SIGTERM (sent once any rank exits) does not reach rank 0 before it has printed. A rank that is
+    still alive after the wait found an error rank 0 did not (the pre-flight is per rank: its memory, its device):
+    it prints it, naming itself, so a one-rank failure is never silent."""
     if rank == 0:
         print(f"error: {err}", file=sys.stderr, flush=True)
     else:
         time.sleep(_PEER_EXIT_GRACE_S)
+        print(f"error: rank {rank}: {err}", file=sys.stderr, flush=True)
     return EXIT_USER_ERROR
 
 

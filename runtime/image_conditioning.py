@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from tessera.models import WanConfig
 from tessera.parallel import ParallelMesh
-from tessera.runtime.checkpoint import Checkpoint, resolve_checkpoint
+from tessera.runtime.checkpoint import Checkpoint
 from tessera.runtime.conditioning import latent_shape
 from tessera.runtime.config import GenerateConfig
 from torch import Tensor
@@ -209,13 +209,15 @@ def aspect_warning(size_WH: tuple[int, int], height: int, width: int) -> str | N
             f"image's aspect at about the same size, or crop the image.")
 
 
-def plan_image_conditioning(cfg: GenerateConfig, model_cfg: WanConfig) -> ImageConditioningPlan | None:
+def plan_image_conditioning(
+    cfg: GenerateConfig, model_cfg: WanConfig, ckpt: Checkpoint | None
+) -> ImageConditioningPlan | None:
     """None for a text-only model; else where the image encoders live and their shapes, read from JSON only.
+    `ckpt` is `cfg.model.path` resolved (None without one).
 
     ValueError naming model.path and what is missing (image_encoder/, image_processor/, vae/) or inconsistent."""
     if not model_cfg.takes_image:
         return None
-    ckpt = resolve_checkpoint(cfg.model.path) if cfg.model.path is not None else None
     parts = {"vae/": ckpt and ckpt.vae}
     if model_cfg.image_dim is not None:
         parts.update({"image_encoder/": ckpt and ckpt.image_encoder, "image_processor/": ckpt and ckpt.image_processor})

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from tessera.attention import MetadataCache, backend_names, get_backend
 from tessera.models import WanConfig, WanTransformer, build_wan_on_meta, load_wan_weights_, materialize_random_
 from tessera.parallel import ParallelMesh, warmup_collectives
-from tessera.runtime.checkpoint import check_expert_config, resolve_checkpoint
+from tessera.runtime.checkpoint import Checkpoint, check_expert_config, resolve_checkpoint
 from tessera.runtime.compile_cache import compile_cache_counters, compile_cache_report, use_compile_cache
 from tessera.runtime.conditioning import token_grid
 from tessera.runtime.config import GenerateConfig
@@ -80,16 +80,16 @@ RANDOM_WEIGHTS_SEED = 0  # wan-tiny's weights, byte encoder and preview decoder:
 
 
 def build_model(
-    cfg: GenerateConfig, model_cfg: WanConfig, device: torch.device, expert: int = 0
+    cfg: GenerateConfig, model_cfg: WanConfig, device: torch.device, ckpt: Checkpoint | None, expert: int = 0
 ) -> tuple[WanTransformer, dict]:
-    """The DiT on `device`; `expert` 1 is a two-expert model's low-noise one (transformer_2/; random: seed + 1)."""
+    """The DiT on `device`, from `ckpt` (`cfg.model.path` resolved; None: seeded random weights); `expert` 1 is a
+    two-expert model's low-noise one (transformer_2/; random: seed + 1)."""
     dtype = getattr(torch, cfg.model.dtype)
     model = build_wan_on_meta(model_cfg)
-    if cfg.model.path is None:
+    if ckpt is None:
         materialize_random_(model, seed=RANDOM_WEIGHTS_SEED + expert, device=device, dtype=dtype)
         load_info = {"weights": "random", "seed": RANDOM_WEIGHTS_SEED + expert}
     else:
-        ckpt = resolve_checkpoint(cfg.model.path)
         weights = ckpt.weights if expert == 0 else ckpt.weights_2  # transformer/ (or transformer_2/) of a diffusers dir
         report = load_wan_weights_(model, weights, device=device, dtype=dtype)
         load_info = {"weights": cfg.model.path, "zero_initialised": list(report.zero_initialised)}
@@ -99,7 +99,9 @@ def build_model(
     return model.eval(), load_info
 
 
-def build_experts(cfg: GenerateConfig, model_cfg: WanConfig, mesh: ParallelMesh) -> tuple[Experts, dict]:
+def build_experts(
+    cfg: GenerateConfig, model_cfg: WanConfig, mesh: ParallelMesh, ckpt: Checkpoint | None
+) -> tuple[Experts, dict]:
     """The DiT, or both experts of a two-expert model (`model.boundary_ratio`), loaded one after the other; with
     `model.offload_experts` (or `auto` and a device too small for both) each waits in host memory once loaded.
     Returns them and the load report (two experts: the sum of their parameter bytes and one entry per expert)."""
@@ -109,7 +111,7 @@ def build_experts(cfg: GenerateConfig, model_cfg: WanConfig, mesh: ParallelMesh)
     experts = Experts(mesh.device, offload=offload, offload_reason=reason)
     infos = []
     for index in range(num_experts):
-        model, info = build_model(cfg, model_cfg, mesh.device, expert=index)
+        model, info = build_model(cfg, model_cfg, mesh.device, ckpt, expert=index)
         experts.add(model)
         infos.append({**info, "component": EXPERT_NAMES[index]} if num_experts > 1 else info)
     if num_experts == 1:
@@ -162,10 +164,13 @@ class Pipeline:
             # Gated (VSA) blocks carry to_gate_compress; zero-initialised when the checkpoint lacks it.
             model_cfg = dataclasses.replace(model_cfg, gate_compress=True)
         self.model_cfg = model_cfg
-        self.conditioning = plan_conditioning(cfg)  # real UMT5 + VAE or the tiny stand-ins; fails before loading
+        # The checkpoint, resolved once (JSON and safetensors headers) and passed to whatever loads a part of it.
+        self.checkpoint = None if cfg.model.path is None else resolve_checkpoint(cfg.model.path)
+        self.conditioning = plan_conditioning(cfg, self.checkpoint)  # real UMT5 + VAE or tiny stand-ins; fails early
         if cfg.image is not None:  # an image given at load (the CLI's first request, the API's defaults) must fit
             check_image_request(cfg, model_cfg, image_given=True)
-        self.image_conditioner = ImageConditioner(plan_image_conditioning(cfg, model_cfg), mesh, self.dtype)
+        image_plan = plan_image_conditioning(cfg, model_cfg, self.checkpoint)
+        self.image_conditioner = ImageConditioner(image_plan, mesh, self.dtype)
         self.metadata_cache = MetadataCache()
         self._embeddings: dict[str, torch.Tensor] = {}
         self._text_encoder = None
@@ -189,7 +194,7 @@ class Pipeline:
             _log_main(mesh, "text encoded in %.2f s", self._pending["text_encode"])
             t0 = time.perf_counter()
             self.compile_cache = use_compile_cache(cfg.model.cache_dir)  # before anything compiles
-            self.experts, self.load_info = build_experts(cfg, model_cfg, mesh)
+            self.experts, self.load_info = build_experts(cfg, model_cfg, mesh, self.checkpoint)
             self._pending["load"] = _elapsed_synced(t0, mesh.device)
         _note_missing_layer_weights(cfg, self.model, self.load_info)
         _log_main(mesh, "weights loaded: %.2f GiB in %.2f s", self.load_info["parameter_bytes"] / 2**30,

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from tessera.parallel import ParallelMesh, RowSplit, build_row_split
-from tessera.runtime.checkpoint import Checkpoint, resolve_checkpoint
+from tessera.runtime.checkpoint import Checkpoint
 from tessera.runtime.conditioning import LatentDecoder, TextEncoder, TinyLatentDecoder, TinyTextEncoder
 from tessera.runtime.config import RANDOM_WEIGHT_PRESETS, GenerateConfig
 from torch import Tensor, nn
@@ -59,13 +59,13 @@ class ConditioningPlan:
     vae_dir: Path | None = None
 
 
-def plan_conditioning(cfg: GenerateConfig) -> ConditioningPlan:
+def plan_conditioning(cfg: GenerateConfig, ckpt: Checkpoint | None) -> ConditioningPlan:
     """Cheap (JSON + imports): real UMT5/VAE for checkpoints that carry them, tiny ones for `wan-tiny` otherwise.
+    `ckpt` is `cfg.model.path` resolved (None without one).
 
     ValueError naming model.path and what is missing for a real preset without text_encoder/tokenizer/vae, and
     naming `pip install -e ".[wan]"` when transformers/diffusers are absent.
     """
-    ckpt: Checkpoint | None = None if cfg.model.path is None else resolve_checkpoint(cfg.model.path)
     if ckpt is None or (ckpt.kind != "diffusers" and cfg.model.preset in RANDOM_WEIGHT_PRESETS):
         return ConditioningPlan(text="tiny", decoder="tiny-preview")
     missing = ckpt.missing_components()
