@@ -46,6 +46,30 @@ class Backend:
     layer_weight: str | None = None
 
 
+def triton_kernel_problem(
+    label: str, dtype: torch.dtype, head_dim: int, device: torch.device | str, *,
+    dtypes: tuple[torch.dtype, ...], head_dims: tuple[int, ...],
+) -> str | None:
+    """Why a backend whose CUDA path is a Triton kernel (and whose CPU path is its PyTorch reference) cannot run with
+    these settings, or None; `label` ("VSA", "SLA") starts each message. The reference takes any positive head dim,
+    the kernel only `head_dims`."""
+    device = torch.device(device)
+    if dtype not in dtypes:
+        return f"{label} supports float16, bfloat16 and float32, not {dtype}"
+    if head_dim < 1:
+        return f"{label} needs a positive head dim, got {head_dim}"
+    if device.type == "cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            return f"{label} on CUDA needs the Triton kernel, but triton is not installed"
+        if head_dim not in head_dims:
+            return f"the {label} Triton kernel supports head dims {'/'.join(map(str, head_dims))}, got {head_dim}"
+    elif device.type != "cpu":
+        return f"{label} runs on cuda (Triton) or cpu (reference), not {device.type}"
+    return None
+
+
 _BACKENDS: dict[str, Backend] = {}  # registration data, written at import (and by tests); no run-time state
 
 

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from tessera.attention.registry import Backend, register_backend
+from tessera.attention.registry import Backend, register_backend, triton_kernel_problem
 
 SLA_FEATURE_MAPS = ("softmax", "elu", "relu")
 SLA_LINEAR_EPS = 1e-5  # o_linear = phi(q) kv / (SLA_LINEAR_EPS + phi(q) . ksum), as trained
@@ -218,21 +218,8 @@ def sla_attention_reference(
 def sla_check_supported(dtype: torch.dtype, head_dim: int, device: torch.device | str) -> str | None:
     """Why SLA cannot run with these settings, or ``None`` (checked once per plan). The CPU reference runs any
     positive head dim; the Triton kernel (CUDA) takes head dims 16/32/64/128."""
-    device = torch.device(device)
-    if dtype not in _SUPPORTED_DTYPES:
-        return f"SLA supports float16, bfloat16 and float32, not {dtype}"
-    if head_dim < 1:
-        return f"SLA needs a positive head dim, got {head_dim}"
-    if device.type == "cuda":
-        import importlib.util
-
-        if importlib.util.find_spec("triton") is None:
-            return "SLA on CUDA needs the Triton kernel, but triton is not installed"
-        if head_dim not in _TRITON_HEAD_DIMS:
-            return f"the SLA Triton kernel supports head dims {'/'.join(map(str, _TRITON_HEAD_DIMS))}, got {head_dim}"
-    elif device.type != "cpu":
-        return f"SLA runs on cuda (Triton) or cpu (reference), not {device.type}"
-    return None
+    return triton_kernel_problem("SLA", dtype, head_dim, device, dtypes=_SUPPORTED_DTYPES,
+                                 head_dims=_TRITON_HEAD_DIMS)
 
 
 class SLAAttention:

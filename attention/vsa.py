@@ -14,7 +14,7 @@ from fractions import Fraction
 from typing import Literal
 
 import torch
-from tessera.attention.registry import Backend, register_backend
+from tessera.attention.registry import Backend, register_backend, triton_kernel_problem
 
 VSA_TILE = (4, 4, 4)  # tokens per tile along (frames, height, width): 64, FastVideo's
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -251,22 +251,9 @@ def vsa_attention_reference(
 
 def vsa_check_supported(dtype: torch.dtype, head_dim: int, device: torch.device | str) -> str | None:
     """Return why VSA cannot run with these settings, or ``None`` when it can (checked once per plan)."""
-    device = torch.device(device)
-    if dtype not in _SUPPORTED_DTYPES:
-        return f"VSA supports float16, bfloat16 and float32, not {dtype}"
-    if head_dim < 1:
-        return f"VSA needs a positive head dim, got {head_dim}"
-    if device.type == "cuda":
-        import importlib.util
-
-        if importlib.util.find_spec("triton") is None:
-            return "VSA on CUDA needs the Triton kernel, but triton is not installed"
-        # tl.dot needs K >= 16 and power-of-two block shapes; larger heads exceed shared memory.
-        if head_dim not in (16, 32, 64, 128, 256):
-            return f"the VSA Triton kernel supports head dims 16/32/64/128/256, got {head_dim}"
-    elif device.type != "cpu":
-        return f"VSA runs on cuda (Triton) or cpu (reference), not {device.type}"
-    return None
+    # tl.dot needs K >= 16 and power-of-two block shapes; larger heads exceed shared memory.
+    return triton_kernel_problem("VSA", dtype, head_dim, device, dtypes=_SUPPORTED_DTYPES,
+                                 head_dims=(16, 32, 64, 128, 256))
 
 
 class VSAAttention:

@@ -23,7 +23,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from tessera.runtime import PRESETS, GenerateConfig
-from tessera.runtime.checkpoint import arch_mismatches, check_expert_config, resolve_model
+from tessera.runtime.checkpoint import arch_mismatches, check_expert_config, resolve_checkpoint, resolve_model
 from tessera.runtime.config import fix_example, schema_field
 from tessera.runtime.output import next_numbered_path
 
@@ -114,7 +114,9 @@ def resolve_config(argv: list[str], world_size: int = 1) -> tuple[GenerateConfig
     except OmegaConfBaseException as err:
         raise _type_error(err, dict(item.split("=", 1) for item in dotlist)) from None
     cfg = _follow_sampler(replace(cfg, **text).resolved(world_size), dotlist)
-    check_expert_config(cfg.model.boundary_ratio, cfg.model.path)  # model.boundary_ratio set by hand
+    # model.boundary_ratio set by hand must match the checkpoint (cheap: JSON and safetensors headers)
+    ckpt = None if cfg.model.path is None else resolve_checkpoint(cfg.model.path)
+    check_expert_config(cfg.model.boundary_ratio, ckpt)
     if cfg.output.path is None:  # each run gets a new file; an explicit path is never silently renamed
         cfg = replace(cfg, output=replace(cfg.output, path=str(next_numbered_path())))
     return cfg, arch

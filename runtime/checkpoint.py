@@ -29,6 +29,7 @@ _ARCH_FIELDS = (
 )
 _GATE_KEY = "to_gate_compress"  # diffusers attn1.to_gate_compress, native self_attn.to_gate_compress
 _SLA_KEY = ".proj_l."  # SLA checkpoints: blocks.N.<attn1|self_attn>.<...>.proj_l.{weight,bias}
+_EXTRA_WEIGHTS = {"gate_compress": _GATE_KEY, "sla_proj_l": _SLA_KEY}  # WanConfig field -> key marker in headers
 DMD_PIPELINE_CLASS = "WanDMDPipeline"  # FastVideo's few-step distilled (FastWan) checkpoints
 I2V_PIPELINE_CLASS = "WanImageToVideoPipeline"  # Wan2.1 I2V: with image_encoder/ (CLIP) and image_processor/
 
@@ -102,7 +103,7 @@ def resolve_model(
         return preset_arch, {}
     ckpt = resolve_checkpoint(path)
     if ckpt.arch is None:  # a bare file: the preset's architecture, with the extra weights its header shows
-        sla_proj_l = _has_sla_proj_l(ckpt.weights)
+        sla_proj_l = _extra_weights(ckpt.weights)["sla_proj_l"]
         return {**preset_arch, "sla_proj_l": sla_proj_l}, _sla_defaults(sla_proj_l)
     if preset_is_explicit:
         diffs = arch_mismatches(preset_arch, ckpt.arch)
@@ -161,30 +162,31 @@ def _read_json(file: Path, model_path: Path) -> dict[str, Any]:
     return data
 
 
-def _has_weights(weights: Path, marker: str) -> bool:
-    """True when a safetensors header in `weights` (one file or a directory) lists a key containing `marker`."""
+def _extra_weights(weights: Path) -> dict[str, bool]:
+    """Which optional weights (`_EXTRA_WEIGHTS`: the VSA gate, SLA's proj_l) the safetensors headers in `weights`
+    list: one file, an index (its shards lie beside it) or a directory; one pass over the headers."""
+    if weights.is_file() and not weights.name.endswith(".safetensors"):
+        weights = weights.parent
     files = [weights] if weights.is_file() else sorted(weights.glob("*.safetensors"))
+    found = dict.fromkeys(_EXTRA_WEIGHTS, False)
     for file in files:
-        if not file.name.endswith(".safetensors"):
-            continue  # an index: its shards are in the same directory, read through the directory form
         try:
             with safe_open(str(file), framework="pt", device="cpu") as handle:
-                if any(marker in key for key in handle.keys()):
-                    return True
+                keys = list(handle.keys())
         except Exception as err:  # SafetensorError for corrupt headers
             raise ValueError(f"cannot read safetensors file {file} (corrupt or truncated?): {err}") from err
-    return False
+        for field, marker in _EXTRA_WEIGHTS.items():
+            found[field] = found[field] or any(marker in key for key in keys)
+    return found
 
 
-def _has_gate_weights(weights: Path) -> bool:
-    """A VSA gate (diffusers attn1.to_gate_compress or native self_attn.to_gate_compress)."""
-    return _has_weights(weights, _GATE_KEY)
-
-
-def _has_sla_proj_l(weights: Path) -> bool:
-    """SLA's linear-branch projection, under any of the spellings `models.loading` accepts."""
-    return _has_weights(weights if weights.is_dir() or weights.name.endswith(".safetensors") else weights.parent,
-                        _SLA_KEY)
+def _transformer_arch(path: Path, folder: Path, what: str) -> dict[str, Any]:
+    """WanConfig fields of a diffusers transformer folder: its config.json plus the extra weights its headers list."""
+    config = _read_json(folder / "config.json", path)
+    try:
+        return asdict(WanConfig.from_diffusers_config(config, **_extra_weights(folder)))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"model.path={path}: {folder.name}/config.json is not a {what} config: {err}") from err
 
 
 def _resolve_diffusers(path: Path) -> Checkpoint:
@@ -197,12 +199,7 @@ def _resolve_diffusers(path: Path) -> Checkpoint:
             f"model.path={path} looks like a diffusers checkpoint but lacks {', '.join(missing)}. "
             f"Download the complete checkpoint (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)."
         )
-    config = _read_json(transformer / "config.json", path)
-    try:
-        arch = asdict(WanConfig.from_diffusers_config(config, gate_compress=_has_gate_weights(transformer),
-                                                      sla_proj_l=_has_sla_proj_l(transformer)))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"model.path={path}: transformer/config.json is not a Wan2.1 T2V/I2V config: {err}") from err
+    arch = _transformer_arch(path, transformer, "Wan2.1 T2V/I2V")
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     index_file = path / "model_index.json"
     index = _read_json(index_file, path) if index_file.is_file() else {}
@@ -252,12 +249,7 @@ def _second_expert(path: Path, arch: dict[str, Any], index: dict[str, Any]) -> t
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
         raise ValueError(f"model.path={path}: {index_file} has boundary_ratio={ratio!r}; it must lie in (0, 1). "
                          f"Fix: e.g. 0.875 (Wan2.2 T2V-A14B's).")
-    config = _read_json(folder / "config.json", path)
-    try:
-        arch_2 = asdict(WanConfig.from_diffusers_config(config, gate_compress=_has_gate_weights(folder),
-                                                        sla_proj_l=_has_sla_proj_l(folder)))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"model.path={path}: transformer_2/config.json is not a Wan config: {err}") from err
+    arch_2 = _transformer_arch(path, folder, "Wan")
     diffs = [f"{key}: transformer/ {arch[key]!r} vs transformer_2/ {arch_2[key]!r}"
              for key in arch if _norm(arch[key]) != _norm(arch_2[key])]
     if diffs:
@@ -267,12 +259,12 @@ def _second_expert(path: Path, arch: dict[str, Any], index: dict[str, Any]) -> t
     return folder, float(ratio)
 
 
-def check_expert_config(boundary_ratio: float | None, path: str | Path | None) -> None:
-    """ValueError unless `model.boundary_ratio` and the checkpoint agree on a second expert (with no checkpoint,
-    random weights: a ratio asks for two random experts). Cheap: JSON and safetensors headers only."""
-    if path is None:
+def check_expert_config(boundary_ratio: float | None, ckpt: Checkpoint | None) -> None:
+    """ValueError unless `model.boundary_ratio` and the resolved checkpoint agree on a second expert (with no
+    checkpoint, random weights: a ratio asks for two random experts)."""
+    if ckpt is None:
         return
-    ckpt = resolve_checkpoint(path)
+    path = ckpt.path
     if boundary_ratio is not None and ckpt.weights_2 is None:
         raise ValueError(
             f"model.boundary_ratio={boundary_ratio} asks for a second (low-noise) expert but model.path={path} has "
@@ -318,8 +310,7 @@ def _resolve_native(path: Path) -> Checkpoint:
                 freq_dim=int(config.get("freq_dim", 256)),
                 cross_attn_norm=bool(config.get("cross_attn_norm", True)),
                 eps=float(config.get("eps", 1e-6)),
-                gate_compress=_has_gate_weights(path),
-                sla_proj_l=_has_sla_proj_l(path),
+                **_extra_weights(path),
             )
         )
     except (KeyError, TypeError, ValueError) as err:

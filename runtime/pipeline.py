@@ -105,7 +105,7 @@ def build_experts(
     """The DiT, or both experts of a two-expert model (`model.boundary_ratio`), loaded one after the other; with
     `model.offload_experts` (or `auto` and a device too small for both) each waits in host memory once loaded.
     Returns them and the load report (two experts: the sum of their parameter bytes and one entry per expert)."""
-    check_expert_config(cfg.model.boundary_ratio, cfg.model.path)  # ValueError before any weight loads
+    check_expert_config(cfg.model.boundary_ratio, ckpt)  # ValueError before any weight loads
     num_experts = 1 if cfg.model.boundary_ratio is None else 2
     offload, reason = choose_expert_offload(cfg, model_cfg, mesh.device, sp=mesh.sp_size, rank=mesh.rank)
     experts = Experts(mesh.device, offload=offload, offload_reason=reason)
