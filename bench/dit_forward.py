@@ -1,12 +1,17 @@
-"""One Wan DiT forward on one GPU: time, attention share, layout share, peak memory; dense vs VSA.
+"""One Wan DiT forward on one GPU: time, attention share, layout share, peak memory; dense vs VSA (vs SLA), bf16
+(vs FP8 block linears).
 
     python bench/dit_forward.py --preset 1.3b --out bench_dit.json [--diffusers] [--sparsity 0.9] [--sp 2 4 8]
+        [--sla-topk 0.1] [--fp8 [--quality-steps 10]]
 
 Random bf16 weights, B=1, latents for 480x832x81 (1.3B) or 720x1280x81 (14B). The attention share comes
 from CUDA events around every self-attention call inside the real forward; the layout share times the
 token permutation into and out of tile order at the same shapes, plus (sp > 1) the Ulysses packing copies.
 With --diffusers, diffusers' WanTransformer3DModel (SDPA, cuDNN backend) runs the same forward with the
-same weights as the reference.
+same weights as the reference. --sla-topk adds SLA runs (random per-layer proj_l). --fp8 then quantises the
+blocks' linears (models/fp8.py) and times every backend again; with --quality-steps N both the bf16 and the FP8
+model run the same N-step flow-matching Euler loop (shift 3, one conditional forward a step, VSA at the first
+--sparsity) from the same noise, and the final latents' relative error is reported.
 
 --sp N: one rank's share of an N-rank sequence-parallel forward on this ONE GPU. A fake process group
 (torch's testing backend "fake": this process is rank 0 of N, collectives return at once and move nothing)
@@ -27,6 +32,7 @@ import torch
 from _timing import cuda_time_ms  # noqa: E402
 from tessera.attention import MetadataCache  # noqa: E402
 from tessera.models import WanConfig, build_wan_on_meta, materialize_random_  # noqa: E402
+from tessera.models.fp8 import quantize_blocks_fp8_  # noqa: E402
 from tessera.parallel import build_mesh  # noqa: E402
 from tessera.runtime import AttentionConfig, build_attention_plan  # noqa: E402
 from tessera.runtime.request import build_request_state  # noqa: E402
@@ -98,18 +104,24 @@ def packing_ms(model, ctx, inputs) -> float:
     return sum(s.elapsed_time(e) for s, e in events)
 
 
+def forward_context(model, cfg: WanConfig, backend: str, sparsity: float, latents, sp: int = 1):
+    """The step-0 forward context of a one-step plan: `sparsity` is VSA's, or SLA's top-k for backend sla."""
+    device = latents.device
+    grid = (latents.shape[2], latents.shape[3] // 2, latents.shape[4] // 2)
+    keys = {"sla_topk": sparsity} if backend == "sla" else {"sparsity": sparsity}
+    plan = build_attention_plan(
+        AttentionConfig(backend=backend, **keys), num_layers=cfg.num_layers, num_steps=1,
+        grid_thw=grid, head_dim=cfg.attention_head_dim, dtype=torch.bfloat16, device=device,
+    )
+    mesh = build_mesh(cfg=1, sp=sp, device=device)
+    return build_request_state(model, plan, grid, mesh, MetadataCache()).context_for_step(0)
+
+
 def bench_ours(model, cfg: WanConfig, backend: str, sparsity: float, inputs, iters: int, sp: int = 1,
                graphs: bool = False) -> dict:
     device = torch.device("cuda")
     latents, timestep, text = inputs
-    grid = (latents.shape[2], latents.shape[3] // 2, latents.shape[4] // 2)
-    plan = build_attention_plan(
-        AttentionConfig(backend=backend, sparsity=sparsity), num_layers=cfg.num_layers, num_steps=1,
-        grid_thw=grid, head_dim=cfg.attention_head_dim, dtype=torch.bfloat16, device=device,
-    )
-    mesh = build_mesh(cfg=1, sp=sp, device=device)
-    state = build_request_state(model, plan, grid, mesh, MetadataCache())
-    ctx = state.context_for_step(0)
+    ctx = forward_context(model, cfg, backend, sparsity, latents, sp)
     model(latents, timestep, text, ctx=ctx)  # compile + Triton autotune (its benchmark buffers) before the peak
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -149,7 +161,8 @@ def bench_ours(model, cfg: WanConfig, backend: str, sparsity: float, inputs, ite
     packing = packing_ms(model, ctx, inputs) if sp > 1 else 0.0
     layout_ms += packing
     return {
-        "backend": backend, "sparsity": sparsity if backend == "vsa" else None, "sp": sp,
+        "backend": backend, "sparsity": sparsity if backend == "vsa" else None,
+        "sla_topk": sparsity if backend == "sla" else None, "sp": sp,
         "packing_ms": packing, "forward_ms": forward_ms, "graphed_forward_ms": graphed_ms, "attention_ms": attention_ms,
         "attention_share": attention_ms / forward_ms,
         "layout_ms": layout_ms, "layout_share": layout_ms / forward_ms, "peak_gib": peak / 2**30,
@@ -167,7 +180,7 @@ def bench_diffusers(model, cfg: WanConfig, inputs) -> dict:
         freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", eps=cfg.eps,
     ).to(device="cuda", dtype=torch.bfloat16).eval()
-    ours = {k: v for k, v in model.state_dict().items() if "to_gate_compress" not in k}
+    ours = {k: v for k, v in model.state_dict().items() if "to_gate_compress" not in k and "proj_l" not in k}
     ref.load_state_dict(ours, strict=True)
     latents, timestep, text = inputs
     torch.cuda.empty_cache()
@@ -176,6 +189,21 @@ def bench_diffusers(model, cfg: WanConfig, inputs) -> dict:
         out_ref = ref(latents, timestep, text, return_dict=False)[0]
         ms = cuda_time_ms(lambda: ref(latents, timestep, text, return_dict=False))
     return {"forward_ms": ms, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "out": out_ref}
+
+
+def euler_latents(model, cfg: WanConfig, inputs, steps: int, sparsity: float) -> torch.Tensor:
+    """Final latents of `steps` flow-matching Euler steps (sigmas 1 -> 0, shift 3, one conditional forward a step,
+    VSA at `sparsity`) from the bf16 noise in `inputs`: the same loop for the bf16 and the FP8 model."""
+    latents, _, text = inputs
+    ctx = forward_context(model, cfg, "vsa", sparsity, latents)
+    raw = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    sigmas = 3.0 * raw / (1.0 + 2.0 * raw)
+    x = latents.float()
+    for i in range(steps):
+        t = torch.tensor([sigmas[i].item() * 1000.0], device=x.device)
+        v = model(x.to(torch.bfloat16), t, text, ctx=ctx).float()
+        x = x + (sigmas[i + 1] - sigmas[i]).item() * v
+    return x
 
 
 def time_ffn_up(model, cfg: WanConfig, latents) -> dict:
@@ -202,6 +230,10 @@ def main() -> None:
     parser.add_argument("--sp", type=int, nargs="+", default=[1],
                         help="sequence-parallel degrees; > 1: one rank's work under a fake process group (see above)")
     parser.add_argument("--cuda-graph", action="store_true", help="also time the forward replayed from a CUDA graph")
+    parser.add_argument("--sla-topk", type=float, nargs="*", default=[], help="also time SLA at these top-k")
+    parser.add_argument("--fp8", action="store_true", help="then quantise the block linears to FP8 and time again")
+    parser.add_argument("--quality-steps", type=int, default=0,
+                        help="with --fp8: final-latent error of an N-step Euler run, FP8 vs bf16")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.diffusers and args.sp != [1]:
@@ -211,7 +243,7 @@ def main() -> None:
     cfg = WanConfig(
         patch_size=(1, 2, 2), num_attention_heads=shape["heads"], attention_head_dim=128, in_channels=16,
         out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=shape["ffn"], num_layers=shape["layers"],
-        gate_compress=True,
+        gate_compress=True, sla_proj_l=bool(args.sla_topk),
     )
     device = torch.device("cuda")
     model = build_wan_on_meta(cfg)
@@ -234,9 +266,7 @@ def main() -> None:
             from torch.testing._internal.distributed.fake_pg import FakeStore
 
             torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=sp)
-        runs = [bench_ours(model, cfg, "dense", 0.0, inputs, args.iters, sp, args.cuda_graph)]
-        runs += [bench_ours(model, cfg, "vsa", sparsity, inputs, args.iters, sp, args.cuda_graph)
-                 for sparsity in args.sparsity]
+        runs = all_backends(model, cfg, args, inputs, sp)
         if sp > 1:
             torch.distributed.destroy_process_group()
         for run in runs:
@@ -251,8 +281,39 @@ def main() -> None:
         ref["our_dense_speedup"] = ref["forward_ms"] / results["runs"][0]["forward_ms"]
         results["diffusers"] = ref
         print(json.dumps({"diffusers": ref}))
+    if args.fp8:
+        bench_fp8(model, cfg, args, inputs, results)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+def all_backends(model, cfg: WanConfig, args, inputs, sp: int = 1) -> list[dict]:
+    """Our dense forward, then VSA at each --sparsity, then SLA at each --sla-topk."""
+    runs = [bench_ours(model, cfg, "dense", 0.0, inputs, args.iters, sp, args.cuda_graph)]
+    runs += [bench_ours(model, cfg, "vsa", s, inputs, args.iters, sp, args.cuda_graph) for s in args.sparsity]
+    runs += [bench_ours(model, cfg, "sla", t, inputs, args.iters, sp, args.cuda_graph) for t in args.sla_topk]
+    return runs
+
+
+def bench_fp8(model, cfg: WanConfig, args, inputs, results: dict) -> None:
+    """Quantise the loaded model's block linears in place, time every backend again (ratios against the bf16 dense
+    forward of this run) and, with --quality-steps, the final-latent error of an N-step run against bf16."""
+    bf16_dense_ms = results["runs"][0]["forward_ms"]
+    reference = None
+    if args.quality_steps:
+        reference = euler_latents(model, cfg, inputs, args.quality_steps, args.sparsity[0])
+    report = quantize_blocks_fp8_(model)
+    torch.cuda.empty_cache()
+    results["fp8"] = {"quant": report.as_dict(), "runs": all_backends(model, cfg, args, inputs)}
+    for run in results["fp8"]["runs"]:
+        run["speedup_vs_bf16_dense"] = bf16_dense_ms / run["forward_ms"]
+        print(json.dumps({"fp8": run}))
+    if reference is not None:
+        got = euler_latents(model, cfg, inputs, args.quality_steps, args.sparsity[0])
+        err = ((got - reference).norm() / reference.norm()).item()
+        results["fp8"]["latents_rel_err_vs_bf16"] = {"steps": args.quality_steps, "vsa_sparsity": args.sparsity[0],
+                                                     "rel_err": err}
+        print(json.dumps({"fp8_latents_rel_err_vs_bf16": err, "steps": args.quality_steps}))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                         help="also decode in bf16 (--no-bf16 on CPUs, where bf16 convolutions crawl)")
     parser.add_argument("--smoke", action="store_true", help="tiny VAE, 9x32x48, on the CPU")
+    parser.add_argument("--variants", action="store_true",
+                        help="also time ours in bf16 with cudnn.benchmark and with channels_last_3d weights (GPU)")
     args = parser.parse_args()
     if args.smoke:
         args.frames, args.height, args.width = 9, 32, 48
@@ -118,8 +120,22 @@ def run(args: argparse.Namespace, device: torch.device) -> dict | None:
         frames["diffusers", name], result[f"diffusers_{name}"] = _measure(
             lambda vae=vae, z=z: vae.decode(z, return_dict=False)[0], device, args.iters)
         frames["ours", name], result[f"ours_{name}"] = _measure(ours(vae, z), device, args.iters)
+    if args.variants and dtypes[-1] == torch.bfloat16:
+        z = latents.to(torch.bfloat16)
+        torch.backends.cudnn.benchmark = True  # the first (warm-up) call picks each convolution's fastest algorithm
+        frames["ours", "cudnn_benchmark"], result["ours_bfloat16_cudnn_benchmark"] = _measure(
+            ours(vae, z), device, args.iters)
+        vae_cl = copy.deepcopy(vae)
+        for param in vae_cl.parameters():
+            if param.dim() == 5:  # the Conv3d weights
+                param.data = param.data.contiguous(memory_format=torch.channels_last_3d)
+        frames["ours", "channels_last"], result["ours_bfloat16_cudnn_benchmark_channels_last_3d"] = _measure(
+            ours(vae_cl, z), device, args.iters)
+        torch.backends.cudnn.benchmark = False
     if not mesh.is_main:
         return None
+    for variant in ("cudnn_benchmark", "channels_last") if args.variants and args.bf16 else ():
+        result[f"ours_{variant}_vs_ours_bfloat16"] = _rel(frames["ours", variant], frames["ours", "bfloat16"])
     result["ours_vs_diffusers_float32"] = _rel(frames["ours", "float32"], frames["diffusers", "float32"])
     for impl in ("diffusers", "ours") if args.bf16 else ():
         result[f"{impl}_bfloat16_vs_float32"] = _rel(frames[impl, "bfloat16"], frames[impl, "float32"])

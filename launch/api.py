@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from tessera.launch.config import resolve_config, to_overrides
 from tessera.runtime import build_mesh, destroy_process_group_safely, init_process_group_from_env
+from tessera.runtime.checkpoint import check_checkpoint_request
 from tessera.runtime.config import GenerateConfig
 from tessera.runtime.faults import NO_FAULTS, FaultPlan
 from tessera.runtime.guards import Progress
@@ -88,7 +89,9 @@ class VideoPipeline:
             raise ValueError(f"{fixed[0]}.* is fixed when the pipeline loads; pass it to tessera.load(...) instead")
         cfg, _ = resolve_config([*self._overrides, *to_overrides(keys)], world_size=self._world_size)
         cfg.validate(world_size=self._world_size)
-        check_image_request(cfg, self._pipe.model_cfg, image_given=cfg.image is not None or image is not None)
+        image_given = cfg.image is not None or image is not None
+        check_checkpoint_request(cfg, self._pipe.checkpoint, image_given=image_given)  # TI2V: no image yet
+        check_image_request(cfg, self._pipe.model_cfg, image_given=image_given)
         return cfg
 
     @property
@@ -122,7 +125,7 @@ class VideoPipeline:
         pipe = self._pipe
         if cfg.model.memory_check:  # the weights are loaded already: only the request's own memory must fit
             check_request_memory(cfg, pipe.model_cfg, pipe.mesh.device, sp=pipe.mesh.sp_size, rank=pipe.mesh.rank,
-                                 already_loaded=pipe.load_info["parameter_bytes"])
+                                 already_loaded=pipe.load_info["parameter_bytes"], latents=pipe.latents)
 
     def _check_memory_on_every_rank(self, cfg: GenerateConfig) -> None:
         """`_check_memory` on every rank, agreed by one all_gather_object under torchrun: a request that one rank

@@ -23,7 +23,13 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from tessera.runtime import PRESETS, GenerateConfig
-from tessera.runtime.checkpoint import arch_mismatches, check_expert_config, resolve_checkpoint, resolve_model
+from tessera.runtime.checkpoint import (
+    arch_mismatches,
+    check_checkpoint_request,
+    check_expert_config,
+    resolve_checkpoint,
+    resolve_model,
+)
 from tessera.runtime.config import fix_example, schema_field
 from tessera.runtime.output import next_numbered_path
 
@@ -114,9 +120,11 @@ def resolve_config(argv: list[str], world_size: int = 1) -> tuple[GenerateConfig
     except OmegaConfBaseException as err:
         raise _type_error(err, dict(item.split("=", 1) for item in dotlist)) from None
     cfg = _follow_sampler(replace(cfg, **text).resolved(world_size), dotlist)
-    # model.boundary_ratio set by hand must match the checkpoint (cheap: JSON and safetensors headers)
+    # model.boundary_ratio set by hand must match the checkpoint (cheap: JSON and safetensors headers), and so must
+    # the size and image (TI2V-5B: multiples of 32 pixels, no image yet)
     ckpt = None if cfg.model.path is None else resolve_checkpoint(cfg.model.path)
     check_expert_config(cfg.model.boundary_ratio, ckpt)
+    check_checkpoint_request(cfg, ckpt, image_given=cfg.image is not None)
     if cfg.output.path is None:  # each run gets a new file; an explicit path is never silently renamed
         cfg = replace(cfg, output=replace(cfg.output, path=str(next_numbered_path())))
     return cfg, arch

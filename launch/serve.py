@@ -36,7 +36,6 @@ from tessera.launch.video_jobs import STOP, STOP_REASONS, Job, VideoJobs, build_
 from tessera.runtime.faults import FAULT_ENV, parse_fault_spec
 from tessera.runtime.guards import Cancelled, Interrupted, NonFiniteLatentsError, RankFailure, is_peer_loss
 from tessera.runtime.image_conditioning import request_image_path
-from tessera.runtime.pipeline import FPS
 
 EXIT_FAILURE = 1
 POLL_S = 0.2  # rank 0's idle wait per broadcast: bounds how late an idle server notices a signal
@@ -343,7 +342,8 @@ class _StepHook:
 class _RequestValidator:
     """Rank 0, on an HTTP thread: a request body -> (keys for `generate`, video-object fields, save_latents), with
     the CLI's errors (unknown keys with a suggestion, types, sizes, the memory pre-flight) plus the server's rules.
-    OpenAI's create fields are accepted: `size` "WxH", `seconds` (16 fps) and `model` naming the served model."""
+    OpenAI's create fields are accepted: `size` "WxH", `seconds` (at `output.fps`: the request's, else the served
+    model's, 16 or 24 for TI2V-5B) and `model` naming the served model."""
 
     def __init__(self, pipe: VideoPipeline, model: str) -> None:
         self.pipe, self.model = pipe, model
@@ -367,7 +367,7 @@ class _RequestValidator:
         keys["output.path"] = str(video_path)
         cfg = self.pipe.check(**keys)  # the config resolver's checks and this rank's memory pre-flight
         info = {"model": self.model, "prompt": cfg.prompt, "size": f"{cfg.width}x{cfg.height}",
-                "seconds": f"{cfg.num_frames / FPS:g}"}
+                "seconds": f"{cfg.num_frames / cfg.output.fps:g}"}
         return keys, info, cfg.output.save_latents
 
     def _openai_fields(self, body: dict) -> dict:
@@ -387,14 +387,24 @@ class _RequestValidator:
             keys.update(width=int(width), height=int(height))
         seconds = keys.pop("seconds", None)
         if seconds is not None:
+            fps = _request_fps(keys, self.pipe.config.output.fps)
             try:
-                frames = 4 * round(float(seconds) * FPS / 4) + 1  # the VAE packs 4 frames per latent frame
+                frames = 4 * round(float(seconds) * fps / 4) + 1  # the VAE packs 4 frames per latent frame
             except (TypeError, ValueError):
                 raise TypeError(f"seconds={seconds!r} must be a number of seconds (e.g. \"5\")") from None
             if "num_frames" in keys:
-                raise ValueError("seconds and num_frames both given: give one (seconds becomes num_frames at 16 fps)")
+                raise ValueError(f"seconds and num_frames both given: give one (seconds becomes num_frames at {fps} "
+                                 f"fps)")
             keys["num_frames"] = frames
         return keys
+
+
+def _request_fps(keys: dict, served_fps: int) -> int:
+    """The frame rate `seconds` converts at: the request's `output.fps` when it is a positive whole number (a bad
+    one is refused, naming the key, when the request's config resolves), else the served model's."""
+    fps = (keys.get("output") or {}).get("fps") if isinstance(keys.get("output"), dict) else None
+    fps = keys.get("output.fps", fps)
+    return fps if isinstance(fps, int) and not isinstance(fps, bool) and fps > 0 else served_fps
 
 
 def _json_type(value: Any) -> str:

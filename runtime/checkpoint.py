@@ -6,7 +6,9 @@ its image processor live. `resolve_model` combines it with the preset: the archi
 when it has a config; the preset supplies generation defaults; an explicitly chosen preset whose architecture
 disagrees with the checkpoint is an error.
 A diffusers checkpoint whose model_index.json names `WanDMDPipeline` (FastWan) defaults to the DMD sampler. One with
-`transformer_2/` and a `boundary_ratio` in model_index.json carries a second, low-noise expert (Wan2.2 A14B).
+`transformer_2/` and a `boundary_ratio` in model_index.json carries a second, low-noise expert (Wan2.2 A14B). One with
+the Wan2.2 VAE (vae/config.json: 48 latent channels, 16x spatial compression) or `expand_timesteps` in
+model_index.json is a Wan2.2 TI2V-5B model (24 fps by default).
 """
 
 from __future__ import annotations
@@ -14,12 +16,19 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetensors import safe_open
 from tessera.models import WanConfig
+from tessera.runtime.conditioning import WAN21_LATENTS, LatentFormat
 
-__all__ = ["Checkpoint", "arch_mismatches", "check_expert_config", "resolve_checkpoint", "resolve_model"]
+if TYPE_CHECKING:
+    from tessera.runtime.config import GenerateConfig
+
+__all__ = [
+    "Checkpoint", "arch_mismatches", "check_checkpoint_request", "check_expert_config", "checkpoint_latents",
+    "resolve_checkpoint", "resolve_model",
+]
 
 # Architecture fields compared between an explicit preset and a checkpoint config (gate_compress is not:
 # VSA blocks get a zero-initialised gate when the checkpoint lacks one).
@@ -32,6 +41,8 @@ _SLA_KEY = ".proj_l."  # SLA checkpoints: blocks.N.<attn1|self_attn>.<...>.proj_
 _EXTRA_WEIGHTS = {"gate_compress": _GATE_KEY, "sla_proj_l": _SLA_KEY}  # WanConfig field -> key marker in headers
 DMD_PIPELINE_CLASS = "WanDMDPipeline"  # FastVideo's few-step distilled (FastWan) checkpoints
 I2V_PIPELINE_CLASS = "WanImageToVideoPipeline"  # Wan2.1 I2V: with image_encoder/ (CLIP) and image_processor/
+FASTWAN_TI2V_PRESET = "fastwan2.2-ti2v-5b"  # text-to-video only (FastVideo distilled it without image conditioning)
+TI2V_FPS = 24  # Wan2.2 TI2V-5B's sample_fps (121 frames = 5 s); Wan2.1 and Wan2.2 A14B: the schema's 16
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,15 @@ class Checkpoint:
     image_processor_class: str | None = None  # model_index.json's transformers class for image_processor/
     weights_2: Path | None = None  # two-expert (Wan2.2 A14B): transformer_2/, the low-noise expert's weights
     boundary_ratio: float | None = None  # two-expert: model_index.json's boundary_ratio (None: one expert)
+    latents: LatentFormat = WAN21_LATENTS  # the VAE's latent channels and compression (vae/config.json)
+    # model_index.json's `expand_timesteps` (Wan2.2 TI2V-5B): diffusers gives the DiT one timestep per token. For
+    # text-to-video every token gets the same t, which the DiT's scalar-timestep path computes identically.
+    expand_timesteps: bool = False
+
+    @property
+    def is_ti2v(self) -> bool:
+        """A Wan2.2 TI2V-5B model (or its FastWan distillation): the Wan2.2 VAE or per-token timesteps."""
+        return self.expand_timesteps or self.latents != WAN21_LATENTS
 
     @property
     def flow_shift(self) -> float | None:
@@ -131,6 +151,8 @@ def _checkpoint_defaults(ckpt: Checkpoint) -> dict[str, Any]:
     defaults.update(_sla_defaults(bool(ckpt.arch and ckpt.arch.get("sla_proj_l"))))
     if ckpt.boundary_ratio is not None:  # Wan2.2 A14B: transformer_2/ takes over below boundary_ratio x 1000
         defaults["model"] = {"boundary_ratio": ckpt.boundary_ratio}
+    if ckpt.is_ti2v:
+        defaults["output"] = {"fps": TI2V_FPS}
     return defaults
 
 
@@ -206,6 +228,11 @@ def _resolve_diffusers(path: Path) -> Checkpoint:
     pipeline_class = index.get("_class_name")
     processor_entry = index.get("image_processor")  # ["transformers", "CLIPImageProcessor"]
     weights_2, boundary_ratio = _second_expert(path, arch, index)
+    vae = _dir_with(path / "vae", "config.json")
+    expand_timesteps = index.get("expand_timesteps", False)
+    if not isinstance(expand_timesteps, bool):
+        raise ValueError(f"model.path={path}: model_index.json has expand_timesteps={expand_timesteps!r}; it must be "
+                         f"true (Wan2.2 TI2V-5B) or false. Fix: correct model_index.json.")
     return Checkpoint(
         path=path,
         kind="diffusers",
@@ -213,7 +240,9 @@ def _resolve_diffusers(path: Path) -> Checkpoint:
         arch=arch,
         text_encoder=_dir_with(path / "text_encoder", "config.json"),
         tokenizer=_dir_with(path / "tokenizer", "tokenizer_config.json"),
-        vae=_dir_with(path / "vae", "config.json"),
+        vae=vae,
+        latents=_vae_latents(path, vae, arch),
+        expand_timesteps=expand_timesteps,
         scheduler_config=_read_json(scheduler_file, path) if scheduler_file.is_file() else None,
         pipeline_class=pipeline_class if isinstance(pipeline_class, str) else None,
         weights_2=weights_2,
@@ -257,6 +286,67 @@ def _second_expert(path: Path, arch: dict[str, Any], index: dict[str, Any]) -> t
                          f"of one architecture (Wan2.2 A14B). Fix: pair transformer/ with a transformer_2/ of the "
                          f"same architecture (and the same extra weights).")
     return folder, float(ratio)
+
+
+def _vae_latents(path: Path, vae: Path | None, arch: dict[str, Any]) -> LatentFormat:
+    """The latent format of vae/config.json (Wan2.1's without a vae/: its absence is reported where it is needed);
+    ValueError naming the file when it is not a Wan VAE this runtime runs, or does not fit the DiT."""
+    if vae is None:
+        return WAN21_LATENTS
+    config = _read_json(vae / "config.json", path)
+    try:
+        latents = LatentFormat(channels=int(config.get("z_dim") or 16),
+                               spatial_stride=int(config.get("scale_factor_spatial") or 8),
+                               temporal_stride=int(config.get("scale_factor_temporal") or 4))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"model.path={path}: vae/config.json is not a Wan VAE config ({err})") from err
+    if latents.temporal_stride != WAN21_LATENTS.temporal_stride or latents.spatial_stride not in (8, 16):
+        raise ValueError(
+            f"model.path={path}: vae/config.json has scale_factor_temporal={latents.temporal_stride} and "
+            f"scale_factor_spatial={latents.spatial_stride}; Tessera runs the Wan2.1 VAE (4, 8) and the Wan2.2 VAE "
+            f"(4, 16). Fix: use a Wan checkpoint's vae/."
+        )
+    if arch["out_channels"] != latents.channels:
+        raise ValueError(
+            f"model.path={path}: transformer/config.json has out_channels={arch['out_channels']} but the VAE's "
+            f"latents have z_dim={latents.channels} channels: transformer/ and vae/ come from different models. Fix: "
+            f"pair them as in the original checkpoint (Wan2.1: 16, Wan2.2 TI2V-5B: 48)."
+        )
+    return latents
+
+
+def checkpoint_latents(ckpt: Checkpoint | None) -> LatentFormat:
+    """The latent format a run samples in: the checkpoint VAE's, Wan2.1's without a checkpoint (wan-tiny)."""
+    return WAN21_LATENTS if ckpt is None else ckpt.latents
+
+
+def check_checkpoint_request(cfg: GenerateConfig, ckpt: Checkpoint | None, *, image_given: bool) -> None:
+    """ValueError, before any weight loads, when a request does not fit the checkpoint's family: a size that the
+    VAE's compression x the DiT's patch does not divide (32 pixels for Wan2.2 TI2V-5B), or an image for TI2V-5B
+    (FastWan2.2-TI2V-5B is distilled for text-to-video; image conditioning of TI2V-5B is not implemented yet)."""
+    if ckpt is None:
+        return
+    patch = tuple((ckpt.arch or {}).get("patch_size", (1, 2, 2)))
+    for key, axis in (("height", 1), ("width", 2)):
+        value, multiple = getattr(cfg, key), ckpt.latents.spatial_stride * patch[axis]
+        if value % multiple:
+            raise ValueError(
+                f"{key}={value} must be a multiple of {multiple} for model.path={ckpt.path}: its VAE compresses "
+                f"{ckpt.latents.spatial_stride}x spatially and the DiT's patches are {patch[axis]} latent pixels. "
+                f"Fix: {key}={max(multiple, multiple * round(value / multiple))}."
+            )
+    if not (image_given and ckpt.is_ti2v):
+        return
+    if ckpt.pipeline_class == DMD_PIPELINE_CLASS or cfg.model.preset == FASTWAN_TI2V_PRESET:
+        raise ValueError(
+            f"image={cfg.image or '<an image object>'} was given but model.path={ckpt.path} is FastWan2.2-TI2V-5B "
+            f"(the DMD sampler), which is distilled for text-to-video only. Fix: drop image."
+        )
+    raise ValueError(
+        f"image={cfg.image or '<an image object>'}: image conditioning for TI2V-5B (model.path={ckpt.path}) is not "
+        f"supported yet; it runs text-to-video. Fix: drop image, or use an image-to-video checkpoint such as "
+        f"Wan-AI/Wan2.1-I2V-14B-480P-Diffusers."
+    )
 
 
 def check_expert_config(boundary_ratio: float | None, ckpt: Checkpoint | None) -> None:

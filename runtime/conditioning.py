@@ -10,6 +10,7 @@ Shape legend: B batch, L text tokens, C channels, F latent frames, H/W latent he
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -20,8 +21,10 @@ __all__ = [
     "TextEncoder",
     "TinyLatentDecoder",
     "TinyTextEncoder",
+    "WAN21_LATENTS",
     "WAN21_LATENT_RGB_BIAS",
     "WAN21_LATENT_RGB_FACTORS",
+    "LatentFormat",
     "draw_dmd_noise",
     "draw_initial_noise",
     "latent_shape",
@@ -30,6 +33,20 @@ __all__ = [
 
 VAE_TEMPORAL_STRIDE = 4  # Wan VAE: first frame alone, then 4 frames per latent frame
 VAE_SPATIAL_STRIDE = 8
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """A VAE's latent space: channels and compression (pixels per latent cell), from its config.json (`z_dim`,
+    `scale_factor_spatial`, `scale_factor_temporal`). Wan2.1's VAE (also Wan2.2 A14B's): 16 channels, 8x spatial;
+    Wan2.2's VAE (TI2V-5B): 48 channels, 16x spatial. Both pack 4 frames per latent frame after the first."""
+
+    channels: int = 16
+    spatial_stride: int = VAE_SPATIAL_STRIDE
+    temporal_stride: int = VAE_TEMPORAL_STRIDE
+
+
+WAN21_LATENTS = LatentFormat()
 
 # Linear latent -> RGB preview of Wan2.1 (16 channels, normalised latent space), from ComfyUI's
 # comfy/latent_formats.py `Wan21.latent_rgb_factors` / `latent_rgb_factors_bias`: rgb ~ in [-1, 1].
@@ -81,18 +98,23 @@ def num_video_frames(num_latent_frames: int) -> int:
     return (num_latent_frames - 1) * VAE_TEMPORAL_STRIDE + 1
 
 
-def latent_shape(num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-    """(F, H/8, W/8) latent grid of a video; F = (num_frames - 1) // 4 + 1 as in WanPipeline."""
+def latent_shape(
+    num_frames: int, height: int, width: int, latents: LatentFormat = WAN21_LATENTS
+) -> tuple[int, int, int]:
+    """(F, H/s, W/s) latent grid of a video (s = `latents.spatial_stride`: 8, or 16 for the Wan2.2 VAE);
+    F = (num_frames - 1) // 4 + 1 as in WanPipeline."""
     return (
-        (num_frames - 1) // VAE_TEMPORAL_STRIDE + 1,
-        height // VAE_SPATIAL_STRIDE,
-        width // VAE_SPATIAL_STRIDE,
+        (num_frames - 1) // latents.temporal_stride + 1,
+        height // latents.spatial_stride,
+        width // latents.spatial_stride,
     )
 
 
-def token_grid(num_frames: int, height: int, width: int, patch_size: tuple[int, int, int]) -> tuple[int, int, int]:
+def token_grid(
+    num_frames: int, height: int, width: int, patch_size: tuple[int, int, int], latents: LatentFormat = WAN21_LATENTS
+) -> tuple[int, int, int]:
     """(T, Hh, Ww) token grid after patchify of a video's latent grid (`latent_shape`)."""
-    return tuple(n // p for n, p in zip(latent_shape(num_frames, height, width), patch_size, strict=True))
+    return tuple(n // p for n, p in zip(latent_shape(num_frames, height, width, latents), patch_size, strict=True))
 
 
 class TinyTextEncoder:
@@ -171,22 +193,23 @@ class TinyLatentDecoder:
 
 
 def draw_initial_noise(
-    batch: int, num_frames: int, height: int, width: int, seed: int, latent_channels: int = 16
+    batch: int, num_frames: int, height: int, width: int, seed: int, latents: LatentFormat = WAN21_LATENTS
 ) -> Tensor:
     """Initial latents exactly as WanPipeline draws them with `generator=Generator("cpu").manual_seed(seed)`.
 
-    Returns float32 [batch, latent_channels, (num_frames - 1)//4 + 1, height//8, width//8] on the CPU
-    (move it to the device afterwards; drawing on the CPU keeps every rank and platform identical).
+    Returns float32 [batch, latents.channels, (num_frames - 1)//4 + 1, height//s, width//s] on the CPU (s the
+    VAE's spatial stride; move it to the device afterwards: drawing on the CPU keeps every rank and platform
+    identical).
     """
     for key, value in (("batch", batch), ("num_frames", num_frames), ("height", height), ("width", width)):
         if value < 1:
             raise ValueError(f"{key}={value} must be >= 1")
-    f, h, w = latent_shape(num_frames, height, width)
+    f, h, w = latent_shape(num_frames, height, width, latents)
     if h < 1 or w < 1:
-        raise ValueError(f"height={height} and width={width} must be at least {VAE_SPATIAL_STRIDE}")
+        raise ValueError(f"height={height} and width={width} must be at least {latents.spatial_stride}")
     gen = torch.Generator("cpu").manual_seed(seed)
     # randn_tensor(shape, generator=cpu_gen, dtype=float32) with one generator = one torch.randn on the CPU.
-    return torch.randn((batch, latent_channels, f, h, w), generator=gen, dtype=torch.float32)
+    return torch.randn((batch, latents.channels, f, h, w), generator=gen, dtype=torch.float32)
 
 
 def draw_dmd_noise(generator: torch.Generator, shape_BCFHW: tuple[int, int, int, int, int]) -> Tensor:

@@ -14,17 +14,15 @@ from typing import Any
 PRESETS = (
     "wan-tiny", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "fastwan2.1-t2v-1.3b", "fastwan2.1-t2v-14b", "fastwan2.2-ti2v-5b",
     "wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p",
-    "wan2.2-t2v-a14b",
+    "wan2.2-t2v-a14b", "wan2.2-ti2v-5b",
 )
-# Presets that document a model this runtime cannot run yet: choosing one is an error saying why.
-UNSUPPORTED_PRESETS = {
-    "fastwan2.2-ti2v-5b": "Wan2.2 TI2V-5B needs the 48-channel Wan2.2 VAE (16x spatial compression) and per-token "
-                          "timesteps, which Tessera does not implement yet",
-}
+# Presets that document a model this runtime cannot run yet: choosing one is an error saying why (none today).
+UNSUPPORTED_PRESETS: dict[str, str] = {}
 # Presets whose weights are random by design; the real architectures need a checkpoint.
 RANDOM_WEIGHT_PRESETS = ("wan-tiny",)
 DTYPES = ("float32", "bfloat16")
 VAE_DTYPES = ("float32", "bfloat16", "float16")
+QUANT_MODES = ("none", "fp8")  # model.quant: fp8 = the block linears in e4m3 (models/fp8.py)
 # x264's speed presets, fastest first; `output.encoder_preset` picks one (python bench/write_video.py compares them).
 ENCODER_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
                    "placebo")
@@ -68,6 +66,10 @@ class ModelConfig:
     # python bench/vae_decode.py measured 1.5x faster on an H200 at 480x832x81, frames within 1.7% (norm) of fp32.
     vae_dtype: str = _key("float32", doc=f"dtype the Wan VAE decodes in: {', '.join(VAE_DTYPES)}",
                           example="bfloat16")
+    # FP8 (models/fp8.py): the DiT blocks' linear layers in e4m3 with per-channel weight and per-token activation
+    # scales, quantised at load; needs model.dtype=bfloat16 and a GPU with FP8 tensor cores (checked before loading).
+    quant: str = _key("none", doc=f"quantise the DiT blocks' linear layers at load: {', '.join(QUANT_MODES)}",
+                      example="fp8")
     # Two-expert models (Wan2.2 A14B, runtime/experts.py): set from the checkpoint's model_index.json or the preset.
     # With random weights (model.path unset) it gives two random experts, for smoke runs of the switch.
     boundary_ratio: float | None = _key(None, doc="two-expert models (Wan2.2 A14B): the high-noise expert runs while "
@@ -117,6 +119,10 @@ class OutputConfig:
     # libx264's speed/size trade at the same quality (crf 23): see python bench/write_video.py for the numbers.
     encoder_preset: str = _key(DEFAULT_ENCODER_PRESET, example="medium",
                                doc=f"x264 speed preset of the mp4: {', '.join(ENCODER_PRESETS)}")
+    # The model family's rate by default (the preset's or the checkpoint's): Wan2.1 and Wan2.2 A14B 16, Wan2.2
+    # TI2V-5B 24 (runtime/checkpoint.py TI2V_FPS). Sets only the playback rate: the frames are the same.
+    fps: int = _key(16, doc="frames per second of the mp4, by model family: 16 for Wan2.1 and Wan2.2 A14B, 24 for "
+                    "Wan2.2 TI2V-5B", example="24")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,7 +196,15 @@ class GenerateConfig:
                              f"documented in configs/models/{self.model.preset}.yaml.")
         _check_choice("model.dtype", self.model.dtype, DTYPES)
         _check_choice("model.vae_dtype", self.model.vae_dtype, VAE_DTYPES)
+        _check_choice("model.quant", self.model.quant, QUANT_MODES)
+        if self.model.quant == "fp8" and self.model.dtype != "bfloat16":
+            raise ValueError(f"model.quant=fp8 computes in bfloat16, but model.dtype={self.model.dtype}: set "
+                             f"model.dtype=bfloat16, or model.quant=none")
         _check_choice("output.encoder_preset", self.output.encoder_preset, ENCODER_PRESETS)
+        _check_type("output.fps", self.output.fps, int)
+        if self.output.fps < 1:
+            raise ValueError(f"output.fps={self.output.fps} must be a positive whole number of frames per second. "
+                             f"Fix: {fix_example('output.fps')} (Wan2.2 TI2V-5B's), or 16 (Wan2.1's).")
         _check_choice("model.cuda_graphs", str(self.model.cuda_graphs).lower(), CUDA_GRAPHS)
         if self.model.path is None and self.model.preset not in RANDOM_WEIGHT_PRESETS:
             raise ValueError(

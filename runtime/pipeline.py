@@ -18,8 +18,15 @@ import torch
 import torch.distributed as dist
 from tessera.attention import MetadataCache, backend_names, get_backend
 from tessera.models import WanConfig, WanTransformer, build_wan_on_meta, load_wan_weights_, materialize_random_
+from tessera.models.fp8 import check_quant_supported, quantize_blocks_fp8_
 from tessera.parallel import ParallelMesh, warmup_collectives
-from tessera.runtime.checkpoint import Checkpoint, check_expert_config, resolve_checkpoint
+from tessera.runtime.checkpoint import (
+    Checkpoint,
+    check_checkpoint_request,
+    check_expert_config,
+    checkpoint_latents,
+    resolve_checkpoint,
+)
 from tessera.runtime.compile_cache import compile_cache_counters, compile_cache_report, use_compile_cache
 from tessera.runtime.conditioning import token_grid
 from tessera.runtime.config import GenerateConfig
@@ -59,8 +66,6 @@ from tessera.runtime.wan_components import (
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-LATENT_CHANNELS = 16
-FPS = 16
 # The report's `stage_seconds`: text_encode includes loading the encoder, load is the DiT's weights, denoise
 # includes first_step; decode and write (the video and latents, not the JSON itself) are measured on rank 0 only.
 STAGES = ("load", "text_encode", "first_step", "denoise", "decode", "write", "total")
@@ -69,7 +74,7 @@ log = logging.getLogger("tessera")
 
 @dataclass(frozen=True)
 class GenerateResult:
-    latents: torch.Tensor  # [1, 16, F, H/8, W/8] float32 on the rank's device: final, before decoding
+    latents: torch.Tensor  # [1, C, F, H/s, W/s] float32 on the rank's device (the VAE's format), before decoding
     frames: torch.Tensor | None  # uint8 [T, H, W, 3] on the CPU, decoded on rank 0 (None on the other ranks)
     report: dict
 
@@ -93,7 +98,9 @@ def build_model(
         weights = ckpt.weights if expert == 0 else ckpt.weights_2  # transformer/ (or transformer_2/) of a diffusers dir
         report = load_wan_weights_(model, weights, device=device, dtype=dtype)
         load_info = {"weights": cfg.model.path, "zero_initialised": list(report.zero_initialised)}
-    load_info["parameter_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    if cfg.model.quant == "fp8":
+        load_info["quant"] = quantize_blocks_fp8_(model).as_dict()
+    load_info["parameter_bytes"] = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     if device.type == "cuda":
         model.compile_blocks()  # fuses the token-local elementwise work; compiled once, on the first step
     return model.eval(), load_info
@@ -158,6 +165,7 @@ class Pipeline:
         progress = progress or Progress()
         self.cfg, self.mesh, self.dtype = cfg, mesh, getattr(torch, cfg.model.dtype)
         self.vae_dtype = getattr(torch, cfg.model.vae_dtype)  # the Wan VAE's; the tiny preview decoder is float32
+        check_quant_supported(cfg.model.quant, mesh.device)  # FP8 on this device, before anything loads
         model_cfg = WanConfig(**arch)
         candidates = backend_names() if cfg.attention.backend == "auto" else (cfg.attention.backend,)
         if any(get_backend(name).uses_gate for name in candidates) and not model_cfg.gate_compress:
@@ -166,6 +174,7 @@ class Pipeline:
         self.model_cfg = model_cfg
         # The checkpoint, resolved once (JSON and safetensors headers) and passed to whatever loads a part of it.
         self.checkpoint = None if cfg.model.path is None else resolve_checkpoint(cfg.model.path)
+        self.latents = checkpoint_latents(self.checkpoint)  # channels and compression of the VAE's latent space
         self.conditioning = plan_conditioning(cfg, self.checkpoint)  # real UMT5 + VAE or tiny stand-ins; fails early
         if cfg.image is not None:  # an image given at load (the CLI's first request, the API's defaults) must fit
             check_image_request(cfg, model_cfg, image_given=True)
@@ -252,7 +261,9 @@ class Pipeline:
         runs on every rank after each denoising step (0-based); raising `Cancelled` there stops the request at
         that step boundary (every rank must raise it after the same step). `image`: an image-to-video request's first
         frame as a PIL image or uint8 array (rank 0's is used), instead of `cfg.image`'s file."""
-        check_image_request(cfg, self.model_cfg, image_given=image is not None or cfg.image is not None)
+        image_given = image is not None or cfg.image is not None
+        check_checkpoint_request(cfg, self.checkpoint, image_given=image_given)  # TI2V: its size rule, no image yet
+        check_image_request(cfg, self.model_cfg, image_given=image_given)
         if image is not None:
             check_image_object(image)
         if (cfg.model, cfg.parallel) != (self.cfg.model, self.cfg.parallel):
@@ -267,7 +278,7 @@ class Pipeline:
                   on_step: Callable[[int, int], None] | None = None, image: ImageInput | None = None) -> GenerateResult:
         t_start = time.perf_counter()
         mesh, device, model_cfg, dtype = self.mesh, self.mesh.device, self.model_cfg, self.dtype
-        grid = token_grid(cfg.num_frames, cfg.height, cfg.width, model_cfg.patch_size)
+        grid = token_grid(cfg.num_frames, cfg.height, cfg.width, model_cfg.patch_size, self.latents)
         plan = build_attention_plan(
             cfg.attention, num_layers=model_cfg.num_layers, num_steps=cfg.num_steps,
             grid_thw=grid, head_dim=model_cfg.attention_head_dim, dtype=dtype, device=device,
@@ -283,7 +294,7 @@ class Pipeline:
             text = text[mesh.cfg_rank : mesh.cfg_rank + 1]  # rank 0 of the cfg axis: cond, rank 1: uncond
 
         scheduler = build_sampler(cfg)  # per request: DMD's noise generator is seeded here
-        latents = scheduler.initial_noise(1, cfg.num_frames, cfg.height, cfg.width, LATENT_CHANNELS).to(device)
+        latents = scheduler.initial_noise(1, cfg.num_frames, cfg.height, cfg.width, self.latents).to(device)
         image_cond = self.image_conditioner.condition(cfg, image, batch=text.shape[0])  # I2V: once, before the loop
         scheduler.prepare(device, torch.float32)
         run = self._expert_run(cfg, scheduler, plan, grid)
@@ -307,6 +318,8 @@ class Pipeline:
         del run  # the graphs' pool holds the forwards' activations
         progress.stage = "decode"
         frames = self._decode(latents, report, faults)
+        if frames is not None:
+            report["video"]["fps"] = cfg.output.fps  # a per-request key: the writer's rate
         stage_seconds["total"] = time.perf_counter() - t_start + stage_seconds["load"]
         report["total_seconds"] = stage_seconds["total"]
         return GenerateResult(latents=latents, frames=frames, report=report)
@@ -352,7 +365,7 @@ class Pipeline:
         report["peak_memory_bytes"] = max(peak_before_decode, decode_peak)  # rank 0's, the decode included
         report["latent_shape"] = list(latents.shape)
         report["video"] = {"frames": int(frames.shape[0]), "height": int(frames.shape[1]),
-                           "width": int(frames.shape[2]), "fps": FPS}
+                           "width": int(frames.shape[2])}
         return frames
 
 
@@ -479,7 +492,7 @@ def write_outputs(cfg: GenerateConfig, result: GenerateResult, faults: FaultPlan
     report["video"]["path"] = str(out)
     written: list[Path] = []
     try:  # all files or none: a failure (disk full, interrupt) removes those already written
-        written.append(write_video_atomic(out, frames.numpy(), fps=FPS, overwrite=cfg.output.overwrite,
+        written.append(write_video_atomic(out, frames.numpy(), fps=cfg.output.fps, overwrite=cfg.output.overwrite,
                                           preset=cfg.output.encoder_preset))
         for path, _ in latents_path:
             written.append(write_latents_atomic(path, result.latents.float().cpu(), overwrite=cfg.output.overwrite))

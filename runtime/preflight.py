@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from tessera.attention import get_backend
 from tessera.models import WanConfig
-from tessera.runtime.checkpoint import resolve_checkpoint
-from tessera.runtime.conditioning import token_grid
+from tessera.models.fp8 import check_quant_supported
+from tessera.runtime.checkpoint import checkpoint_latents, resolve_checkpoint
+from tessera.runtime.conditioning import WAN21_LATENTS, LatentFormat, token_grid
 from tessera.runtime.config import GenerateConfig
 from tessera.runtime.image_conditioning import check_image_request
 from tessera.runtime.output import check_output_files
@@ -65,14 +66,15 @@ class MemoryEstimate:
 
 def estimate_request_memory(
     cfg: GenerateConfig, model_cfg: WanConfig, *, sp: int, rank: int, text_encoder_bytes: int = 0,
-    resident_experts: int | None = None,
+    resident_experts: int | None = None, latents: LatentFormat = WAN21_LATENTS,
 ) -> MemoryEstimate:
     """Per-rank estimate for `cfg` on a mesh with `sp` sequence-parallel ranks (this rank: `rank`), with
-    `resident_experts` DiTs on the device (None: the fewest `cfg` allows, `fewest_resident_experts`)."""
+    `resident_experts` DiTs on the device (None: the fewest `cfg` allows, `fewest_resident_experts`); `latents`:
+    the VAE's latent format (the token count follows its compression)."""
     dsize = _DTYPE_BYTES[cfg.model.dtype]
     experts = fewest_resident_experts(cfg) if resident_experts is None else resident_experts
     weights = experts * _dit_parameter_count(model_cfg) * dsize
-    tokens = math.prod(token_grid(cfg.num_frames, cfg.height, cfg.width, model_cfg.patch_size))
+    tokens = math.prod(token_grid(cfg.num_frames, cfg.height, cfg.width, model_cfg.patch_size, latents))
     local_tokens = math.ceil(tokens / sp)
     batch = 2 if cfg.guidance_scale != 1.0 and cfg.parallel.cfg == 1 else 1
     dim, heads = model_cfg.dim, model_cfg.num_attention_heads
@@ -143,6 +145,7 @@ def available_memory(device: torch.device) -> tuple[int, str]:
 def check_request_memory(
     cfg: GenerateConfig, model_cfg: WanConfig | dict, device: torch.device, *, sp: int, rank: int,
     ranks_sharing_device: int = 1, text_encoder_dir: Path | None = None, already_loaded: int = 0,
+    latents: LatentFormat = WAN21_LATENTS,
 ) -> MemoryEstimate:
     """ValueError naming num_frames/height/width, the estimate and what the device has, when the request cannot
     fit; returns the estimate otherwise. `ranks_sharing_device`: ranks of this job on the same memory (CPU ranks
@@ -150,7 +153,8 @@ def check_request_memory(
     already (a loaded pipeline), so not counted twice."""
     model_cfg = WanConfig(**model_cfg) if isinstance(model_cfg, dict) else model_cfg  # the architecture dict too
     text_bytes = _safetensors_bytes(text_encoder_dir, _DTYPE_BYTES[cfg.model.dtype]) if text_encoder_dir else 0
-    estimate = estimate_request_memory(cfg, model_cfg, sp=sp, rank=rank, text_encoder_bytes=text_bytes)
+    estimate = estimate_request_memory(cfg, model_cfg, sp=sp, rank=rank, text_encoder_bytes=text_bytes,
+                                       latents=latents)
     have, what = available_memory(device)
     need = (estimate.peak - min(already_loaded, estimate.weights)) * ranks_sharing_device
     if need > have:
@@ -207,21 +211,22 @@ def preflight_request(
     cfg: GenerateConfig, arch: dict, *, rank: int, device: torch.device, ranks_sharing_device: int = 1
 ) -> MemoryEstimate | None:
     """Every check that needs no process group and no weights, on every rank: the output files can be created
-    (a real temp file, not `os.access`), the attention plan builds (backend limits), and, unless
+    (a real temp file, not `os.access`), FP8 runs on `device` (`model.quant`), the attention plan builds (backend
+    limits), and, unless
     `model.memory_check=false`, the request fits in memory. ValueError naming the key and the fix."""
     check_output_files(cfg.output.path, cfg.output.save_latents, cfg.output.overwrite)
+    check_quant_supported(cfg.model.quant, device)
     model_cfg = WanConfig(**arch)
     check_image_request(cfg, model_cfg, image_given=cfg.image is not None)  # an image for an I2V model only
-    grid = token_grid(cfg.num_frames, cfg.height, cfg.width, model_cfg.patch_size)
+    ckpt = None if cfg.model.path is None else resolve_checkpoint(cfg.model.path)
+    latents = checkpoint_latents(ckpt)  # TI2V-5B: the Wan2.2 VAE's 16x spatial compression
+    grid = token_grid(cfg.num_frames, cfg.height, cfg.width, model_cfg.patch_size, latents)
     build_attention_plan(cfg.attention, num_layers=model_cfg.num_layers, num_steps=cfg.num_steps,
                          grid_thw=grid, head_dim=model_cfg.attention_head_dim,
                          dtype=getattr(torch, cfg.model.dtype), device=device)  # backend limits: fail here
     if not cfg.model.memory_check:
         return None
-    text_encoder_dir = None
-    if cfg.model.path is not None:
-        text_encoder_dir = resolve_checkpoint(cfg.model.path).text_encoder
     return check_request_memory(
-        cfg, model_cfg, device, sp=cfg.parallel.sp, rank=rank,
-        ranks_sharing_device=ranks_sharing_device, text_encoder_dir=text_encoder_dir,
+        cfg, model_cfg, device, sp=cfg.parallel.sp, rank=rank, ranks_sharing_device=ranks_sharing_device,
+        text_encoder_dir=None if ckpt is None else ckpt.text_encoder, latents=latents,
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tessera.runtime.conditioning import draw_dmd_noise, latent_shape
+from tessera.runtime.conditioning import WAN21_LATENTS, LatentFormat, draw_dmd_noise, latent_shape
 from tessera.runtime.config import GenerateConfig, check_dmd_timesteps
 from tessera.runtime.scheduler import FlowScheduler, build_scheduler
 from torch import Tensor
@@ -86,8 +86,10 @@ class DMDSampler:
         self._renoise_cpu: list[Tensor] | None = None
         self._renoise: list[Tensor] | None = None
 
-    def initial_noise(self, batch: int, num_frames: int, height: int, width: int, channels: int = 16) -> Tensor:
-        """Initial latents float32 [batch, channels, F, H/8, W/8] on the CPU; also draws the re-noise draws.
+    def initial_noise(self, batch: int, num_frames: int, height: int, width: int,
+                      latents: LatentFormat = WAN21_LATENTS) -> Tensor:
+        """Initial latents float32 [batch, C, F, H/s, W/s] (the VAE's `latents` format) on the CPU; also draws the
+        re-noise draws.
 
         Batch 1 only. FastVideo draws sample b's initial noise from its own generator seeded with seed + b (every
         re-noise draw, of the whole batch, from sample 0's); that is not wired here, as the pipeline runs B = 1.
@@ -97,7 +99,7 @@ class DMDSampler:
                              "sample b with seed + b; not implemented)")
         if self._renoise_cpu is not None:
             raise RuntimeError("initial_noise was already drawn for this request: call reset() or build a new sampler")
-        shape = (batch, channels, *latent_shape(num_frames, height, width))
+        shape = (batch, latents.channels, *latent_shape(num_frames, height, width, latents))
         draws = [draw_dmd_noise(self._generator, shape) for _ in range(self.num_steps)]
         self._renoise_cpu = draws[1:]
         return draws[0]

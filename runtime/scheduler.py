@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from tessera.runtime.conditioning import draw_initial_noise
+from tessera.runtime.conditioning import WAN21_LATENTS, LatentFormat, draw_initial_noise
 from torch import Tensor
 
 __all__ = [
@@ -38,7 +38,8 @@ class FlowScheduler(Protocol):
     timesteps: Tensor  # [num_steps] int64 (CPU): the model timestep of each step, as the DiT sees it
     sigmas: Tensor  # [num_steps + 1] float32 (CPU): noise level before each step, last entry 0
 
-    def initial_noise(self, batch: int, num_frames: int, height: int, width: int, channels: int = 16) -> Tensor: ...
+    def initial_noise(self, batch: int, num_frames: int, height: int, width: int,
+                      latents: LatentFormat = WAN21_LATENTS) -> Tensor: ...
 
     def prepare(self, device: torch.device | str, dtype: torch.dtype) -> None: ...
 
@@ -59,9 +60,11 @@ class _WanPipelineNoise:
     sigmas: Tensor
     flow_shift: float
 
-    def initial_noise(self, batch: int, num_frames: int, height: int, width: int, channels: int = 16) -> Tensor:
-        """float32 [batch, channels, F, H/8, W/8] on the CPU, as WanPipeline draws it for `seed`."""
-        return draw_initial_noise(batch, num_frames, height, width, self.seed, channels)
+    def initial_noise(self, batch: int, num_frames: int, height: int, width: int,
+                      latents: LatentFormat = WAN21_LATENTS) -> Tensor:
+        """float32 [batch, C, F, H/s, W/s] on the CPU (the VAE's `latents` format), as WanPipeline draws it for
+        `seed`."""
+        return draw_initial_noise(batch, num_frames, height, width, self.seed, latents)
 
     def describe(self) -> dict:
         """For the report: the model timestep and the sigma of each step."""

@@ -191,7 +191,9 @@ class WanVAEDecoder:
     """diffusers `AutoencoderKLWan` with the checkpoint's latent mean/std, its weights and activations in `dtype`
     (`model.vae_dtype`: float32 by default, as Wan's examples load it; bfloat16 or float16 decode faster).
 
-    `decode`: normalised latents [B, 16, F, H, W] (any float dtype) -> uint8 frames [B, T, 8H, 8W, 3], T = 4(F-1)+1,
+    `decode`: normalised latents [B, C, F, H, W] (any float dtype) -> uint8 frames [B, T, sH, sW, 3], T = 4(F-1)+1,
+    s the VAE's spatial compression (Wan2.1's VAE: C 16, s 8; Wan2.2's, TI2V-5B: C 48, s 16, its decoder's output
+    unpatchified 2x2 inside `vae.decode`),
     converted as diffusers does: VideoProcessor 'np' output ((x/2 + 0.5).clamp(0, 1)) then export_to_video's
     `(frame * 255).astype(uint8)` (truncation). The latents are de-normalised in float32 and then cast to `dtype`;
     the frames leave the VAE in `dtype` and are converted to float32 before the uint8 step.
@@ -223,7 +225,7 @@ class WanVAEDecoder:
         return self._split(latent_height)[0].num_ranks
 
     def decode_float(self, latents_BCFHW: Tensor) -> Tensor | None:
-        """Frames in [0, 1], float32 [B, T, 8H, 8W, 3] (diffusers' postprocess_video(output_type='np')); None on
+        """Frames in [0, 1], float32 [B, T, sH, sW, 3] (diffusers' postprocess_video(output_type='np')); None on
         every rank but 0 of a mesh."""
         rows, frames_BThW3 = self._decode_rows(latents_BCFHW)
         if frames_BThW3 is None or rows.num_ranks == 1:
@@ -231,7 +233,7 @@ class WanVAEDecoder:
         return rows.gather(frames_BThW3, dim=2)
 
     def decode(self, latents_BCFHW: Tensor) -> Tensor | None:
-        """uint8 frames [B, T, 8H, 8W, 3] on the latents' device; None on every rank but 0 of a mesh."""
+        """uint8 frames [B, T, sH, sW, 3] on the latents' device; None on every rank but 0 of a mesh."""
         rows, frames_BThW3 = self._decode_rows(latents_BCFHW)
         if frames_BThW3 is None:
             return None
@@ -242,7 +244,7 @@ class WanVAEDecoder:
 
     @torch.inference_mode()
     def _decode_rows(self, latents_BCFHW: Tensor) -> tuple[RowSplit, Tensor | None]:
-        """(the split of the latent rows, float frames [B, T, 8h, 8W, 3] of this rank's block, None if it has none)."""
+        """(the split of the latent rows, float frames [B, T, sh, sW, 3] of this rank's block, None if it has none)."""
         latents = latents_BCFHW.to(device=self._mean.device, dtype=torch.float32)
         rows, vae = self._split(latents.shape[3])
         if not rows.holds_rows:
@@ -275,7 +277,9 @@ def build_row_parallel_vae(vae: AutoencoderKLWan, rows: RowSplit) -> Autoencoder
     blocks (a halo exchange; zeros at the image's top and bottom, as padding=1 gives), and the mid-block attention
     (over whole frames) runs on the all-gathered frame and keeps this rank's rows. The rest is row-local: RMS norms
     over channels, SiLU, nearest 2x upsampling (a block's rows double), 1x1 and time-only convolutions, and the
-    causal time cache (each rank caches its own rows). ValueError for a decoder module this does not know.
+    causal time cache (each rank caches its own rows). Wan2.2's VAE (TI2V-5B) adds residual up blocks whose DupUp3D
+    shortcuts only repeat each pixel into a 2x2 (x2 in time) block, and unpatchifies the decoder's output 2x2 per
+    pixel: row-local too. ValueError for a decoder module this does not know.
     """
     from diffusers.models.autoencoders import autoencoder_kl_wan as wan_vae
 

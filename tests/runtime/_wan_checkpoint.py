@@ -4,7 +4,8 @@ transformer (WanTransformer3DModel), text_encoder (UMT5EncoderModel), tokenizer 
 saved as PreTrainedTokenizerFast, loadable with AutoTokenizer), vae (AutoencoderKLWan), scheduler (UniPC with
 flow sigmas), model_index.json: all through `WanPipeline.save_pretrained`. `write_i2v_checkpoint` adds a tiny
 CLIPVisionModel (image_encoder/) and CLIPImageProcessor (image_processor/) through
-`WanImageToVideoPipeline.save_pretrained`.
+`WanImageToVideoPipeline.save_pretrained`. `write_ti2v_checkpoint` swaps in a Wan2.2-layout VAE (48 latent channels, 16x
+spatial) and a DiT on its latents, with `expand_timesteps` in model_index.json, as Wan2.2 TI2V-5B.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ TRANSFORMER_CONFIG = dict(
 )
 IMAGE_DIM = 24  # the tiny CLIP's width = the I2V DiT's image_dim; added_kv_proj_dim is the DiT width (2 x 16)
 I2V_TRANSFORMER_OVERRIDES = dict(in_channels=36, image_dim=IMAGE_DIM, added_kv_proj_dim=32)
+TI2V_Z_DIM = 48  # the Wan2.2 VAE's latent channels = the TI2V DiT's in/out channels
+# Wan2.2's VAE layout at tiny width: residual up/down blocks (DupUp3D / AvgDown3D shortcuts), RGB patchified 2x2 into
+# 12 channels, 3 spatial halvings x the patch = 16x spatial, 4x temporal.
+TI2V_VAE_CONFIG = dict(base_dim=8, decoder_base_dim=16, z_dim=TI2V_Z_DIM, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                       is_residual=True, in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16)
 WORDS = "a red fox running through fresh snow in the forest cinematic lighting blurry low quality".split()
 
 
@@ -74,6 +80,25 @@ def write_two_expert_checkpoint(root: Path, boundary_ratio: float, seed: int = 0
     transformer_2 = _components(seed + 1, {})["transformer"]  # another seed: other weights
     pipe = WanPipeline(**_components(seed, {}), transformer_2=transformer_2, boundary_ratio=boundary_ratio)
     pipe.save_pretrained(str(root), safe_serialization=True)
+    return root
+
+
+def write_ti2v_checkpoint(root: Path, seed: int = 0, pipeline_class: str | None = None) -> Path:
+    """A tiny Wan2.2 TI2V-5B-shaped checkpoint: `TI2V_VAE_CONFIG` with its own random latents_mean/std (48 entries),
+    the DiT with 48 in/out channels, `expand_timesteps: true` in model_index.json (WanPipeline's per-token
+    timesteps); `pipeline_class` relabels model_index.json (e.g. WanDMDPipeline: FastWan2.2-TI2V-5B)."""
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    components = _components(seed, dict(in_channels=TI2V_Z_DIM, out_channels=TI2V_Z_DIM))
+    gen = torch.Generator().manual_seed(seed + 1)
+    stats = dict(latents_mean=(0.3 * torch.randn(TI2V_Z_DIM, generator=gen)).tolist(),
+                 latents_std=(0.5 + torch.rand(TI2V_Z_DIM, generator=gen)).tolist())
+    torch.manual_seed(seed)
+    components["vae"] = AutoencoderKLWan(**TI2V_VAE_CONFIG, **stats).eval()
+    WanPipeline(**components, expand_timesteps=True).save_pretrained(str(root), safe_serialization=True)
+    if pipeline_class is not None:
+        index = read_json(root / "model_index.json")
+        (root / "model_index.json").write_text(json.dumps({**index, "_class_name": pipeline_class}))
     return root
 
 

@@ -151,7 +151,7 @@ def test_dmd_sets_steps_and_turns_cfg_off():
         (["scheduler=dmd", "dmd_timesteps=[500,0]"], 1, r"outside \[1, 1000\]"),
         (["scheduler=dmd", "parallel.cfg=2"], 2, "parallel.cfg=2 cannot run scheduler=dmd"),
         (["dmd_timesteps=[a]"], 1, "dmd_timesteps"),
-        (["model.preset=fastwan2.2-ti2v-5b"], 1, "cannot run yet"),
+        (["model.preset=fastwan2.2-ti2v-5b"], 1, "model.path is missing"),  # runnable with a checkpoint
     ],
 )
 def test_dmd_bad_input_names_the_key(argv, world, needle):
@@ -260,8 +260,10 @@ def gated_ckpt(ckpt, tmp_path_factory) -> Path:
     return root
 
 
-def dmd_reference(ckpt: Path, prompt: str, num_frames: int, height: int, width: int, seed: int) -> torch.Tensor:
-    """The DMD semantics, written from the issue text: diffusers' DiT, the checkpoint's UMT5, fp32 on the CPU."""
+def dmd_reference(ckpt: Path, prompt: str, num_frames: int, height: int, width: int, seed: int,
+                  latent_channels: int = 16, spatial_stride: int = 8) -> torch.Tensor:
+    """The DMD semantics, written from the issue text: diffusers' DiT, the checkpoint's UMT5, fp32 on the CPU. The
+    latent grid of the checkpoint's VAE: Wan2.1's by default (16 channels, 8x spatial; TI2V-5B's: 48, 16x)."""
     from diffusers import WanPipeline, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -279,10 +281,10 @@ def dmd_reference(ckpt: Path, prompt: str, num_frames: int, height: int, width: 
         return table[torch.argmin((grid_t.double() - t).abs())]
 
     gen = torch.Generator("cpu").manual_seed(seed)
-    f, h, w = (num_frames - 1) // 4 + 1, height // 8, width // 8
+    f, h, w = (num_frames - 1) // 4 + 1, height // spatial_stride, width // spatial_stride
 
     def draw() -> torch.Tensor:
-        return torch.randn((1, f, 16, h, w), generator=gen, dtype=torch.float32).permute(0, 2, 1, 3, 4)
+        return torch.randn((1, f, latent_channels, h, w), generator=gen, dtype=torch.float32).permute(0, 2, 1, 3, 4)
 
     x = draw()
     with torch.no_grad():

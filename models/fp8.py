@@ -1,0 +1,255 @@
+"""FP8 (e4m3) linear layers for the DiT blocks (`model.quant=fp8`).
+
+Recipe: each weight row (output channel) gets its own scale, amax / 448, fixed at load; each activation row (token)
+gets its own scale, computed on the fly from that row's amax. ``torch._scaled_mm`` multiplies the two e4m3
+matrices with fp32 accumulation and applies both scale vectors and the bias in its epilogue, writing the model
+dtype (bfloat16). Row-wise activation scales keep one outlier token from crushing every other token's precision,
+and per-channel weight scales do the same for outlier output channels; the quantisation of x is a row amax and
+a divide, which torch.compile fuses into the op that produced x (the modulated norm, the GELU).
+
+What is quantised: the q/k/v/out projections of self- and cross-attention, VSA's gate projection, I2V's image
+key/value projections and both FFN layers, in every block. What stays in the model dtype: the patch embedding,
+the time/text/image embedders (modulation), norms, SLA's per-head `proj_l`, the output head, and attention itself.
+A layer whose in or out features are not multiples of 16 (the FP8 GEMM's alignment) stays in the model dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "FP8_DTYPE", "FP8_MAX", "Fp8Linear", "Fp8Report", "check_quant_supported", "dequantize_rows",
+    "fp8_linear_reference", "quantize_blocks_fp8_", "quantize_rows", "quantize_rows_triton",
+]
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+_ALIGN = 16  # the FP8 GEMM needs K and N multiples of 16
+_MIN_SCALE = 1e-12  # an all-zero row quantises to zeros with this scale instead of dividing by zero
+# Hopper FP8 tensor cores accumulate in reduced precision unless told to promote: fast accumulation is what FP8
+# inference stacks use for the forward; its error is inside the bound the quality benchmark states.
+_FAST_ACCUM = True
+# Names of the block linears that become FP8 (attribute paths below a WanBlock); absent ones are skipped.
+_BLOCK_LINEARS = (
+    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn1.to_gate_compress",
+    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "attn2.add_k_proj", "attn2.add_v_proj",
+    "ffn.net.0.proj", "ffn.net.2",
+)
+
+
+def quantize_rows(x_MK: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise e4m3 quantisation, the spec: (x_fp8 [M, K], scale [M, 1] float32) with x ~= x_fp8 * scale.
+    ``gelu``: of GELU(tanh)(x), computed in float32 (the FFN's hidden activation, never rounded to bf16)."""
+    x = x_MK.float()
+    if gelu:
+        x = F.gelu(x, approximate="tanh")
+    scale_M1 = x.abs().amax(dim=-1, keepdim=True).clamp(min=_MIN_SCALE) / FP8_MAX
+    return (x / scale_M1).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale_M1
+
+
+@functools.cache
+def _kernel():
+    """The Triton kernel, built on first use: importing models needs no Triton."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def quantize_rows_kernel(X, Q, S, K: tl.constexpr, BLOCK: tl.constexpr, GELU: tl.constexpr,
+                             FP8_MAX_: tl.constexpr, MIN_SCALE: tl.constexpr):
+        # One program per row: the row stays in registers between its amax and its quantisation (one read of x).
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < K
+        x = tl.load(X + row * K + cols, mask=ok, other=0.0).to(tl.float32)
+        if GELU:  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), tanh(u) = 2 sigmoid(2u) - 1
+            inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+            x = 0.5 * x * (2.0 * tl.sigmoid(2.0 * inner))
+        scale = tl.maximum(tl.max(tl.abs(x), 0), MIN_SCALE) / FP8_MAX_
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX_), FP8_MAX_)
+        # Round to the e4m3 grid in float32 (round half to even), so the cast below is exact everywhere: the step
+        # is 2^(e-3) for |q| in [2^e, 2^(e+1)), 2^-9 below 2^-6 (subnormals); adding and subtracting 1.5 * 2^23
+        # rounds a float32 of magnitude < 2^22 to an integer, ties to even.
+        exponent = tl.maximum((tl.abs(q).to(tl.int32, bitcast=True) >> 23) & 0xFF, 127 - 6)
+        step = ((exponent - 3) << 23).to(tl.float32, bitcast=True)
+        q = ((tl.math.div_rn(q, step) + 12582912.0) - 12582912.0) * step
+        tl.store(Q + row * K + cols, q.to(Q.dtype.element_ty), mask=ok)
+        tl.store(S + row, scale)
+
+    return triton, quantize_rows_kernel
+
+
+def quantize_rows_triton(x_MK: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_rows`` as one Triton pass (CUDA, or the CPU under TRITON_INTERPRET=1): x read once, the fp8 rows
+    and their scales written once. The GELU's tanh is computed through a sigmoid: within float32 rounding of
+    torch's, so a value may land on the neighbouring e4m3 step where torch's rounds the other way."""
+    triton, kernel = _kernel()
+    x = x_MK.contiguous()
+    rows, width = x.shape
+    out = torch.empty((rows, width), device=x.device, dtype=FP8_DTYPE)
+    scale = torch.empty((rows, 1), device=x.device, dtype=torch.float32)
+    block = triton.next_power_of_2(width)
+    kernel[(rows,)](x, out, scale, K=width, BLOCK=block, GELU=gelu, FP8_MAX_=FP8_MAX, MIN_SCALE=_MIN_SCALE,
+                    num_warps=max(1, min(16, block // 512)))
+    return out, scale
+
+
+@torch.library.custom_op("tessera::fp8_quantize_rows", mutates_args=())
+def _quantize_rows_op(x_MK: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_rows_triton(x_MK, gelu)
+
+
+@_quantize_rows_op.register_fake
+def _quantize_rows_fake(x_MK, gelu):
+    return (x_MK.new_empty(x_MK.shape, dtype=FP8_DTYPE, memory_format=torch.contiguous_format),
+            x_MK.new_empty((x_MK.shape[0], 1), dtype=torch.float32))
+
+
+def _quantize(x_MK: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton op on CUDA (opaque to torch.compile: it is already one pass), the spec elsewhere."""
+    return _quantize_rows_op(x_MK, gelu) if x_MK.is_cuda else quantize_rows(x_MK, gelu)
+
+
+def dequantize_rows(x_fp8: torch.Tensor, scale_M1: torch.Tensor) -> torch.Tensor:
+    """float32 values of a row-wise quantised matrix."""
+    return x_fp8.float() * scale_M1
+
+
+class Fp8Linear(nn.Module):
+    """``nn.Linear`` with an e4m3 weight [out, in] and per-output-channel scales; activations are quantised per
+    token on every call. Inference only (no autograd through the FP8 GEMM)."""
+
+    def __init__(self, weight_fp8: torch.Tensor, weight_scale_1N: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight_fp8.shape[1], weight_fp8.shape[0]
+        self.register_buffer("weight", weight_fp8)
+        self.register_buffer("weight_scale", weight_scale_1N)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
+        weight_fp8, scale_N1 = quantize_rows(linear.weight.detach())
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(weight_fp8, scale_N1.reshape(1, -1).contiguous(), bias)
+
+    @classmethod
+    def concat(cls, layers: list[Fp8Linear]) -> Fp8Linear:
+        """One layer whose outputs are `layers`' outputs side by side (same input; q, k, v and the gate)."""
+        biases = [layer.bias for layer in layers]
+        bias = None if any(b is None for b in biases) else torch.cat(biases)
+        return cls(torch.cat([layer.weight for layer in layers]), torch.cat([layer.weight_scale for layer in layers],
+                                                                            dim=1), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._matmul(x, gelu=False)
+
+    def forward_rows(self, x: torch.Tensor, out_features: int) -> torch.Tensor:
+        """The first `out_features` outputs only (a fused q/k/v/gate layer in a block that wants no gate)."""
+        return self._matmul(x, gelu=False, out_features=out_features)
+
+    def forward_gelu(self, h: torch.Tensor) -> torch.Tensor:
+        """``self(GELU(tanh)(h))`` with the GELU applied while quantising h (one pass over the FFN's wide hidden
+        activation instead of a GELU kernel and a quantisation kernel)."""
+        return self._matmul(h, gelu=True)
+
+    def _matmul(self, x: torch.Tensor, gelu: bool, out_features: int | None = None) -> torch.Tensor:
+        n = self.out_features if out_features is None else out_features
+        x_fp8, scale_M1 = _quantize(x.reshape(-1, self.in_features), gelu)
+        out = torch._scaled_mm(  # weight rows [:n] of a row-major [out, in] tensor: a view, column-major as .t()
+            x_fp8, self.weight[:n].t(), scale_a=scale_M1, scale_b=self.weight_scale[:, :n],
+            bias=None if self.bias is None else self.bias[:n].to(x.dtype), out_dtype=x.dtype,
+            use_fast_accum=_FAST_ACCUM,
+        )
+        return out.view(*x.shape[:-1], n)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 per-channel x per-token"
+
+
+def fp8_linear_reference(x: torch.Tensor, layer: Fp8Linear, gelu: bool = False) -> torch.Tensor:
+    """The slow reference of ``Fp8Linear`` (``gelu``: of its ``forward_gelu``): both operands quantised by the spec
+    and dequantised, then a float32 matmul (+ bias). [..., out] float32."""
+    x_fp8, scale_M1 = quantize_rows(x.reshape(-1, layer.in_features), gelu)
+    weight = dequantize_rows(layer.weight, layer.weight_scale.reshape(-1, 1))
+    out = dequantize_rows(x_fp8, scale_M1) @ weight.t()
+    if layer.bias is not None:
+        out = out + layer.bias.float()
+    return out.view(*x.shape[:-1], layer.out_features)
+
+
+@dataclass(frozen=True)
+class Fp8Report:
+    """What ``quantize_blocks_fp8_`` did (the report's `load.quant`)."""
+
+    layers: int  # linears now FP8
+    kept: tuple[str, ...]  # block linears left in the model dtype (alignment), by name
+    bytes_before: int
+    bytes_after: int
+
+    def as_dict(self) -> dict:
+        return {"mode": "fp8", "format": "e4m3", "weight_scales": "per output channel",
+                "activation_scales": "per token", "layers": self.layers, "kept_in_model_dtype": list(self.kept),
+                "linear_bytes_before": self.bytes_before, "linear_bytes_after": self.bytes_after}
+
+
+def _parent(module: nn.Module, path: str) -> tuple[nn.Module | None, str]:
+    """(the module holding `path`'s last name, that name); a ModuleList's children are attributes "0", "1", ..."""
+    *parents, leaf = path.split(".")
+    for name in parents:
+        module = getattr(module, name, None)
+        if module is None:
+            break
+    return module, leaf
+
+
+def quantize_blocks_fp8_(model: nn.Module) -> Fp8Report:
+    """Replace the block linears of a loaded DiT (``model.blocks``) by ``Fp8Linear``s, in place, one layer at a
+    time (the peak is the model plus one layer's FP8 copy)."""
+    layers, kept, before, after = 0, [], 0, 0
+    for index, block in enumerate(model.blocks):
+        for path in _BLOCK_LINEARS:
+            parent, leaf = _parent(block, path)
+            linear = getattr(parent, leaf, None)
+            if not isinstance(linear, nn.Linear):
+                continue
+            if linear.in_features % _ALIGN or linear.out_features % _ALIGN:
+                kept.append(f"blocks.{index}.{path}")
+                continue
+            fp8 = Fp8Linear.from_linear(linear)
+            before += sum(t.numel() * t.element_size() for t in linear.parameters())
+            after += sum(t.numel() * t.element_size() for t in fp8.buffers())
+            setattr(parent, leaf, fp8)
+            layers += 1
+        _fuse_self_projections(block.attn1)
+    return Fp8Report(layers, tuple(kept), before, after)
+
+
+def _fuse_self_projections(attn: nn.Module) -> None:
+    """q, k, v (and the VSA gate) of self-attention as one FP8 layer (``attn.to_qkvg``): the block's input is
+    quantised once and multiplied once, by a GEMM four times as wide (to_q, to_k, to_v, to_gate_compress become
+    None)."""
+    names = ["to_q", "to_k", "to_v"] + (["to_gate_compress"] if attn.to_gate_compress is not None else [])
+    layers = [getattr(attn, name) for name in names]
+    if not all(isinstance(layer, Fp8Linear) for layer in layers):
+        return
+    attn.to_qkvg, attn.qkvg_has_gate = Fp8Linear.concat(layers), len(names) == 4
+    for name in names:
+        setattr(attn, name, None)
+
+
+def check_quant_supported(quant: str, device: torch.device) -> None:
+    """ValueError naming `model.quant` and the fix when FP8 cannot run on `device` (before any weight loads)."""
+    if quant == "none":
+        return
+    if device.type != "cuda":
+        raise ValueError(f"model.quant=fp8 needs a CUDA GPU with FP8 tensor cores (compute capability 8.9 or "
+                         f"newer: Ada, Hopper, Blackwell); this rank's device is {device.type}: set model.quant=none")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(f"model.quant=fp8 needs FP8 tensor cores (compute capability 8.9 or newer); {name} has "
+                         f"{major}.{minor}: set model.quant=none")

@@ -1,0 +1,256 @@
+"""FP8 block linears (`model.quant=fp8`, models/fp8.py) against their dequantised reference, on the CPU (torch's CPU
+`_scaled_mm`) and on the GPU tier; the quantised DiT against the unquantised one; the config and device errors."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from _tiny import TINY  # tests/models is on sys.path under pytest (no __init__.py)
+from tessera.models import WanConfig, build_wan_on_meta, materialize_random_
+from tessera.models.fp8 import (
+    FP8_MAX,
+    Fp8Linear,
+    check_quant_supported,
+    dequantize_rows,
+    fp8_linear_reference,
+    quantize_blocks_fp8_,
+    quantize_rows,
+)
+from tessera.runtime.config import GenerateConfig, ModelConfig
+from torch import nn
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _awkward_input(shape, generator, device="cpu") -> torch.Tensor:
+    """Random rows with one outlier token (x1000) and one all-zero token: per-token scales must isolate both."""
+    x = torch.randn(*shape, generator=generator).to(device)
+    x.view(-1, shape[-1])[1] *= 1000.0
+    x.view(-1, shape[-1])[2] = 0.0
+    return x
+
+
+def _check_kernel(device: str = "cpu") -> None:
+    """The one-pass Triton quantisation against the spec on awkward widths, with and without the GELU prologue:
+    scales equal, e4m3 codes equal (GELU: its tanh is computed another way, so a code may sit one step over)."""
+    from tessera.models.fp8 import quantize_rows_triton
+
+    g = torch.Generator().manual_seed(4)
+    for rows, width in ((13, 48), (5, 37), (3, 1536), (3, 8960)):
+        x = (torch.randn(rows, width, generator=g) * 3).to(device=device, dtype=torch.bfloat16)
+        x[1] *= 1000.0
+        x[2] = 0.0
+        for gelu in (False, True):
+            expected, expected_scale = quantize_rows(x, gelu)
+            got, got_scale = quantize_rows_triton(x, gelu)
+            assert got.dtype == torch.float8_e4m3fn and got.shape == x.shape and got_scale.shape == (rows, 1)
+            if not gelu:
+                assert torch.equal(got_scale, expected_scale)
+                assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+                continue
+            torch.testing.assert_close(got_scale, expected_scale, rtol=1e-6, atol=0)
+            apart = got.float() != expected.float()
+            assert apart.float().mean() < 0.01, apart.float().mean()
+            step = expected.float().abs().clamp(min=2.0**-6) * 2.0**-3  # one e4m3 step around each value
+            assert torch.all((got.float() - expected.float()).abs() <= step)
+
+
+@pytest.mark.parametrize("what", ["kernel"])
+def test_interpreted_quantisation_kernel_matches_spec(run_triton_interpreted, what: str) -> None:
+    proc = run_triton_interpreted(__file__, what)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_ffn_with_fp8_applies_gelu_while_quantising():
+    """The FFN of an FP8 block computes down(GELU(up(x))) with the GELU inside the quantisation: equal to the
+    reference of its two layers (the CPU takes the spec path, the GPU the Triton op: tested in the GPU tier)."""
+    cfg, model = _tiny_model()
+    quantize_blocks_fp8_(model)
+    ffn = model.blocks[0].ffn
+    x = _awkward_input((1, 23, cfg.dim), torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    hidden = ffn.net[0].proj(x)
+    expected = fp8_linear_reference(hidden, ffn.net[2], gelu=True)
+    got = ffn(x)
+    torch.testing.assert_close(got.float(), expected, rtol=2**-7, atol=1e-3 * expected.abs().max().item())
+
+
+def test_quantize_rows_round_trip_is_within_e4m3_precision():
+    g = torch.Generator().manual_seed(0)
+    x = _awkward_input((37, 48), g)
+    x_fp8, scale = quantize_rows(x)
+    assert x_fp8.dtype == torch.float8_e4m3fn and scale.shape == (37, 1)
+    back = dequantize_rows(x_fp8, scale)
+    # e4m3 keeps 3 mantissa bits: a normal value rounds to within 2^-4 of itself; below 2^-6 of the row's range the
+    # absolute step is 2^-9 of it (subnormals).
+    row_max = x.abs().amax(-1, keepdim=True)
+    bound = torch.maximum(x.abs() * 2.0**-4, row_max / FP8_MAX * 2.0**-9 * 64)
+    assert torch.all((back - x).abs() <= bound + 1e-30)
+    assert torch.all(back[2] == 0)  # the zero row stays zero (no 0/0)
+    assert torch.isclose(back.abs().amax(-1), row_max.squeeze(-1), rtol=1e-6).all()  # each row's amax is exact
+
+
+@pytest.mark.parametrize("shape,features", [((2, 19, 48), 80), ((53, 32), 16)])
+def test_fp8_linear_matches_dequantised_reference_cpu(shape, features):
+    g = torch.Generator().manual_seed(1)
+    linear = nn.Linear(shape[-1], features)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(features, shape[-1], generator=g))
+        linear.weight[3] *= 50.0  # an outlier output channel: per-channel scales keep the others precise
+        linear.bias.copy_(torch.randn(features, generator=g))
+    layer = Fp8Linear.from_linear(linear.to(torch.bfloat16))
+    x = _awkward_input(shape, g).to(torch.bfloat16)
+    got = layer(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (*shape[:-1], features)
+    expected = fp8_linear_reference(x, layer)
+    torch.testing.assert_close(got.float(), expected, rtol=2**-7, atol=1e-3 * expected.abs().max().item())
+    # and near the unquantised layer: e4m3 rounds each operand to within 2^-4 (RMS about 3.6%), so about 5% here
+    assert _rel(got, linear(x)) < 0.1
+
+
+def _tiny_model(dtype=torch.bfloat16, **overrides):
+    fields = {k: v for k, v in TINY.items() if k != "qk_norm"}
+    cfg = WanConfig(**{**fields, "gate_compress": True, **overrides})
+    model = build_wan_on_meta(cfg)
+    materialize_random_(model, seed=0, device=torch.device("cpu"), dtype=dtype)
+    return cfg, model.eval()
+
+
+def _tiny_inputs(cfg, dtype):
+    g = torch.Generator().manual_seed(2)
+    latents = torch.randn(1, cfg.in_channels, 3, 6, 10, generator=g).to(dtype)
+    text = torch.randn(1, 7, cfg.text_dim, generator=g).to(dtype)
+    return latents, torch.tensor([700.0]), text
+
+
+def test_quantize_blocks_replaces_every_block_linear_and_stays_close():
+    cfg, model = _tiny_model()
+    inputs = _tiny_inputs(cfg, torch.bfloat16)
+    with torch.no_grad():
+        expected = model(*inputs)
+    report = quantize_blocks_fp8_(model)
+    # per block: attn1 q,k,v,out,gate + attn2 q,k,v,out + ffn 2
+    assert report.layers == cfg.num_layers * 11 and report.kept == ()
+    assert report.bytes_after < report.bytes_before * 0.6  # 1 byte a weight (+ scales, bf16 bias) instead of 2
+    block = model.blocks[0]
+    assert isinstance(block.attn1.to_out[0], Fp8Linear) and isinstance(block.ffn.net[0].proj, Fp8Linear)
+    fused = block.attn1.to_qkvg  # q, k, v and the gate: one FP8 layer four times as wide
+    assert isinstance(fused, Fp8Linear) and fused.out_features == 4 * cfg.dim and block.attn1.qkvg_has_gate
+    assert block.attn1.to_q is None and block.attn1.to_gate_compress is None
+    assert isinstance(model.proj_out, nn.Linear) and isinstance(model.condition_embedder.time_proj, nn.Linear)
+    with torch.no_grad():
+        got = model(*inputs)
+    assert got.dtype == torch.bfloat16
+    assert 0 < _rel(got, expected) < 0.1, _rel(got, expected)
+
+
+def test_fused_self_projections_match_each_projection():
+    """The fused q/k/v/gate layer gives each projection's own FP8 result; a block that wants no gate gets none
+    (and its GEMM stops after v)."""
+    cfg, model = _tiny_model()
+    quantize_blocks_fp8_(model)
+    attn = model.blocks[1].attn1
+    x = _awkward_input((2, 21, cfg.dim), torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    fused, d = attn.to_qkvg, cfg.dim
+    for with_gate, parts in ((True, 4), (False, 3)):
+        got = attn._self_projections(x, with_gate)
+        assert (got[3] is None) == (not with_gate)
+        for index in range(parts):
+            rows = slice(index * d, (index + 1) * d)
+            alone = Fp8Linear(fused.weight[rows], fused.weight_scale[:, rows], fused.bias[rows])
+            expected = fp8_linear_reference(x, alone)
+            torch.testing.assert_close(got[index].float(), expected, rtol=2**-7,
+                                       atol=1e-3 * expected.abs().max().item())
+
+
+def test_unaligned_linears_stay_in_model_dtype():
+    cfg, model = _tiny_model(attention_head_dim=12)  # dim 24: not a multiple of 16
+    report = quantize_blocks_fp8_(model)
+    assert report.layers == 0
+    assert "blocks.0.attn1.to_q" in report.kept and "blocks.1.ffn.net.2" in report.kept
+
+
+def test_quant_config_errors_name_the_key():
+    with pytest.raises(ValueError, match=r"model.quant='int4' is not one of none, fp8"):
+        GenerateConfig(model=ModelConfig(quant="int4")).validate()
+    with pytest.raises(ValueError, match=r"model.quant=fp8 computes in bfloat16.*model.dtype=bfloat16"):
+        GenerateConfig(model=ModelConfig(quant="fp8", dtype="float32")).validate()
+    GenerateConfig(model=ModelConfig(quant="fp8", dtype="bfloat16")).validate()
+    with pytest.raises(ValueError, match=r"model.quant=fp8 needs a CUDA GPU.*device is cpu: set model.quant=none"):
+        check_quant_supported("fp8", torch.device("cpu"))
+    check_quant_supported("none", torch.device("cpu"))
+
+
+def test_fp8_on_cpu_is_refused_before_weights_load(tmp_path):
+    from tessera.launch import api
+
+    with pytest.raises(ValueError, match="model.quant=fp8 needs a CUDA GPU"):
+        api.load(model={"preset": "wan-tiny", "dtype": "bfloat16", "quant": "fp8"})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens,k,n", [(8353, 1536, 8960), (4097, 5120, 5120), (77, 1536, 1536)])
+def test_fp8_linear_matches_dequantised_reference_gpu(tokens, k, n):
+    check_quant_supported("fp8", torch.device("cuda"))
+    g = torch.Generator().manual_seed(3)
+    linear = nn.Linear(k, n).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=g).to("cuda") / k**0.5)
+    layer = Fp8Linear.from_linear(linear)
+    x = _awkward_input((1, tokens, k), g, "cuda").to(torch.bfloat16)
+    got = layer(x)
+    expected = fp8_linear_reference(x, layer)
+    # fp32 reference of the same quantised operands: differences are the bf16 output rounding and the tensor
+    # cores' fast accumulation
+    torch.testing.assert_close(got.float(), expected, rtol=2**-6, atol=2e-3 * expected.abs().max().item())
+    compiled = torch.compile(layer)
+    torch.testing.assert_close(compiled(x).float(), expected, rtol=2**-6, atol=2e-3 * expected.abs().max().item())
+    hidden = fp8_linear_reference(x, layer, gelu=True)  # the FFN's second layer: GELU applied while quantising
+    got_gelu = layer.forward_gelu(x)
+    torch.testing.assert_close(got_gelu.float(), hidden, rtol=2**-5, atol=4e-3 * hidden.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_gpu_quantisation_kernel_matches_spec():
+    _check_kernel("cuda")
+
+
+@pytest.mark.gpu
+def test_fp8_model_on_gpu_close_to_bf16():
+    cfg, model = _tiny_model(num_attention_heads=4, attention_head_dim=32, ffn_dim=256, text_dim=64)
+    model = model.to("cuda")
+    inputs = [t.to("cuda") for t in _tiny_inputs(cfg, torch.bfloat16)]
+    with torch.no_grad():
+        expected = model(*inputs)
+        quantize_blocks_fp8_(model)
+        got = model(*inputs)
+    assert 0 < _rel(got, expected) < 0.1
+
+
+@pytest.mark.gpu
+def test_fp8_pipeline_on_gpu_close_to_bf16():
+    """The whole GPU path (compiled block stages, CUDA graphs, VSA) with FP8 block linears: reported, and the final
+    latents of a 4-step run near the bf16 run's."""
+    import tessera
+
+    latents = {}
+    for quant in ("none", "fp8"):
+        keys = dict(model={"preset": "wan-tiny", "dtype": "bfloat16", "quant": quant},
+                    attention={"backend": "vsa", "sparsity": 0.5})
+        with tessera.load(**keys) as pipe:
+            video = pipe.generate(prompt="a red fox in snow", seed=3, num_steps=4)
+        latents[quant] = video.latents
+        if quant == "fp8":
+            quant_report = video.report["weights"]["quant"]
+            assert quant_report["layers"] == 4 * 11 and quant_report["kept_in_model_dtype"] == []
+    assert 0 < _rel(latents["fp8"], latents["none"]) < 0.1
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    {"kernel": _check_kernel}[sys.argv[1]]()
+    print("ok")
