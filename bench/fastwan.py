@@ -110,6 +110,8 @@ def main() -> None:
     parser.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra model.* keys for every run, e.g. vae_dtype=bfloat16 quant=fp8")
     parser.add_argument("--api-only", action="store_true", help="skip the cold and warm launches")
+    parser.add_argument("--sizes", nargs="*", default=None, metavar="HxWxF",
+                        help="only these sizes (default: 448x832x61 480x832x81)")
     parser.add_argument("--api-worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.api_worker:
@@ -131,6 +133,8 @@ def main() -> None:
     has_cache_key = "model.cache_dir" in all_keys()  # the persistent compile cache, where this tree has it
     for frames, height, width in SMOKE_SIZES if args.smoke else SIZES:
         tag = f"{height}x{width}x{frames}"
+        if args.sizes is not None and tag not in args.sizes:
+            continue
         cache = {"cache_dir": str(out_dir / f"compile_cache_{tag}_{time.time_ns()}")} if has_cache_key else {}
         model = {"path": str(root), "dtype": dtype, **cache, **dict(kv.split("=", 1) for kv in args.model)}
         argv = [f"model.{k}={v}" for k, v in model.items()] + [

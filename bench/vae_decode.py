@@ -136,6 +136,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict | None:
         return None
     for variant in ("cudnn_benchmark", "channels_last") if args.variants and args.bf16 else ():
         result[f"ours_{variant}_vs_ours_bfloat16"] = _rel(frames["ours", variant], frames["ours", "bfloat16"])
+        result[f"ours_{variant}_vs_float32"] = _rel(frames["ours", variant], frames["diffusers", "float32"])
     result["ours_vs_diffusers_float32"] = _rel(frames["ours", "float32"], frames["diffusers", "float32"])
     for impl in ("diffusers", "ours") if args.bf16 else ():
         result[f"{impl}_bfloat16_vs_float32"] = _rel(frames[impl, "bfloat16"], frames[impl, "float32"])

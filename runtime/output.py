@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import queue
+import shutil
 import tempfile
+import threading
+import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,8 @@ from tessera.runtime.config import DEFAULT_ENCODER_PRESET, ENCODER_PRESETS
 
 __all__ = [
     "VIDEO_SUFFIXES",
+    "EncodedVideo",
+    "VideoEncodeStream",
     "X264_CRF",
     "check_encoder_preset",
     "check_output_files",
@@ -31,6 +39,7 @@ __all__ = [
     "write_latents_atomic",
     "write_video_atomic",
 ]
+log = logging.getLogger("tessera")
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov")  # containers that hold libx264 / yuv420p
 # x264's own default rate factor: the one the writer always used (imageio passes no -crf unless given `quality`).
@@ -208,9 +217,18 @@ def check_encoder_preset(preset: str) -> None:
 
 
 def _encode_video(tmp: Path, frames: np.ndarray, fps: int, preset: str) -> None:
+    writer = _open_writer(tmp, fps, preset)
+    try:
+        for frame in frames:
+            writer.append_data(frame)
+    finally:
+        writer.close()
+
+
+def _open_writer(tmp: Path, fps: int, preset: str):
     import imageio.v2 as imageio
 
-    writer = imageio.get_writer(
+    return imageio.get_writer(
         tmp,
         format="FFMPEG",
         mode="I",
@@ -221,11 +239,82 @@ def _encode_video(tmp: Path, frames: np.ndarray, fps: int, preset: str) -> None:
         ffmpeg_log_level="error",
         output_params=["-preset", preset, "-crf", str(X264_CRF)],
     )
-    try:
-        for frame in frames:
-            writer.append_data(frame)
-    finally:
-        writer.close()
+
+
+@dataclass(frozen=True, eq=False)
+class EncodedVideo:
+    """An mp4 already encoded (in a private temp file, removed once this object is garbage) with the settings it was
+    encoded with: `write_video_atomic`'s file for the same frames, fps and preset, byte for byte."""
+
+    path: Path
+    fps: int
+    preset: str
+
+    def __post_init__(self) -> None:
+        weakref.finalize(self, _remove, self.path)
+
+    def copy_atomic(self, out: str | os.PathLike[str], overwrite: bool = False) -> Path:
+        """The encoded file at `out` with `write_video_atomic`'s rules (temp file beside it, fsync, no clobber)."""
+        return _write_atomic(out, overwrite, lambda tmp: shutil.copyfile(self.path, tmp))
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+class VideoEncodeStream:
+    """Encode a video while its frames are still being made: `put` chunks of uint8 frames [t, H, W, 3] (torch, on
+    any device, in order) as they come; a thread moves each to the host and feeds ffmpeg, which encodes in its own
+    process. `finish()` returns the `EncodedVideo`, or None if encoding failed (logged: the caller encodes the
+    frames the usual way). Same encoder, settings and frames as `write_video_atomic`, so the same bytes."""
+
+    def __init__(self, fps: int, preset: str) -> None:
+        check_encoder_preset(preset)
+        fd, name = tempfile.mkstemp(prefix="tessera-stream-", suffix=".mp4")
+        os.close(fd)
+        self.path, self.fps, self.preset = Path(name), fps, preset
+        self.host_frames: list[torch.Tensor] = []  # the chunks on the host, in order (the caller's frames)
+        self._queue: queue.Queue[torch.Tensor | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="tessera-encode", daemon=True)
+        self._thread.start()
+
+    def put(self, frames_THW3_uint8: torch.Tensor) -> None:
+        self._queue.put(frames_THW3_uint8)
+
+    def finish(self) -> EncodedVideo | None:
+        """Wait for the encoder; the encoded video, or None (and no file) if it failed."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            log.warning("encoding while decoding failed (%s); the video is encoded after decoding instead",
+                        self._error)
+            _remove(self.path)
+            return None
+        return EncodedVideo(self.path, self.fps, self.preset)
+
+    def _run(self) -> None:
+        writer = None
+        try:
+            while (chunk := self._queue.get()) is not None:
+                host = chunk.cpu()  # after the kernels that made it (same stream order); the GIL is released
+                self.host_frames.append(host)
+                if writer is None:
+                    writer = _open_writer(self.path, self.fps, self.preset)
+                for frame in _as_frames(host):
+                    writer.append_data(frame)
+            if writer is not None:
+                writer.close()
+                writer = None
+        except BaseException as exc:  # noqa: BLE001 - reported by finish(); the frames still arrive
+            self._error = exc
+            while (chunk := self._queue.get()) is not None:
+                self.host_frames.append(chunk.cpu())
+        finally:
+            if writer is not None:
+                with contextlib.suppress(Exception):
+                    writer.close()
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, overwrite: bool = False) -> Path:

@@ -49,7 +49,14 @@ from tessera.runtime.image_conditioning import (
     check_image_request,
     plan_image_conditioning,
 )
-from tessera.runtime.output import output_files, write_json_atomic, write_latents_atomic, write_video_atomic
+from tessera.runtime.output import (
+    EncodedVideo,
+    VideoEncodeStream,
+    output_files,
+    write_json_atomic,
+    write_latents_atomic,
+    write_video_atomic,
+)
 from tessera.runtime.plan import AttentionPlan, build_attention_plan
 from tessera.runtime.precision import exact_fp32
 from tessera.runtime.preflight import choose_expert_offload
@@ -77,6 +84,8 @@ class GenerateResult:
     latents: torch.Tensor  # [1, C, F, H/s, W/s] float32 on the rank's device (the VAE's format), before decoding
     frames: torch.Tensor | None  # uint8 [T, H, W, 3] on the CPU, decoded on rank 0 (None on the other ranks)
     report: dict
+    # rank 0: the mp4 encoded while the frames were decoded (one decoding rank), at the request's fps and preset
+    encoded: EncodedVideo | None = None
 
 
 # Text embeddings kept per pipeline while its encoder is loaded: UMT5's [512, 4096] bf16 is 4 MiB a prompt.
@@ -317,12 +326,13 @@ class Pipeline:
             report["experts"] = run.report(cfg)  # per step the expert and guidance scale; the weight moves
         del run  # the graphs' pool holds the forwards' activations
         progress.stage = "decode"
-        frames = self._decode(latents, report, faults)
+        frames, encoded = self._decode(cfg, latents, report, faults)
         if frames is not None:
             report["video"]["fps"] = cfg.output.fps  # a per-request key: the writer's rate
+            report["video"]["encoded_while_decoding"] = encoded is not None
         stage_seconds["total"] = time.perf_counter() - t_start + stage_seconds["load"]
         report["total_seconds"] = stage_seconds["total"]
-        return GenerateResult(latents=latents, frames=frames, report=report)
+        return GenerateResult(latents=latents, frames=frames, report=report, encoded=encoded)
 
     def _expert_run(self, cfg: GenerateConfig, scheduler, plan: AttentionPlan, grid: tuple[int, int, int]) -> ExpertRun:
         """Per expert its request state (attention contexts built on its modules; the metadata cache is shared) and
@@ -335,14 +345,18 @@ class Pipeline:
                          for model in models)
         return ExpertRun(self.experts, schedule, states, forwards)
 
-    def _decode(self, latents: torch.Tensor, report: dict, faults: FaultPlan) -> torch.Tensor | None:
-        """The frames (uint8 [T, H, W, 3], CPU) on rank 0, None elsewhere; fills the report's decode entries. The Wan
-        VAE decodes on every rank (a block of the latent rows each) and gathers the frames on rank 0; the preview
+    def _decode(
+        self, cfg: GenerateConfig, latents: torch.Tensor, report: dict, faults: FaultPlan
+    ) -> tuple[torch.Tensor | None, EncodedVideo | None]:
+        """The frames (uint8 [T, H, W, 3], CPU) on rank 0, None elsewhere, and the mp4 when it could be encoded
+        while decoding; fills the report's decode entries. The Wan VAE decodes on every rank (a block of the latent
+        rows each) and gathers the frames on rank 0; when one rank decodes, each latent frame's 4 video frames go to
+        the encoder (`VideoEncodeStream`: ffmpeg in its own process) as soon as they are decoded. The preview
         decoder runs on rank 0 alone."""
         mesh, device = self.mesh, self.mesh.device
         every_rank_decodes = self.conditioning.decoder == "wan-vae"
         if not (mesh.is_main or every_rank_decodes):
-            return None
+            return None, None
         free_device_memory(device)
         t0 = time.perf_counter()
         if self._decoder is None:
@@ -352,10 +366,19 @@ class Pipeline:
             faults.fire_phase("decode", 0)  # rank 0's; the other ranks then fail on the exchange with it
         peak_before_decode = _peak_memory(device)
         _reset_peak_memory(device)
-        decoded = self._decoder.decode(latents)  # the frames on rank 0, None on the others
+        encoded = None
+        if mesh.is_main and every_rank_decodes and self._decoder.streams(latents.shape[3]):
+            stream = VideoEncodeStream(cfg.output.fps, cfg.output.encoder_preset)
+            try:
+                self._decoder.decode_streaming(latents, lambda chunk_BTHW3: stream.put(chunk_BTHW3[0]))
+            finally:
+                encoded = stream.finish()  # joins the encoder thread, also when decoding failed
+            decoded = torch.cat(stream.host_frames)[None]
+        else:
+            decoded = self._decoder.decode(latents)  # the frames on rank 0, None on the others
         decode_peak = _peak_memory(device)
         if not mesh.is_main:
-            return None
+            return None, None
         frames = decoded[0].cpu()
         report["stage_seconds"]["decode"] = _elapsed_synced(t0, device)
         log.info("decode %.2f s", report["stage_seconds"]["decode"])
@@ -366,7 +389,7 @@ class Pipeline:
         report["latent_shape"] = list(latents.shape)
         report["video"] = {"frames": int(frames.shape[0]), "height": int(frames.shape[1]),
                            "width": int(frames.shape[2])}
-        return frames
+        return frames, encoded
 
 
 def _denoise(cfg, latents, text, scheduler, run: ExpertRun, faults, progress, mesh, dtype, on_step=None,
@@ -492,8 +515,12 @@ def write_outputs(cfg: GenerateConfig, result: GenerateResult, faults: FaultPlan
     report["video"]["path"] = str(out)
     written: list[Path] = []
     try:  # all files or none: a failure (disk full, interrupt) removes those already written
-        written.append(write_video_atomic(out, frames.numpy(), fps=cfg.output.fps, overwrite=cfg.output.overwrite,
-                                          preset=cfg.output.encoder_preset))
+        encoded = result.encoded
+        if encoded is not None and (encoded.fps, encoded.preset) == (cfg.output.fps, cfg.output.encoder_preset):
+            written.append(encoded.copy_atomic(out, overwrite=cfg.output.overwrite))  # encoded while decoding
+        else:
+            written.append(write_video_atomic(out, frames.numpy(), fps=cfg.output.fps,
+                                              overwrite=cfg.output.overwrite, preset=cfg.output.encoder_preset))
         for path, _ in latents_path:
             written.append(write_latents_atomic(path, result.latents.float().cpu(), overwrite=cfg.output.overwrite))
         faults.fire_phase("write", 0)
