@@ -234,6 +234,8 @@ def main() -> None:
     parser.add_argument("--fp8", action="store_true", help="then quantise the block linears to FP8 and time again")
     parser.add_argument("--quality-steps", type=int, default=0,
                         help="with --fp8: final-latent error of an N-step Euler run, FP8 vs bf16")
+    parser.add_argument("--quality-only", action="store_true",
+                        help="with --fp8 --quality-steps: only that comparison, no timed forwards")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.diffusers and args.sp != [1]:
@@ -259,6 +261,11 @@ def main() -> None:
     inputs = (latents, timestep, text)
 
     results = {"preset": args.preset, "shape": shape, "gpu": torch.cuda.get_device_name(), "runs": []}
+    if args.quality_only:
+        bench_fp8(model, cfg, args, inputs, results, timed=False)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2))
+        return
     results["ffn_up_gelu_ms"] = time_ffn_up(model, cfg, latents)
     print(json.dumps({"ffn_up_gelu_ms": results["ffn_up_gelu_ms"]}))
     for sp in args.sp:
@@ -295,18 +302,17 @@ def all_backends(model, cfg: WanConfig, args, inputs, sp: int = 1) -> list[dict]
     return runs
 
 
-def bench_fp8(model, cfg: WanConfig, args, inputs, results: dict) -> None:
+def bench_fp8(model, cfg: WanConfig, args, inputs, results: dict, timed: bool = True) -> None:
     """Quantise the loaded model's block linears in place, time every backend again (ratios against the bf16 dense
     forward of this run) and, with --quality-steps, the final-latent error of an N-step run against bf16."""
-    bf16_dense_ms = results["runs"][0]["forward_ms"]
     reference = None
     if args.quality_steps:
         reference = euler_latents(model, cfg, inputs, args.quality_steps, args.sparsity[0])
     report = quantize_blocks_fp8_(model)
     torch.cuda.empty_cache()
-    results["fp8"] = {"quant": report.as_dict(), "runs": all_backends(model, cfg, args, inputs)}
+    results["fp8"] = {"quant": report.as_dict(), "runs": all_backends(model, cfg, args, inputs) if timed else []}
     for run in results["fp8"]["runs"]:
-        run["speedup_vs_bf16_dense"] = bf16_dense_ms / run["forward_ms"]
+        run["speedup_vs_bf16_dense"] = results["runs"][0]["forward_ms"] / run["forward_ms"]
         print(json.dumps({"fp8": run}))
     if reference is not None:
         got = euler_latents(model, cfg, inputs, args.quality_steps, args.sparsity[0])

@@ -105,8 +105,8 @@ def _quantize_rows_op(x_MK: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, tor
 
 @_quantize_rows_op.register_fake
 def _quantize_rows_fake(x_MK, gelu):
-    return (x_MK.new_empty(x_MK.shape, dtype=FP8_DTYPE, memory_format=torch.contiguous_format),
-            x_MK.new_empty((x_MK.shape[0], 1), dtype=torch.float32))
+    return (torch.empty(x_MK.shape, dtype=FP8_DTYPE, device=x_MK.device),
+            torch.empty((x_MK.shape[0], 1), dtype=torch.float32, device=x_MK.device))
 
 
 def _quantize(x_MK: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,24 +147,19 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x, gelu=False)
 
-    def forward_rows(self, x: torch.Tensor, out_features: int) -> torch.Tensor:
-        """The first `out_features` outputs only (a fused q/k/v/gate layer in a block that wants no gate)."""
-        return self._matmul(x, gelu=False, out_features=out_features)
-
     def forward_gelu(self, h: torch.Tensor) -> torch.Tensor:
         """``self(GELU(tanh)(h))`` with the GELU applied while quantising h (one pass over the FFN's wide hidden
         activation instead of a GELU kernel and a quantisation kernel)."""
         return self._matmul(h, gelu=True)
 
-    def _matmul(self, x: torch.Tensor, gelu: bool, out_features: int | None = None) -> torch.Tensor:
-        n = self.out_features if out_features is None else out_features
+    def _matmul(self, x: torch.Tensor, gelu: bool) -> torch.Tensor:
         x_fp8, scale_M1 = _quantize(x.reshape(-1, self.in_features), gelu)
-        out = torch._scaled_mm(  # weight rows [:n] of a row-major [out, in] tensor: a view, column-major as .t()
-            x_fp8, self.weight[:n].t(), scale_a=scale_M1, scale_b=self.weight_scale[:, :n],
-            bias=None if self.bias is None else self.bias[:n].to(x.dtype), out_dtype=x.dtype,
-            use_fast_accum=_FAST_ACCUM,
+        # The whole weight, never a slice of it: inductor's _scaled_mm lowering (torch 2.11) fails on a sliced bias.
+        out = torch._scaled_mm(
+            x_fp8, self.weight.t(), scale_a=scale_M1, scale_b=self.weight_scale,
+            bias=None if self.bias is None else self.bias.to(x.dtype), out_dtype=x.dtype, use_fast_accum=_FAST_ACCUM,
         )
-        return out.view(*x.shape[:-1], n)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 per-channel x per-token"
@@ -231,7 +226,8 @@ def quantize_blocks_fp8_(model: nn.Module) -> Fp8Report:
 def _fuse_self_projections(attn: nn.Module) -> None:
     """q, k, v (and the VSA gate) of self-attention as one FP8 layer (``attn.to_qkvg``): the block's input is
     quantised once and multiplied once, by a GEMM four times as wide (to_q, to_k, to_v, to_gate_compress become
-    None)."""
+    None). A dense block of a gated model computes the gate too and drops it (a quarter of that GEMM in the
+    blocks and steps that a plan keeps dense)."""
     names = ["to_q", "to_k", "to_v"] + (["to_gate_compress"] if attn.to_gate_compress is not None else [])
     layers = [getattr(attn, name) for name in names]
     if not all(isinstance(layer, Fp8Linear) for layer in layers):

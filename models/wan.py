@@ -396,13 +396,11 @@ class WanAttention(nn.Module):
         return q_BSND, k_BSND, v_BSND, gate_BSND
 
     def _self_projections(self, x_BSC: torch.Tensor, with_gate: bool) -> tuple[torch.Tensor, ...]:
-        """q, k, v [B, S, C] and the gate (when asked and present, else None): four GEMMs, or the first 3 or 4
-        parts of one GEMM when the projections are fused (``to_qkvg``: FP8, models/fp8.py)."""
+        """q, k, v [B, S, C] and the gate (when asked and present, else None): four GEMMs, or one when the
+        projections are fused (``to_qkvg``: FP8, models/fp8.py)."""
         if self.to_qkvg is not None:
-            dim = self.to_out[0].out_features
-            parts = 4 if with_gate and self.qkvg_has_gate else 3
-            q, k, v, *gate = self.to_qkvg.forward_rows(x_BSC, parts * dim).split(dim, dim=-1)
-            return q, k, v, gate[0] if gate else None
+            q, k, v, *gate = self.to_qkvg(x_BSC).split(self.to_out[0].out_features, dim=-1)
+            return q, k, v, gate[0] if gate and with_gate else None
         gate = self.to_gate_compress(x_BSC) if with_gate and self.to_gate_compress is not None else None
         return self.to_q(x_BSC), self.to_k(x_BSC), self.to_v(x_BSC), gate
 
