@@ -4,8 +4,10 @@ Recipe: each weight row (output channel) gets its own scale, amax / 448, fixed a
 gets its own scale, computed on the fly from that row's amax. ``torch._scaled_mm`` multiplies the two e4m3
 matrices with fp32 accumulation and applies both scale vectors and the bias in its epilogue, writing the model
 dtype (bfloat16). Row-wise activation scales keep one outlier token from crushing every other token's precision,
-and per-channel weight scales do the same for outlier output channels; the quantisation of x is a row amax and
-a divide, which torch.compile fuses into the op that produced x (the modulated norm, the GELU).
+and per-channel weight scales do the same for outlier output channels. The quantisation of x is a row amax and a
+divide in plain torch: the block stages are compiled on CUDA, and inductor fuses it with the op that produced x
+(the FFN's GELU above all). A one-row-per-program Triton kernel for it measured slower at the FFN's width
+(python bench/fp8_gemm.py, H200: 2.22 ms vs inductor's 0.875 ms for 32760 x 8960) and was dropped.
 
 What is quantised: the q/k/v/out projections of self- and cross-attention, VSA's gate projection, I2V's image
 key/value projections and both FFN layers, in every block. What stays in the model dtype: the patch embedding,
@@ -15,7 +17,6 @@ A layer whose in or out features are not multiples of 16 (the FP8 GEMM's alignme
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ from torch import nn
 
 __all__ = [
     "FP8_DTYPE", "FP8_MAX", "Fp8Linear", "Fp8Report", "check_quant_supported", "dequantize_rows",
-    "fp8_linear_reference", "quantize_blocks_fp8_", "quantize_rows", "quantize_rows_triton",
+    "fp8_linear_reference", "quantize_blocks_fp8_", "quantize_rows",
 ]
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -50,68 +51,6 @@ def quantize_rows(x_MK: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor,
         x = F.gelu(x, approximate="tanh")
     scale_M1 = x.abs().amax(dim=-1, keepdim=True).clamp(min=_MIN_SCALE) / FP8_MAX
     return (x / scale_M1).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale_M1
-
-
-@functools.cache
-def _kernel():
-    """The Triton kernel, built on first use: importing models needs no Triton."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def quantize_rows_kernel(X, Q, S, K: tl.constexpr, BLOCK: tl.constexpr, GELU: tl.constexpr,
-                             FP8_MAX_: tl.constexpr, MIN_SCALE: tl.constexpr):
-        # One program per row: the row stays in registers between its amax and its quantisation (one read of x).
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        ok = cols < K
-        x = tl.load(X + row * K + cols, mask=ok, other=0.0).to(tl.float32)
-        if GELU:  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), tanh(u) = 2 sigmoid(2u) - 1
-            inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-            x = 0.5 * x * (2.0 * tl.sigmoid(2.0 * inner))
-        scale = tl.maximum(tl.max(tl.abs(x), 0), MIN_SCALE) / FP8_MAX_
-        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX_), FP8_MAX_)
-        # Round to the e4m3 grid in float32 (round half to even), so the cast below is exact everywhere: the step
-        # is 2^(e-3) for |q| in [2^e, 2^(e+1)), 2^-9 below 2^-6 (subnormals); adding and subtracting 1.5 * 2^23
-        # rounds a float32 of magnitude < 2^22 to an integer, ties to even.
-        exponent = tl.maximum((tl.abs(q).to(tl.int32, bitcast=True) >> 23) & 0xFF, 127 - 6)
-        step = ((exponent - 3) << 23).to(tl.float32, bitcast=True)
-        q = ((tl.math.div_rn(q, step) + 12582912.0) - 12582912.0) * step
-        tl.store(Q + row * K + cols, q.to(Q.dtype.element_ty), mask=ok)
-        tl.store(S + row, scale)
-
-    return triton, quantize_rows_kernel
-
-
-def quantize_rows_triton(x_MK: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantize_rows`` as one Triton pass (CUDA, or the CPU under TRITON_INTERPRET=1): x read once, the fp8 rows
-    and their scales written once. The GELU's tanh is computed through a sigmoid: within float32 rounding of
-    torch's, so a value may land on the neighbouring e4m3 step where torch's rounds the other way."""
-    triton, kernel = _kernel()
-    x = x_MK.contiguous()
-    rows, width = x.shape
-    out = torch.empty((rows, width), device=x.device, dtype=FP8_DTYPE)
-    scale = torch.empty((rows, 1), device=x.device, dtype=torch.float32)
-    block = triton.next_power_of_2(width)
-    kernel[(rows,)](x, out, scale, K=width, BLOCK=block, GELU=gelu, FP8_MAX_=FP8_MAX, MIN_SCALE=_MIN_SCALE,
-                    num_warps=max(1, min(16, block // 512)))
-    return out, scale
-
-
-@torch.library.custom_op("tessera::fp8_quantize_rows", mutates_args=())
-def _quantize_rows_op(x_MK: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return quantize_rows_triton(x_MK, gelu)
-
-
-@_quantize_rows_op.register_fake
-def _quantize_rows_fake(x_MK, gelu):
-    return (torch.empty(x_MK.shape, dtype=FP8_DTYPE, device=x_MK.device),
-            torch.empty((x_MK.shape[0], 1), dtype=torch.float32, device=x_MK.device))
-
-
-def _quantize(x_MK: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton op on CUDA (opaque to torch.compile: it is already one pass), the spec elsewhere."""
-    return _quantize_rows_op(x_MK, gelu) if x_MK.is_cuda else quantize_rows(x_MK, gelu)
 
 
 def dequantize_rows(x_fp8: torch.Tensor, scale_M1: torch.Tensor) -> torch.Tensor:
@@ -153,7 +92,7 @@ class Fp8Linear(nn.Module):
         return self._matmul(h, gelu=True)
 
     def _matmul(self, x: torch.Tensor, gelu: bool) -> torch.Tensor:
-        x_fp8, scale_M1 = _quantize(x.reshape(-1, self.in_features), gelu)
+        x_fp8, scale_M1 = quantize_rows(x.reshape(-1, self.in_features), gelu)
         # The whole weight, never a slice of it: inductor's _scaled_mm lowering (torch 2.11) fails on a sliced bias.
         out = torch._scaled_mm(
             x_fp8, self.weight.t(), scale_a=scale_M1, scale_b=self.weight_scale,
