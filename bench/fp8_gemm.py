@@ -4,8 +4,8 @@
 
 For each (tokens, in, out): bf16 `F.linear`; `torch._scaled_mm` on already-quantised operands with row-wise scales
 (fast accumulation on and off) and with one scale per tensor; the activation quantisation alone (torch.compile'd
-spec, with and without the GELU before it); and the whole `Fp8Linear` call (quantisation + GEMM), eager and under
-torch.compile. Milliseconds are medians of CUDA-event timings; TFLOP/s count 2*M*K*N.
+spec); and the whole `Fp8Linear` call (quantisation + GEMM), eager and under torch.compile. Milliseconds are
+medians of CUDA-event timings; TFLOP/s count 2*M*K*N.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ def time_shape(m: int, k: int, n: int) -> dict:
         "fp8_rowwise": scaled(False),
         "fp8_tensorwise_fast_accum": scaled(True, rowwise=False),
         "quantize_rows_torch_compiled": lambda: compiled_quantize(x),
-        "quantize_rows_gelu_torch_compiled": lambda: compiled_quantize(x, gelu=True),
         "fp8_linear": lambda: layer(x),
         "fp8_linear_compiled": lambda: compiled_layer(x),
     }

@@ -6,8 +6,9 @@ matrices with fp32 accumulation and applies both scale vectors and the bias in i
 dtype (bfloat16). Row-wise activation scales keep one outlier token from crushing every other token's precision,
 and per-channel weight scales do the same for outlier output channels. The quantisation of x is a row amax and a
 divide in plain torch: the block stages are compiled on CUDA, and inductor fuses it with the op that produced x
-(the FFN's GELU above all). A one-row-per-program Triton kernel for it measured slower at the FFN's width
-(python bench/fp8_gemm.py, H200: 2.22 ms vs inductor's 0.875 ms for 32760 x 8960) and was dropped.
+(the FFN's GELU above all). Two things measured worse on an H200 and were dropped: a one-row-per-program Triton
+kernel for it (python bench/fp8_gemm.py: 2.22 ms vs inductor's 0.875 ms at 32760 x 8960), and q/k/v/gate fused
+into one GEMM (its strided outputs cost the attention more than the GEMM saved: 232.6 vs 203.1 ms a forward).
 
 What is quantised: the q/k/v/out projections of self- and cross-attention, VSA's gate projection, I2V's image
 key/value projections and both FFN layers, in every block. What stays in the model dtype: the patch embedding,
@@ -20,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -43,12 +43,9 @@ _BLOCK_LINEARS = (
 )
 
 
-def quantize_rows(x_MK: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise e4m3 quantisation, the spec: (x_fp8 [M, K], scale [M, 1] float32) with x ~= x_fp8 * scale.
-    ``gelu``: of GELU(tanh)(x), computed in float32 (the FFN's hidden activation, never rounded to bf16)."""
+def quantize_rows(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise e4m3 quantisation: (x_fp8 [M, K], scale [M, 1] float32) with x ~= x_fp8 * scale."""
     x = x_MK.float()
-    if gelu:
-        x = F.gelu(x, approximate="tanh")
     scale_M1 = x.abs().amax(dim=-1, keepdim=True).clamp(min=_MIN_SCALE) / FP8_MAX
     return (x / scale_M1).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale_M1
 
@@ -75,25 +72,8 @@ class Fp8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(weight_fp8, scale_N1.reshape(1, -1).contiguous(), bias)
 
-    @classmethod
-    def concat(cls, layers: list[Fp8Linear]) -> Fp8Linear:
-        """One layer whose outputs are `layers`' outputs side by side (same input; q, k, v and the gate)."""
-        biases = [layer.bias for layer in layers]
-        bias = None if any(b is None for b in biases) else torch.cat(biases)
-        return cls(torch.cat([layer.weight for layer in layers]), torch.cat([layer.weight_scale for layer in layers],
-                                                                            dim=1), bias)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._matmul(x, gelu=False)
-
-    def forward_gelu(self, h: torch.Tensor) -> torch.Tensor:
-        """``self(GELU(tanh)(h))`` with the GELU applied while quantising h (one pass over the FFN's wide hidden
-        activation instead of a GELU kernel and a quantisation kernel)."""
-        return self._matmul(h, gelu=True)
-
-    def _matmul(self, x: torch.Tensor, gelu: bool) -> torch.Tensor:
-        x_fp8, scale_M1 = quantize_rows(x.reshape(-1, self.in_features), gelu)
-        # The whole weight, never a slice of it: inductor's _scaled_mm lowering (torch 2.11) fails on a sliced bias.
+        x_fp8, scale_M1 = quantize_rows(x.reshape(-1, self.in_features))
         out = torch._scaled_mm(
             x_fp8, self.weight.t(), scale_a=scale_M1, scale_b=self.weight_scale,
             bias=None if self.bias is None else self.bias.to(x.dtype), out_dtype=x.dtype, use_fast_accum=_FAST_ACCUM,
@@ -104,10 +84,10 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 per-channel x per-token"
 
 
-def fp8_linear_reference(x: torch.Tensor, layer: Fp8Linear, gelu: bool = False) -> torch.Tensor:
-    """The slow reference of ``Fp8Linear`` (``gelu``: of its ``forward_gelu``): both operands quantised by the spec
-    and dequantised, then a float32 matmul (+ bias). [..., out] float32."""
-    x_fp8, scale_M1 = quantize_rows(x.reshape(-1, layer.in_features), gelu)
+def fp8_linear_reference(x: torch.Tensor, layer: Fp8Linear) -> torch.Tensor:
+    """The slow reference of ``Fp8Linear``: both operands quantised and dequantised as the layer does, then a
+    float32 matmul (+ bias). [..., out] float32."""
+    x_fp8, scale_M1 = quantize_rows(x.reshape(-1, layer.in_features))
     weight = dequantize_rows(layer.weight, layer.weight_scale.reshape(-1, 1))
     out = dequantize_rows(x_fp8, scale_M1) @ weight.t()
     if layer.bias is not None:
@@ -158,22 +138,7 @@ def quantize_blocks_fp8_(model: nn.Module) -> Fp8Report:
             after += sum(t.numel() * t.element_size() for t in fp8.buffers())
             setattr(parent, leaf, fp8)
             layers += 1
-        _fuse_self_projections(block.attn1)
     return Fp8Report(layers, tuple(kept), before, after)
-
-
-def _fuse_self_projections(attn: nn.Module) -> None:
-    """q, k, v (and the VSA gate) of self-attention as one FP8 layer (``attn.to_qkvg``): the block's input is
-    quantised once and multiplied once, by a GEMM four times as wide (to_q, to_k, to_v, to_gate_compress become
-    None). A dense block of a gated model computes the gate too and drops it (a quarter of that GEMM in the
-    blocks and steps that a plan keeps dense)."""
-    names = ["to_q", "to_k", "to_v"] + (["to_gate_compress"] if attn.to_gate_compress is not None else [])
-    layers = [getattr(attn, name) for name in names]
-    if not all(isinstance(layer, Fp8Linear) for layer in layers):
-        return
-    attn.to_qkvg, attn.qkvg_has_gate = Fp8Linear.concat(layers), len(names) == 4
-    for name in names:
-        setattr(attn, name, None)
 
 
 def check_quant_supported(quant: str, device: torch.device) -> None:

@@ -25,7 +25,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tessera.attention.dense import DenseAttention
-from tessera.models.fp8 import Fp8Linear
 from tessera.models.modulated_norm import add_modulated_layer_norm, modulated_layer_norm
 from tessera.models.qk_norm_rope import qk_norm_rope
 
@@ -340,8 +339,6 @@ class _FeedForward(nn.Module):
         self.net = nn.ModuleList([proj, nn.Identity(), nn.Linear(ffn_dim, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.net[2], Fp8Linear):  # model.quant=fp8: the GELU happens while quantising its output
-            return self.net[2].forward_gelu(self.net[0].proj(x))
         return self.net[2](linear_gelu_tanh(x, self.net[0].proj))
 
 
@@ -368,9 +365,6 @@ class WanAttention(nn.Module):
             self.add_v_proj = nn.Linear(added_kv_proj_dim, dim)
             self.norm_added_k = nn.RMSNorm(dim, eps=config.eps)
         self.to_gate_compress = nn.Linear(dim, dim) if gate_compress else None
-        # q, k, v (and the gate) as one layer, when models/fp8.py fused them at load (then to_q .. are None).
-        self.to_qkvg: nn.Module | None = None
-        self.qkvg_has_gate = False
         # SLA's linear-branch projection, one per layer, shared by all heads (the backend applies it per head).
         head_dim = config.attention_head_dim
         self.proj_l = nn.Linear(head_dim, head_dim) if sla_proj_l else None
@@ -387,22 +381,15 @@ class WanAttention(nn.Module):
         ``fused``: norm + RoPE of q and k in one Triton launch (``models.qk_norm_rope``), else the composite.
         """
         heads = (self.num_heads, -1)
-        q_BSC, k_BSC, v_BSC, gate_BSC = self._self_projections(x_BSC, with_gate)
         q_BSND, k_BSND = qk_norm_rope(
-            q_BSC, k_BSC, self.norm_q.weight, self.norm_k.weight, self.norm_q.eps, *rope, self.num_heads, fused,
+            self.to_q(x_BSC), self.to_k(x_BSC), self.norm_q.weight, self.norm_k.weight, self.norm_q.eps,
+            *rope, self.num_heads, fused,
         )
-        v_BSND = v_BSC.unflatten(2, heads)
-        gate_BSND = None if gate_BSC is None else gate_BSC.unflatten(2, heads)
+        v_BSND = self.to_v(x_BSC).unflatten(2, heads)
+        gate_BSND = None
+        if with_gate and self.to_gate_compress is not None:
+            gate_BSND = self.to_gate_compress(x_BSC).unflatten(2, heads)
         return q_BSND, k_BSND, v_BSND, gate_BSND
-
-    def _self_projections(self, x_BSC: torch.Tensor, with_gate: bool) -> tuple[torch.Tensor, ...]:
-        """q, k, v [B, S, C] and the gate (when asked and present, else None): four GEMMs, or one when the
-        projections are fused (``to_qkvg``: FP8, models/fp8.py)."""
-        if self.to_qkvg is not None:
-            q, k, v, *gate = self.to_qkvg(x_BSC).split(self.to_out[0].out_features, dim=-1)
-            return q, k, v, gate[0] if gate and with_gate else None
-        gate = self.to_gate_compress(x_BSC) if with_gate and self.to_gate_compress is not None else None
-        return self.to_q(x_BSC), self.to_k(x_BSC), self.to_v(x_BSC), gate
 
     def cross_attention(
         self, x_BSC: torch.Tensor, text_BLC: torch.Tensor, image_BIC: torch.Tensor | None = None

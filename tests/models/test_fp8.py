@@ -32,19 +32,6 @@ def _awkward_input(shape, generator, device="cpu") -> torch.Tensor:
     return x
 
 
-def test_ffn_with_fp8_applies_gelu_while_quantising():
-    """The FFN of an FP8 block computes down(GELU(up(x))) with the GELU inside the quantisation: equal to the
-    reference of its two layers."""
-    cfg, model = _tiny_model()
-    quantize_blocks_fp8_(model)
-    ffn = model.blocks[0].ffn
-    x = _awkward_input((1, 23, cfg.dim), torch.Generator().manual_seed(6)).to(torch.bfloat16)
-    hidden = ffn.net[0].proj(x)
-    expected = fp8_linear_reference(hidden, ffn.net[2], gelu=True)
-    got = ffn(x)
-    torch.testing.assert_close(got.float(), expected, rtol=2**-7, atol=1e-3 * expected.abs().max().item())
-
-
 def test_quantize_rows_round_trip_is_within_e4m3_precision():
     g = torch.Generator().manual_seed(0)
     x = _awkward_input((37, 48), g)
@@ -104,33 +91,12 @@ def test_quantize_blocks_replaces_every_block_linear_and_stays_close():
     assert report.bytes_after < report.bytes_before * 0.6  # 1 byte a weight (+ scales, bf16 bias) instead of 2
     block = model.blocks[0]
     assert isinstance(block.attn1.to_out[0], Fp8Linear) and isinstance(block.ffn.net[0].proj, Fp8Linear)
-    fused = block.attn1.to_qkvg  # q, k, v and the gate: one FP8 layer four times as wide
-    assert isinstance(fused, Fp8Linear) and fused.out_features == 4 * cfg.dim and block.attn1.qkvg_has_gate
-    assert block.attn1.to_q is None and block.attn1.to_gate_compress is None
+    assert isinstance(block.attn1.to_q, Fp8Linear) and isinstance(block.attn1.to_gate_compress, Fp8Linear)
     assert isinstance(model.proj_out, nn.Linear) and isinstance(model.condition_embedder.time_proj, nn.Linear)
     with torch.no_grad():
         got = model(*inputs)
     assert got.dtype == torch.bfloat16
     assert 0 < _rel(got, expected) < 0.1, _rel(got, expected)
-
-
-def test_fused_self_projections_match_each_projection():
-    """The fused q/k/v/gate layer gives each projection's own FP8 result; a block that wants no gate gets none
-    (and its GEMM stops after v)."""
-    cfg, model = _tiny_model()
-    quantize_blocks_fp8_(model)
-    attn = model.blocks[1].attn1
-    x = _awkward_input((2, 21, cfg.dim), torch.Generator().manual_seed(7)).to(torch.bfloat16)
-    fused, d = attn.to_qkvg, cfg.dim
-    for with_gate, parts in ((True, 4), (False, 3)):
-        got = attn._self_projections(x, with_gate)
-        assert (got[3] is None) == (not with_gate)
-        for index in range(parts):
-            rows = slice(index * d, (index + 1) * d)
-            alone = Fp8Linear(fused.weight[rows], fused.weight_scale[:, rows], fused.bias[rows])
-            expected = fp8_linear_reference(x, alone)
-            torch.testing.assert_close(got[index].float(), expected, rtol=2**-7,
-                                       atol=1e-3 * expected.abs().max().item())
 
 
 def test_unaligned_linears_stay_in_model_dtype():
@@ -175,9 +141,6 @@ def test_fp8_linear_matches_dequantised_reference_gpu(tokens, k, n):
     torch.testing.assert_close(got.float(), expected, rtol=2**-6, atol=2e-3 * expected.abs().max().item())
     compiled = torch.compile(layer)
     torch.testing.assert_close(compiled(x).float(), expected, rtol=2**-6, atol=2e-3 * expected.abs().max().item())
-    hidden = fp8_linear_reference(x, layer, gelu=True)  # the FFN's second layer: GELU applied while quantising
-    got_gelu = layer.forward_gelu(x)
-    torch.testing.assert_close(got_gelu.float(), hidden, rtol=2**-5, atol=4e-3 * hidden.abs().max().item())
 
 
 @pytest.mark.gpu
@@ -200,7 +163,7 @@ def test_fp8_pipeline_on_gpu_close_to_bf16():
 
     latents = {}
     with tessera.load(model={"preset": "wan-tiny", "dtype": "bfloat16", "quant": "fp8"},
-                      attention={"backend": "dense"}) as pipe:  # no block wants the gate: dropped, compiled
+                      attention={"backend": "dense"}) as pipe:  # the compiled stages without the gate
         dense = pipe.generate(prompt="a red fox in snow", seed=3, num_steps=2)
     assert torch.isfinite(dense.latents).all()
     for quant in ("none", "fp8"):
