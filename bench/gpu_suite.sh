@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session: carried wheels, GPU-tier tests, attention micro-benchmark (with the FastVideo peer),
 # DiT forward benchmarks. Run from the repo root on the device machine; results land in ${OUT:-bench_out}.
-#   bash bench/gpu_suite.sh [tests] [product] [attention] [variants] [profile] [dit13] [dit14] [sp13] [e2e] [vae] [sp2 (2 GPUs)]   (default: tests attention dit13 dit14)
+#   bash bench/gpu_suite.sh [tests] [product] [attention] [variants] [profile] [dit13] [dit14] [sp13] [e2e] [vae] [fp8]
+#       [sla] [fastwan] [sp2 (2 GPUs)]   (default: tests attention dit13 dit14)
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -19,14 +20,19 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 for part in $parts; do
   case $part in
-    tests) python3 -m pytest -q -m gpu tests/attention/test_vsa_triton.py tests/models/test_qk_norm_rope.py tests/models/test_modulated_norm.py tests/models/test_wan.py tests/runtime/test_scheduler.py tests/runtime/test_graphs.py 2>&1 | tee "$OUT/tests.log" ;;
+    tests) python3 -m pytest -q -m gpu tests/attention/test_vsa_triton.py tests/models/test_qk_norm_rope.py tests/models/test_modulated_norm.py tests/models/test_wan.py tests/models/test_fp8.py tests/runtime/test_scheduler.py tests/runtime/test_graphs.py 2>&1 | tee "$OUT/tests.log" ;;
     product) python3 -m pytest -q -m gpu -s -rA tests/launch/test_cli_gpu.py 2>&1 | tee "$OUT/product.log" ;;
     attention) python3 bench/attention.py --peer --out "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" ;;
     variants) python3 bench/attention.py --sparsity 0.9 --variants --out "$OUT/variants.json" 2>&1 | tee "$OUT/variants.log" ;;
     profile) python3 bench/profile_vsa.py --forward 2>&1 | tee "$OUT/profile.log" ;;
     dit13) python3 bench/dit_forward.py --preset 1.3b --diffusers --cuda-graph --out "$OUT/dit_1.3b.json" 2>&1 | tee "$OUT/dit_1.3b.log" ;;
     e2e) python3 bench/end_to_end.py --text-layers 2 --steps 10 --backend vsa --out "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" ;;
-    vae) python3 bench/vae_decode.py --out "$OUT/vae.json" 2>&1 | tee "$OUT/vae.log" ;;
+    vae) python3 bench/vae_decode.py --variants --out "$OUT/vae.json" 2>&1 | tee "$OUT/vae.log" ;;
+    fp8) python3 bench/fp8_gemm.py --out "$OUT/fp8_gemm.json" 2>&1 | tee "$OUT/fp8_gemm.log"
+         python3 bench/dit_forward.py --preset 1.3b --fp8 --quality-steps 10 --out "$OUT/dit_1.3b_fp8.json" 2>&1 | tee "$OUT/dit_1.3b_fp8.log" ;;
+    sla) python3 bench/attention.py --sla-only --out "$OUT/attention_sla.json" 2>&1 | tee "$OUT/attention_sla.log"
+         python3 bench/dit_forward.py --preset 1.3b --sla-topk 0.1 --cuda-graph --out "$OUT/dit_1.3b_sla.json" 2>&1 | tee "$OUT/dit_1.3b_sla.log" ;;
+    fastwan) python3 bench/fastwan.py --text-layers 2 --model vae_dtype=bfloat16 --out "$OUT/fastwan.json" 2>&1 | tee "$OUT/fastwan.log" ;;
     sp2) bash bench/sp_gpu_check.sh 2>&1 | tee "$OUT/sp2.log" ;;
     sp13) python3 bench/dit_forward.py --preset 1.3b --sp 2 4 8 --iters 3 --cuda-graph --out "$OUT/dit_1.3b_sp.json" 2>&1 | tee "$OUT/dit_1.3b_sp.log" ;;
     dit14) python3 bench/dit_forward.py --preset 14b --iters 2 --out "$OUT/dit_14b.json" 2>&1 | tee "$OUT/dit_14b.log" ;;
