@@ -90,8 +90,9 @@ class VideoPipeline:
         cfg, _ = resolve_config([*self._overrides, *to_overrides(keys)], world_size=self._world_size)
         cfg.validate(world_size=self._world_size)
         image_given = cfg.image is not None or image is not None
-        check_checkpoint_request(cfg, self._pipe.checkpoint, image_given=image_given)  # TI2V: no image yet
-        check_image_request(cfg, self._pipe.model_cfg, image_given=image_given)
+        check_checkpoint_request(cfg, self._pipe.checkpoint, image_given=image_given)  # FastWan TI2V: no image
+        check_image_request(cfg, self._pipe.model_cfg, image_given=image_given,
+                            image_optional=self._pipe.image_optional)
         return cfg
 
     @property

@@ -121,7 +121,7 @@ def resolve_config(argv: list[str], world_size: int = 1) -> tuple[GenerateConfig
         raise _type_error(err, dict(item.split("=", 1) for item in dotlist)) from None
     cfg = _follow_sampler(replace(cfg, **text).resolved(world_size), dotlist)
     # model.boundary_ratio set by hand must match the checkpoint (cheap: JSON and safetensors headers), and so must
-    # the size and image (TI2V-5B: multiples of 32 pixels, no image yet)
+    # the size and image (TI2V-5B: multiples of 32 pixels; FastWan2.2-TI2V-5B: no image)
     ckpt = None if cfg.model.path is None else resolve_checkpoint(cfg.model.path)
     check_expert_config(cfg.model.boundary_ratio, ckpt)
     check_checkpoint_request(cfg, ckpt, image_given=cfg.image is not None)

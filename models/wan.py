@@ -19,7 +19,7 @@ import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -219,6 +219,9 @@ class WanForwardContext:
         gather is a collective when sp > 1. Identity on one device.
     rope: (cos, sin) from ``WanTransformer.rope_tables``, already permuted by token_order and sharded.
     attn: one SelfAttention per block.
+    clean_tokens: bool [S_local, 1], this rank's tokens in processing order, True where the token's timestep is 0
+        (``WanTransformer.first_frame_tokens`` permuted and sharded: Wan2.2 TI2V's first latent frame, which holds
+        the image's clean latents). None: every token at the step's timestep (the default path).
     """
 
     rope: tuple[torch.Tensor, torch.Tensor]
@@ -227,6 +230,7 @@ class WanForwardContext:
     token_order_inverse: torch.Tensor | None = None
     shard: Callable[[torch.Tensor], torch.Tensor] = field(default=_identity)
     gather: Callable[[torch.Tensor], torch.Tensor] = field(default=_identity)
+    clean_tokens: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,12 +303,30 @@ class _ConditionEmbedder(nn.Module):
         self.text_embedder = _TextEmbedder(config.text_dim, config.dim)
         self.image_embedder = None if config.image_dim is None else _ImageEmbedder(config.image_dim, config.dim)
 
+    def time(self, timestep_B: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> temb [B, C] in ``dtype``, modulation [B, 6, C]."""
+        freqs = timestep_embedding(timestep_B, self.freq_dim).to(self.time_embedder.linear_1.weight.dtype)
+        temb_BC = self.time_embedder(freqs).to(dtype)
+        return temb_BC, self.time_proj(F.silu(temb_BC)).unflatten(1, (6, -1))
+
     def forward(self, timestep_B: torch.Tensor, text_BLC: torch.Tensor):
         """-> temb [B, C], modulation [B, 6, C], text [B, L, C]."""
-        freqs = timestep_embedding(timestep_B, self.freq_dim).to(self.time_embedder.linear_1.weight.dtype)
-        temb_BC = self.time_embedder(freqs).type_as(text_BLC)
-        modulation_B6C = self.time_proj(F.silu(temb_BC)).unflatten(1, (6, -1))
-        return temb_BC, modulation_B6C, self.text_embedder(text_BLC)
+        return *self.time(timestep_B, text_BLC.dtype), self.text_embedder(text_BLC)
+
+
+class TokenModulation(NamedTuple):
+    """The modulation of a forward whose tokens have one of two timesteps (Wan2.2 TI2V started from an image: the
+    first latent frame's tokens at t = 0, the others at the step's t), given as the two rows and a per-token selector
+    instead of diffusers' [B, S, 6, C] (one row per token): noisy/clean [B, 6, C] from the step's timestep and from 0,
+    clean_S1 bool [S_local, 1] (True: the clean row). The blocks select per token where they apply it."""
+
+    noisy_B6C: torch.Tensor
+    clean_B6C: torch.Tensor
+    clean_S1: torch.Tensor
+
+    def select(self, noisy: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        """Per token the clean or noisy one of two [B, 1, C] rows -> [B, S_local, C]."""
+        return torch.where(self.clean_S1, clean, noisy)
 
 
 @torch.library.custom_op("tessera::linear_gelu_tanh", mutates_args=())
@@ -426,47 +448,57 @@ class WanBlock(nn.Module):
         self.ffn = _FeedForward(dim, config.ffn_dim)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def _modulation(self, modulation_B6C: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """shift, scale, gate, c_shift, c_scale, c_gate, each [B, 1, C] fp32 (modulation math in fp32)."""
-        return (self.scale_shift_table + modulation_B6C.float()).chunk(6, 1)
+    def _modulation(
+        self, modulation: torch.Tensor | TokenModulation, first: int, stop: int
+    ) -> tuple[torch.Tensor, ...]:
+        """Entries ``first:stop`` of shift, scale, gate, c_shift, c_scale, c_gate, fp32 (modulation math in fp32):
+        each [B, 1, C] from a [B, 6, C] modulation, or [B, S_local, C] per token from a ``TokenModulation``."""
+        if not isinstance(modulation, TokenModulation):
+            return (self.scale_shift_table + modulation.float()).chunk(6, 1)[first:stop]
+        noisy = (self.scale_shift_table + modulation.noisy_B6C.float()).chunk(6, 1)[first:stop]
+        clean = (self.scale_shift_table + modulation.clean_B6C.float()).chunk(6, 1)[first:stop]
+        return tuple(modulation.select(n, c) for n, c in zip(noisy, clean, strict=True))
 
     def attention_inputs(
         self,
         x_BSC: torch.Tensor,
-        modulation_B6C: torch.Tensor,
+        modulation_B6C: torch.Tensor | TokenModulation,
         rope: tuple[torch.Tensor, torch.Tensor],
         with_gate: bool,
         fused: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Stage 1a (token-local): modulated norm -> q, k (RMSNorm, RoPE), v, optional VSA gate [B,S,N,D].
-        ``fused``: the Triton ops for the modulated norm and q/k norm + RoPE, else the composites."""
-        shift, scale = self._modulation(modulation_B6C)[:2]
-        h_BSC = modulated_layer_norm(x_BSC, 1 + scale, shift, self.norm1.eps, fused)
+        ``fused``: the Triton ops for the modulated norm and q/k norm + RoPE, else the composites (the norm's always
+        for a per-token ``TokenModulation``: the kernel takes one modulation row per batch row)."""
+        shift, scale = self._modulation(modulation_B6C, 0, 2)
+        per_token = isinstance(modulation_B6C, TokenModulation)
+        h_BSC = modulated_layer_norm(x_BSC, 1 + scale, shift, self.norm1.eps, fused and not per_token)
         return self.attn1.self_attention_inputs(h_BSC, rope, with_gate, fused)
 
     def attention_residual(
-        self, x_BSC: torch.Tensor, out_BSND: torch.Tensor, modulation_B6C: torch.Tensor
+        self, x_BSC: torch.Tensor, out_BSND: torch.Tensor, modulation_B6C: torch.Tensor | TokenModulation
     ) -> torch.Tensor:
         """Stage 1b (token-local): out-projection + gated residual. Its own stage, so that the attention output
         and the block's input are freed before the FFN (the forward's memory peak)."""
-        gate = self._modulation(modulation_B6C)[2]
+        (gate,) = self._modulation(modulation_B6C, 2, 3)
         out_BSC = self.attn1.to_out[0](out_BSND.flatten(2).type_as(x_BSC))
         return (x_BSC.float() + out_BSC * gate).type_as(x_BSC)
 
     def text_and_ffn(
-        self, x_BSC: torch.Tensor, text_BLC: torch.Tensor, modulation_B6C: torch.Tensor, fused: bool = False,
-        image_BIC: torch.Tensor | None = None,
+        self, x_BSC: torch.Tensor, text_BLC: torch.Tensor, modulation_B6C: torch.Tensor | TokenModulation,
+        fused: bool = False, image_BIC: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Stages 2-3 (token-local): cross-attention to the (unsharded) text tokens and, for I2V, image tokens, no
-        RoPE, no mask; then the modulated FFN. ``fused``: the Triton op for the two norms, else the composites."""
-        c_shift, c_scale, c_gate = self._modulation(modulation_B6C)[3:]
+        RoPE, no mask; then the modulated FFN. ``fused``: the Triton op for the two norms, else the composites (the
+        modulated norm's always for a per-token ``TokenModulation``)."""
+        c_shift, c_scale, c_gate = self._modulation(modulation_B6C, 3, 6)
         h_BSC = x_BSC
         if self.norm2 is not None:
             h_BSC = (modulated_layer_norm(x_BSC, self.norm2.weight, self.norm2.bias, self.norm2.eps, fused)
                      if fused else self.norm2(x_BSC.float()).type_as(x_BSC))
         x_BSC, h_BSC = add_modulated_layer_norm(
             x_BSC, self.attn2.cross_attention(h_BSC, text_BLC, image_BIC), 1 + c_scale, c_shift, self.norm3.eps,
-            fused)
+            fused and not isinstance(modulation_B6C, TokenModulation))
         out_BSC = self.ffn(h_BSC)
         return (x_BSC.float() + out_BSC.float() * c_gate).type_as(x_BSC)
 
@@ -541,6 +573,15 @@ class WanTransformer(nn.Module):
         angle_SD = torch.cat(angles, dim=-1).reshape(math.prod(grid), -1)
         return angle_SD.cos().to(dtype), angle_SD.sin().to(dtype)
 
+    def first_frame_tokens(self, grid_thw: Sequence[int], device: torch.device | str) -> torch.Tensor:
+        """bool [S, 1] in raster token order: the tokens of the first latent frame (Wan2.2 TI2V keeps them clean, at
+        timestep 0, when the video starts from an image). Permute and shard along dim 0 for ``ctx.clean_tokens``."""
+        if self.config.patch_size[0] != 1:
+            raise ValueError(f"first-frame tokens need a temporal patch of 1 (one latent frame per token frame), "
+                             f"got patch_size={self.config.patch_size}")
+        t, h, w = (int(n) for n in grid_thw)
+        return (torch.arange(t * h * w, device=device) < h * w)[:, None]
+
     def forward(
         self,
         hidden_states_BCFHW: torch.Tensor,
@@ -581,8 +622,15 @@ class WanTransformer(nn.Module):
         del x_BCTHW, x_BSC  # only the local shard lives on (the full or permuted copy would stay to the end)
 
         # 2. Conditions: timestep -> temb and six modulation vectors per block; text (and image) -> model width.
+        #    With ctx.clean_tokens (TI2V from an image) the selected tokens' timestep is 0: a second pair of rows
+        #    and a per-token selection (diffusers embeds one timestep per token, [B, S, 6, C]; only two differ).
         text_BLC = encoder_hidden_states_BLC.to(self.condition_embedder.text_embedder.linear_1.weight.dtype)
         temb_BC, modulation_B6C, text_BLC = self.condition_embedder(timestep_B, text_BLC)
+        clean_S1 = None if ctx is None else ctx.clean_tokens
+        if clean_S1 is not None:
+            clean_temb_BC, clean_modulation_B6C = self.condition_embedder.time(torch.zeros_like(timestep_B),
+                                                                               text_BLC.dtype)
+            modulation_B6C = TokenModulation(modulation_B6C, clean_modulation_B6C, clean_S1)
         image_BIC = None
         if encoder_hidden_states_image_BIC is not None:
             image_BIC = self.condition_embedder.image_embedder(encoder_hidden_states_image_BIC.to(dtype))
@@ -606,6 +654,9 @@ class WanTransformer(nn.Module):
 
         # 4. Output norm and projection (token-local, so before the gather: fewer channels to move).
         shift, scale = (self.scale_shift_table + temb_BC.unsqueeze(1)).chunk(2, dim=1)
+        if clean_S1 is not None:  # per token: [B, S_local, C]
+            clean_shift, clean_scale = (self.scale_shift_table + clean_temb_BC.unsqueeze(1)).chunk(2, dim=1)
+            shift, scale = modulation_B6C.select(shift, clean_shift), modulation_B6C.select(scale, clean_scale)
         local_x_BSC = (self.norm_out(local_x_BSC.float()) * (1 + scale) + shift).type_as(local_x_BSC)
         local_out_BSP = self.proj_out(local_x_BSC)
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Checkpoint", "arch_mismatches", "check_checkpoint_request", "check_expert_config", "checkpoint_latents",
-    "resolve_checkpoint", "resolve_model",
+    "resolve_checkpoint", "resolve_model", "starts_from_optional_image",
 ]
 
 # Architecture fields compared between an explicit preset and a checkpoint config (gate_compress is not:
@@ -65,7 +65,8 @@ class Checkpoint:
     boundary_ratio: float | None = None  # two-expert: model_index.json's boundary_ratio (None: one expert)
     latents: LatentFormat = WAN21_LATENTS  # the VAE's latent channels and compression (vae/config.json)
     # model_index.json's `expand_timesteps` (Wan2.2 TI2V-5B): diffusers gives the DiT one timestep per token. For
-    # text-to-video every token gets the same t, which the DiT's scalar-timestep path computes identically.
+    # text-to-video every token gets the same t, which the DiT's scalar-timestep path computes identically; from an
+    # image, the first latent frame's tokens get 0 (the DiT's `clean_tokens` branch).
     expand_timesteps: bool = False
 
     @property
@@ -320,10 +321,20 @@ def checkpoint_latents(ckpt: Checkpoint | None) -> LatentFormat:
     return WAN21_LATENTS if ckpt is None else ckpt.latents
 
 
+def starts_from_optional_image(cfg: GenerateConfig, ckpt: Checkpoint | None) -> bool:
+    """Whether the checkpoint is Wan2.2 TI2V-5B, which runs text-to-video and, given an image, image-to-video (the
+    image's latents as the clean first latent frame): not its FastWan distillation, which is text-to-video only."""
+    return ckpt is not None and ckpt.is_ti2v and not _is_fastwan_ti2v(cfg, ckpt)
+
+
+def _is_fastwan_ti2v(cfg: GenerateConfig, ckpt: Checkpoint) -> bool:
+    return ckpt.pipeline_class == DMD_PIPELINE_CLASS or cfg.model.preset == FASTWAN_TI2V_PRESET
+
+
 def check_checkpoint_request(cfg: GenerateConfig, ckpt: Checkpoint | None, *, image_given: bool) -> None:
     """ValueError, before any weight loads, when a request does not fit the checkpoint's family: a size that the
-    VAE's compression x the DiT's patch does not divide (32 pixels for Wan2.2 TI2V-5B), or an image for TI2V-5B
-    (FastWan2.2-TI2V-5B is distilled for text-to-video; image conditioning of TI2V-5B is not implemented yet)."""
+    VAE's compression x the DiT's patch does not divide (32 pixels for Wan2.2 TI2V-5B), or an image for
+    FastWan2.2-TI2V-5B (distilled for text-to-video only; the base TI2V-5B takes one)."""
     if ckpt is None:
         return
     patch = tuple((ckpt.arch or {}).get("patch_size", (1, 2, 2)))
@@ -335,18 +346,12 @@ def check_checkpoint_request(cfg: GenerateConfig, ckpt: Checkpoint | None, *, im
                 f"{ckpt.latents.spatial_stride}x spatially and the DiT's patches are {patch[axis]} latent pixels. "
                 f"Fix: {key}={max(multiple, multiple * round(value / multiple))}."
             )
-    if not (image_given and ckpt.is_ti2v):
-        return
-    if ckpt.pipeline_class == DMD_PIPELINE_CLASS or cfg.model.preset == FASTWAN_TI2V_PRESET:
+    if image_given and ckpt.is_ti2v and _is_fastwan_ti2v(cfg, ckpt):
         raise ValueError(
             f"image={cfg.image or '<an image object>'} was given but model.path={ckpt.path} is FastWan2.2-TI2V-5B "
-            f"(the DMD sampler), which is distilled for text-to-video only. Fix: drop image."
+            f"(the DMD sampler), which is distilled for text-to-video only. Fix: drop image, or load the base "
+            f"Wan-AI/Wan2.2-TI2V-5B-Diffusers, which starts a video from an image."
         )
-    raise ValueError(
-        f"image={cfg.image or '<an image object>'}: image conditioning for TI2V-5B (model.path={ckpt.path}) is not "
-        f"supported yet; it runs text-to-video. Fix: drop image, or use an image-to-video checkpoint such as "
-        f"Wan-AI/Wan2.1-I2V-14B-480P-Diffusers."
-    )
 
 
 def check_expert_config(boundary_ratio: float | None, ckpt: Checkpoint | None) -> None:

@@ -3,7 +3,9 @@
 Two inputs come from the first frame: the CLIP image states (the checkpoint's image_encoder/ + image_processor/,
 `hidden_states[-2]`) that the DiT cross-attends to, and 20 condition channels (a 4-channel first-frame mask, then the
 VAE latents of the image followed by num_frames - 1 black frames, normalised with the VAE's latents_mean/std) that
-every step concatenates after the 16 noisy latent channels (`ImageCondition.model_input`). Rank 0 alone reads the
+every step concatenates after the 16 noisy latent channels (`ImageCondition.model_input`). Wan2.2 TI2V-5B (an image is
+optional) has neither: the VAE latents of the image alone replace the first latent frame of every model input and of
+the final latents, and that frame's tokens get timestep 0 (diffusers' `expand_timesteps` path). Rank 0 alone reads the
 image and runs both encoders (fp32, as diffusers' examples load them; kept loaded for later requests); the results
 are broadcast to every rank, so ranks never disagree and only rank 0 needs the file (the server writes it there).
 Shape legend: B batch, I image tokens, C channels, F latent frames, H/W latent height/width, T video frames.
@@ -28,8 +30,8 @@ import torch
 import torch.distributed as dist
 from tessera.models import WanConfig
 from tessera.parallel import ParallelMesh
-from tessera.runtime.checkpoint import Checkpoint
-from tessera.runtime.conditioning import latent_shape
+from tessera.runtime.checkpoint import Checkpoint, starts_from_optional_image
+from tessera.runtime.conditioning import WAN21_LATENTS, LatentFormat, latent_shape
 from tessera.runtime.config import GenerateConfig
 from torch import Tensor
 
@@ -62,20 +64,40 @@ _EXAMPLE = "image=inputs/first_frame.png"
 
 @dataclass(frozen=True)
 class ImageCondition:
-    """What one request adds to every forward. `condition_BCFHW`: fp32 [1, 20, F, H, W] on the device (None for
-    text-only models); `embeds_BIC`: CLIP states [B, I, image_dim] in the model dtype, B the loop's batch (None
-    without a CLIP branch); `report`: what the JSON report says about the image (rank 0's)."""
+    """What one request adds to every forward. `condition_BCFHW`: fp32 on the device, [1, 20, F, H, W] (Wan2.1 I2V:
+    mask + first-frame latents, concatenated to the input) or, with `first_frame_mask_BCFHW`, [1, C, 1, H, W] (Wan2.2
+    TI2V: the image's latents, the clean first latent frame); None for text-only requests. `first_frame_mask_BCFHW`:
+    fp32 [1, 1, F, H, W], 0 on latent frame 0 and 1 elsewhere (TI2V only). `embeds_BIC`: CLIP states [B, I,
+    image_dim] in the model dtype, B the loop's batch (None without a CLIP branch); `report`: what the JSON report
+    says about the image (rank 0's)."""
 
     condition_BCFHW: Tensor | None = None
     embeds_BIC: Tensor | None = None
     report: dict = field(default_factory=dict)
+    first_frame_mask_BCFHW: Tensor | None = None
+
+    @property
+    def clean_first_frame(self) -> bool:
+        """Whether the first latent frame is the image's, kept clean: its tokens run at timestep 0 (TI2V)."""
+        return self.first_frame_mask_BCFHW is not None
 
     def model_input(self, latents_BCFHW: Tensor, dtype: torch.dtype, batch: int) -> Tensor:
         """The forward's hidden states [batch, C_in, F, H, W] in `dtype`: the noisy latents, then the condition
-        channels (diffusers: `torch.cat([latents, condition], dim=1).to(transformer_dtype)`)."""
-        if self.condition_BCFHW is not None:
+        channels (diffusers: `torch.cat([latents, condition], dim=1).to(transformer_dtype)`), or (TI2V) the latents
+        with the first frame replaced by the image's (`with_clean_first_frame`)."""
+        if self.first_frame_mask_BCFHW is not None:
+            latents_BCFHW = self.with_clean_first_frame(latents_BCFHW)
+        elif self.condition_BCFHW is not None:
             latents_BCFHW = torch.cat([latents_BCFHW, self.condition_BCFHW], dim=1)
         return latents_BCFHW.to(dtype).expand(batch, -1, -1, -1, -1)
+
+    def with_clean_first_frame(self, latents_BCFHW: Tensor) -> Tensor:
+        """TI2V: `(1 - mask) * condition + mask * latents` as diffusers writes it (exact: the mask is 0 or 1), applied
+        to every model input and once to the final latents; the latents unchanged otherwise."""
+        mask = self.first_frame_mask_BCFHW
+        if mask is None:
+            return latents_BCFHW
+        return (1 - mask) * self.condition_BCFHW + mask * latents_BCFHW
 
 
 TEXT_ONLY = ImageCondition()
@@ -87,6 +109,8 @@ class ImageConditioningPlan:
 
     vae_dir: Path
     latent_channels: int  # the VAE's z_dim
+    clean_first_frame: bool = False  # Wan2.2 TI2V: an optional image, its latents the clean first latent frame
+    latents: LatentFormat = WAN21_LATENTS  # the VAE's compression (TI2V: Wan2.2's, 16x spatial)
     image_encoder_dir: Path | None = None  # None: no CLIP branch (a DiT without image_dim)
     image_processor_dir: Path | None = None
     image_processor_class: str = "CLIPImageProcessor"
@@ -94,9 +118,14 @@ class ImageConditioningPlan:
     image_dim: int = 0
 
 
-def check_image_request(cfg: GenerateConfig, model_cfg: WanConfig, image_given: bool) -> None:
+def check_image_request(cfg: GenerateConfig, model_cfg: WanConfig, image_given: bool, *,
+                        image_optional: bool = False) -> None:
     """ValueError when a request's image does not fit the model: an image for a text-only model, or none for an
-    image-to-video one. Cheap; runs before any weight load (preflight, `Pipeline`, the API's request check)."""
+    image-to-video one. `image_optional`: the model takes an image or none (Wan2.2 TI2V-5B,
+    `checkpoint.starts_from_optional_image`). Cheap; runs before any weight load (preflight, `Pipeline`, the API's
+    request check)."""
+    if image_optional:
+        return
     where = f"model.path={cfg.model.path}" if cfg.model.path else f"model.preset={cfg.model.preset}"
     if image_given and not model_cfg.takes_image:
         raise ValueError(
@@ -216,6 +245,12 @@ def plan_image_conditioning(
     `ckpt` is `cfg.model.path` resolved (None without one).
 
     ValueError naming model.path and what is missing (image_encoder/, image_processor/, vae/) or inconsistent."""
+    if starts_from_optional_image(cfg, ckpt):
+        if ckpt.vae is None:
+            raise ValueError(f"model.path={cfg.model.path} lacks vae/: Wan2.2 TI2V-5B encodes an image with its VAE. "
+                             f"Fix: download the complete diffusers checkpoint (Wan-AI/Wan2.2-TI2V-5B-Diffusers).")
+        return ImageConditioningPlan(vae_dir=ckpt.vae, latent_channels=ckpt.latents.channels, clean_first_frame=True,
+                                     latents=ckpt.latents)
     if not model_cfg.takes_image:
         return None
     parts = {"vae/": ckpt and ckpt.vae}
@@ -272,12 +307,16 @@ class ImageConditioner:
         self._encoders: _Encoders | None = None
 
     def condition(self, cfg: GenerateConfig, image: ImageInput | None, batch: int) -> ImageCondition:
-        """The request's condition (TEXT_ONLY for a text-only model); `image` (rank 0's is used) or `cfg.image`."""
-        if self.plan is None:
+        """The request's condition (TEXT_ONLY for a text-only model, or TI2V without an image); `image` (rank 0's is
+        used) or `cfg.image`."""
+        if self.plan is None or (self.plan.clean_first_frame and image is None and cfg.image is None):
             return TEXT_ONLY
         plan, mesh, device = self.plan, self.mesh, self.mesh.device
-        f, h, w = latent_shape(cfg.num_frames, cfg.height, cfg.width)
-        condition = torch.empty(1, MASK_CHANNELS + plan.latent_channels, f, h, w, device=device)
+        f, h, w = latent_shape(cfg.num_frames, cfg.height, cfg.width, self.plan.latents)
+        if plan.clean_first_frame:  # the image's latents only: one latent frame
+            condition = torch.empty(1, plan.latent_channels, 1, h, w, device=device)
+        else:
+            condition = torch.empty(1, MASK_CHANNELS + plan.latent_channels, f, h, w, device=device)
         embeds = torch.empty(1, plan.num_image_tokens, plan.image_dim, device=device)
         report: dict = {}
         if mesh.is_main:
@@ -298,7 +337,12 @@ class ImageConditioner:
             if plan.image_dim:
                 dist.broadcast(embeds, src=0)
         embeds_BIC = embeds.to(self.dtype).expand(batch, -1, -1) if plan.image_dim else None
-        return ImageCondition(condition_BCFHW=condition, embeds_BIC=embeds_BIC, report=report)
+        mask = None
+        if plan.clean_first_frame:  # WanImageToVideoPipeline.prepare_latents with expand_timesteps
+            mask = torch.ones(1, 1, f, h, w, device=device)
+            mask[:, :, 0] = 0
+        return ImageCondition(condition_BCFHW=condition, embeds_BIC=embeds_BIC, report=report,
+                              first_frame_mask_BCFHW=mask)
 
 
 class _Encoders:
@@ -325,18 +369,22 @@ class _Encoders:
 
     @torch.inference_mode()
     def encode(self, image: PIL.Image.Image, num_frames: int, height: int, width: int) -> tuple[Tensor, Tensor]:
-        """(condition fp32 [1, 4 + z_dim, F, H/8, W/8], CLIP states fp32 [1, I, image_dim] or an empty [1, 0, 0])."""
+        """(condition fp32 [1, 4 + z_dim, F, H/s, W/s], or TI2V [1, z_dim, 1, H/s, W/s]; CLIP states fp32 [1, I,
+        image_dim] or an empty [1, 0, 0])."""
         embeds_BIC = torch.empty(1, 0, 0, device=self.device)
         if self.clip is not None:  # WanImageToVideoPipeline.encode_image
             pixels = self.processor(images=image, return_tensors="pt").to(self.device)
             embeds_BIC = self.clip(**pixels, output_hidden_states=True).hidden_states[-2].float()
-        # WanImageToVideoPipeline.prepare_latents: the image, then num_frames - 1 zero frames, through the VAE encoder
-        # (its latent mode), normalised as (x - mean) * (1 / std).
+        # WanImageToVideoPipeline.prepare_latents: the image, then (not TI2V) num_frames - 1 zero frames, through the
+        # VAE encoder (its latent mode), normalised as (x - mean) * (1 / std).
         image_B3HW = self.video_processor.preprocess(image, height=height, width=width).to(self.device, torch.float32)
-        video_B3THW = torch.cat(
-            [image_B3HW[:, :, None], image_B3HW.new_zeros(1, 3, num_frames - 1, height, width)], dim=2)
+        video_B3THW = image_B3HW[:, :, None]
+        if not self.plan.clean_first_frame:
+            video_B3THW = torch.cat([video_B3THW, image_B3HW.new_zeros(1, 3, num_frames - 1, height, width)], dim=2)
         latents_BCFHW = self.vae.encode(video_B3THW).latent_dist.mode().float()
         latents_BCFHW = (latents_BCFHW - self._mean) * self._inv_std
+        if self.plan.clean_first_frame:
+            return latents_BCFHW, embeds_BIC
         # The mask, one channel per frame of a latent frame (4), is 1 for the first video frame only: diffusers
         # repeats frame 0 four times and folds (4F frames) into (F, 4), so it is 1 on latent frame 0, all channels.
         mask_BCFHW = torch.zeros(1, MASK_CHANNELS, *latents_BCFHW.shape[2:], device=self.device)

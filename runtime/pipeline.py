@@ -26,6 +26,7 @@ from tessera.runtime.checkpoint import (
     check_expert_config,
     checkpoint_latents,
     resolve_checkpoint,
+    starts_from_optional_image,
 )
 from tessera.runtime.compile_cache import compile_cache_counters, compile_cache_report, use_compile_cache
 from tessera.runtime.conditioning import token_grid
@@ -185,8 +186,9 @@ class Pipeline:
         self.checkpoint = None if cfg.model.path is None else resolve_checkpoint(cfg.model.path)
         self.latents = checkpoint_latents(self.checkpoint)  # channels and compression of the VAE's latent space
         self.conditioning = plan_conditioning(cfg, self.checkpoint)  # real UMT5 + VAE or tiny stand-ins; fails early
+        self.image_optional = starts_from_optional_image(cfg, self.checkpoint)  # TI2V-5B: with or without one
         if cfg.image is not None:  # an image given at load (the CLI's first request, the API's defaults) must fit
-            check_image_request(cfg, model_cfg, image_given=True)
+            check_image_request(cfg, model_cfg, image_given=True, image_optional=self.image_optional)
         image_plan = plan_image_conditioning(cfg, model_cfg, self.checkpoint)
         self.image_conditioner = ImageConditioner(image_plan, mesh, self.dtype)
         self.metadata_cache = MetadataCache()
@@ -271,8 +273,8 @@ class Pipeline:
         that step boundary (every rank must raise it after the same step). `image`: an image-to-video request's first
         frame as a PIL image or uint8 array (rank 0's is used), instead of `cfg.image`'s file."""
         image_given = image is not None or cfg.image is not None
-        check_checkpoint_request(cfg, self.checkpoint, image_given=image_given)  # TI2V: its size rule, no image yet
-        check_image_request(cfg, self.model_cfg, image_given=image_given)
+        check_checkpoint_request(cfg, self.checkpoint, image_given=image_given)  # TI2V: its size rule
+        check_image_request(cfg, self.model_cfg, image_given=image_given, image_optional=self.image_optional)
         if image is not None:
             check_image_object(image)
         if (cfg.model, cfg.parallel) != (self.cfg.model, self.cfg.parallel):
@@ -306,10 +308,11 @@ class Pipeline:
         latents = scheduler.initial_noise(1, cfg.num_frames, cfg.height, cfg.width, self.latents).to(device)
         image_cond = self.image_conditioner.condition(cfg, image, batch=text.shape[0])  # I2V: once, before the loop
         scheduler.prepare(device, torch.float32)
-        run = self._expert_run(cfg, scheduler, plan, grid)
+        run = self._expert_run(cfg, scheduler, plan, grid, image_cond.clean_first_frame)
         warmup_collectives(mesh)
         latents, step_seconds, denoise = _denoise(cfg, latents, text, scheduler, run, faults, progress, mesh, dtype,
                                                   on_step, image_cond)
+        latents = image_cond.with_clean_first_frame(latents)  # TI2V from an image: the image's frame, as diffusers
         stage_seconds["first_step"], stage_seconds["denoise"] = step_seconds[0], denoise
         # Every rank, once per request (never per step): rank 0 alone goes on to decode.
         ranks = gather_rank_stats({"rank": mesh.rank, "step_seconds": step_seconds,
@@ -334,13 +337,16 @@ class Pipeline:
         report["total_seconds"] = stage_seconds["total"]
         return GenerateResult(latents=latents, frames=frames, report=report, encoded=encoded)
 
-    def _expert_run(self, cfg: GenerateConfig, scheduler, plan: AttentionPlan, grid: tuple[int, int, int]) -> ExpertRun:
+    def _expert_run(self, cfg: GenerateConfig, scheduler, plan: AttentionPlan, grid: tuple[int, int, int],
+                    clean_first_frame: bool = False) -> ExpertRun:
         """Per expert its request state (attention contexts built on its modules; the metadata cache is shared) and
-        its forward (CUDA graphs per expert); per step the expert and guidance scale, from the sampler's timesteps."""
+        its forward (CUDA graphs per expert); per step the expert and guidance scale, from the sampler's timesteps.
+        `clean_first_frame`: the first latent frame's tokens run at timestep 0 (TI2V from an image)."""
         mesh, models = self.mesh, self.experts.models
         schedule = build_expert_schedule(cfg, scheduler.timesteps, len(models))
         graphs = resolve_cuda_graphs(cfg.model.cuda_graphs, mesh.device, mesh.world_size)
-        states = tuple(build_request_state(model, plan, grid, mesh, self.metadata_cache) for model in models)
+        states = tuple(build_request_state(model, plan, grid, mesh, self.metadata_cache,
+                                           clean_first_frame=clean_first_frame) for model in models)
         forwards = tuple(GraphedForward(model, enabled=graphs != "never", adaptive=graphs == "adaptive")
                          for model in models)
         return ExpertRun(self.experts, schedule, states, forwards)
@@ -414,7 +420,7 @@ def _denoise(cfg, latents, text, scheduler, run: ExpertRun, faults, progress, me
             if step in step_faults:
                 latents = inject_step_faults(step_faults[step], latents, step, mesh.rank)
             timestep = timesteps[step].expand(batch)
-            model_in = image_cond.model_input(latents, dtype, batch)  # I2V: + mask and first-frame latent channels
+            model_in = image_cond.model_input(latents, dtype, batch)  # I2V: + mask, first-frame channels; TI2V: frame 0
             expert = expert_per_step[step]
             pred = run.forwards[expert](model_in, timestep, text, image_cond.embeds_BIC,
                                         ctx=run.states[expert].context_for_step(step)).float()

@@ -19,7 +19,7 @@ import torch
 from tessera.attention import get_backend
 from tessera.models import WanConfig
 from tessera.models.fp8 import check_quant_supported
-from tessera.runtime.checkpoint import checkpoint_latents, resolve_checkpoint
+from tessera.runtime.checkpoint import checkpoint_latents, resolve_checkpoint, starts_from_optional_image
 from tessera.runtime.conditioning import WAN21_LATENTS, LatentFormat, token_grid
 from tessera.runtime.config import GenerateConfig
 from tessera.runtime.image_conditioning import check_image_request
@@ -217,8 +217,9 @@ def preflight_request(
     check_output_files(cfg.output.path, cfg.output.save_latents, cfg.output.overwrite)
     check_quant_supported(cfg.model.quant, device)
     model_cfg = WanConfig(**arch)
-    check_image_request(cfg, model_cfg, image_given=cfg.image is not None)  # an image for an I2V model only
     ckpt = None if cfg.model.path is None else resolve_checkpoint(cfg.model.path)
+    check_image_request(cfg, model_cfg, image_given=cfg.image is not None,  # an image for an I2V or TI2V model only
+                        image_optional=starts_from_optional_image(cfg, ckpt))
     latents = checkpoint_latents(ckpt)  # TI2V-5B: the Wan2.2 VAE's 16x spatial compression
     grid = token_grid(cfg.num_frames, cfg.height, cfg.width, model_cfg.patch_size, latents)
     build_attention_plan(cfg.attention, num_layers=model_cfg.num_layers, num_steps=cfg.num_steps,

@@ -1,8 +1,8 @@
 """Per-request state: everything that depends on the video shape, built once before the denoising loop.
 
 RoPE tables (permuted to the token order and sharded), the sequence shard plan, VSA metadata, the
-Ulysses-wrapped attention callables and one forward context per distinct step plan. The hot loop only
-looks these up by step.
+Ulysses-wrapped attention callables, the clean-token selector of a request whose first latent frame is kept clean
+(Wan2.2 TI2V from an image) and one forward context per distinct step plan. The hot loop only looks these up by step.
 """
 
 from __future__ import annotations
@@ -33,8 +33,11 @@ def build_request_state(
     grid_thw: tuple[int, int, int],
     mesh: ParallelMesh,
     metadata_cache: MetadataCache,
+    *,
+    clean_first_frame: bool = False,
 ) -> RequestState:
-    """Build RoPE tables, shard plan, metadata and one forward context per distinct step plan."""
+    """Build RoPE tables, shard plan, metadata and one forward context per distinct step plan. `clean_first_frame`:
+    the first latent frame's tokens run at timestep 0 (the contexts' `clean_tokens`, in this rank's token order)."""
     device = mesh.device
     num_tokens = grid_thw[0] * grid_thw[1] * grid_thw[2]
     seq_plan = SequenceShardPlan(num_tokens, mesh.sp_size, mesh.sp_rank)
@@ -46,6 +49,10 @@ def build_request_state(
     if token_order is not None:
         cos, sin = cos[token_order], sin[token_order]
     local_rope = (seq_plan.shard(cos, dim=0), seq_plan.shard(sin, dim=0))
+    local_clean = None
+    if clean_first_frame:
+        clean = model.first_frame_tokens(grid_thw, device)
+        local_clean = seq_plan.shard(clean if token_order is None else clean[token_order], dim=0).contiguous()
 
     callables: dict[tuple[str, float | None], UlyssesAttention] = {}  # (backend, sparsity) -> callable
     state = RequestState(grid_thw=grid_thw, plan=plan, seq_plan=seq_plan)
@@ -70,6 +77,7 @@ def build_request_state(
             gather=lambda x: seq_plan.gather(x, mesh.sp_group, dim=1),
             rope=local_rope,
             attn=attn,
+            clean_tokens=local_clean,
         )
     return state
 

@@ -153,6 +153,28 @@ def test_permuted_token_order_equals_raster():
     assert _rel(wrong, expected) > 1e-3
 
 
+def test_clean_first_frame_matches_diffusers_per_token_timesteps():
+    """ctx.clean_tokens (TI2V from an image) equals diffusers' 2-D timestep (mask * t per token: the first latent
+    frame's tokens at 0), in raster order and in a permuted order; without it the model is the scalar-t one."""
+    ours, ref = _pair()
+    x, t, text = _inputs()
+    grid = ours.grid_thw(x.shape[2:])
+    cos, sin = ours.rope_tables(grid, "cpu")
+    clean_S1 = ours.first_frame_tokens(grid, "cpu")
+    assert clean_S1.shape == (cos.shape[0], 1) and clean_S1.sum() == grid[1] * grid[2]
+    per_token_BS = torch.where(clean_S1[:, 0], 0.0, t[:, None])  # diffusers: (mask[:, ::2, ::2] * t).flatten()
+    order = torch.randperm(cos.shape[0], generator=torch.Generator().manual_seed(4))
+    raster = WanForwardContext(rope=(cos, sin), attn=[_BSND()] * 2, clean_tokens=clean_S1)
+    permuted = WanForwardContext(rope=(cos[order], sin[order]), attn=[_BSND()] * 2, token_order=order,
+                                 token_order_inverse=order.argsort(), clean_tokens=clean_S1[order])
+    with torch.no_grad():
+        expected = ref(x, per_token_BS, text, return_dict=False)[0]
+        got, got_permuted = ours(x, t, text, ctx=raster), ours(x, t, text, ctx=permuted)
+        scalar = ours(x, t, text)
+    assert _rel(got, expected) <= 1e-5 and _rel(got_permuted, expected) <= 1e-5
+    assert _rel(scalar, expected) > 1e-3  # the clean frame changes the output: the check is not vacuous
+
+
 def test_gate_passed_only_when_backend_uses_it():
     ours, _ = _pair(gate_compress=True)
     x, t, text = _inputs()

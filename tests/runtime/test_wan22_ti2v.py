@@ -1,13 +1,14 @@
-"""Wan2.2 TI2V-5B (text-to-video) on a tiny random TI2V checkpoint (CPU, fp32) against diffusers' WanPipeline.
+"""Wan2.2 TI2V-5B (text- and image-to-video) on a tiny random TI2V checkpoint (CPU, fp32) against diffusers.
 
 The checkpoint (`write_ti2v_checkpoint`) has the Wan2.2 VAE layout (48 latent channels, 16x spatial compression, 2x2
 patchified RGB) and `expand_timesteps` in model_index.json, so diffusers gives the DiT one timestep per token; every
 token gets the same t without an image, which our scalar-timestep DiT computes identically. Proven here: the final
 latents equal WanPipeline's at 1 rank (Python API) and 2 ranks (torchrun + gloo, the API under SPMD), the decoded
-frames equal diffusers' decode (at 2 ranks through the row-parallel VAE), the FastWan (DMD) path equals the DMD
-reference of test_dmd.py on the TI2V latent grid, VSA runs on a TI2V grid with partial tiles, checkpoints pick
-their presets and fps, and bad input (an image, a size the VAE x patch does not divide, output.fps) fails before
-any weights load.
+frames equal diffusers' decode (at 2 ranks through the row-parallel VAE); from an image (the first latent frame the
+image's, its tokens at t = 0) the final latents equal WanImageToVideoPipeline's (expand_timesteps) at 1 rank and at 2
+ranks with VSA (sparsity 0: exact) in its tile order; the FastWan (DMD) path equals the DMD reference of test_dmd.py
+on the TI2V latent grid, VSA runs on a TI2V grid with partial tiles, checkpoints pick their presets and fps, and bad
+input (an image for FastWan, a size the VAE x patch does not divide, output.fps) fails before any weights load.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,18 @@ with tessera.load(model={{"path": ckpt}}, attention={{"backend": "dense"}}) as p
         torch.save({{"latents": video.latents, "frames": torch.from_numpy(video.frames), "sp": video.report["sp"],
                     "decode_ranks": video.report["decode"]["ranks"]}}, out)
 """
+# From an image at 2 ranks with VSA at sparsity 0 (exact) on a (4, 5, 4) token grid: the first frame's tokens are spread
+# over the tile order and both shards.
+_SPMD_IMAGE_SCRIPT = """
+import sys, torch, tessera
+ckpt, out, image, run = sys.argv[1], sys.argv[2], sys.argv[3], {RUN!r}
+with tessera.load(model={{"path": ckpt}}, attention={{"backend": "vsa", "sparsity": 0.0}}) as pipe:
+    video = pipe.generate(prompt={PROMPT!r}, negative_prompt={NEGATIVE!r}, image=image, **run)
+    if video.frames is not None:
+        torch.save({{"latents": video.latents, "sp": video.report["sp"], "image": video.report["image"],
+                    "backend": video.report["attention"]["backend_per_block"][0]}}, out)
+"""
+IMAGE_RUN = dict(RUN, height=160, width=128, num_frames=13)  # latent (4, 10, 8) -> tokens (4, 5, 4): 2 partial tiles
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -76,6 +90,30 @@ def reference(ckpt):
     return run("latent"), torch.from_numpy(run("np"))
 
 
+def awkward_image(size=(75, 53)):
+    """A PIL image of an awkward size (resized to the video's, as diffusers' VideoProcessor does) with structure."""
+    from PIL import Image
+
+    gen = np.random.default_rng(7)
+    ramp = np.linspace(0, 255, size[0], dtype=np.float32)[None, :, None]
+    pixels = 0.6 * ramp + 0.4 * gen.uniform(0, 255, (size[1], size[0], 3)).astype(np.float32)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def i2v_reference(ckpt: Path, image, run: dict) -> torch.Tensor:
+    """diffusers' WanImageToVideoPipeline with expand_timesteps (Wan2.2 TI2V, no image encoder): final latents."""
+    import diffusers.pipelines.wan.pipeline_wan_i2v as i2v_module
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    if not hasattr(i2v_module, "ftfy"):  # its prompt_clean calls ftfy unconditionally; ours skips it when absent
+        i2v_module.ftfy = types.SimpleNamespace(fix_text=lambda text: text)
+    parts = WanPipeline.from_pretrained(str(ckpt)).components
+    pipe = WanImageToVideoPipeline(**parts, expand_timesteps=True)
+    return pipe(image, PROMPT, NEGATIVE, height=run["height"], width=run["width"], num_frames=run["num_frames"],
+                num_inference_steps=run["num_steps"], guidance_scale=run["guidance_scale"],
+                generator=torch.Generator("cpu").manual_seed(run["seed"]), output_type="latent").frames
+
+
 def test_checkpoint_is_detected_as_ti2v(ckpt):
     info = resolve_checkpoint(ckpt)
     assert info.latents == TI2V_LATENTS and info.expand_timesteps and info.is_ti2v
@@ -87,14 +125,21 @@ def test_checkpoint_is_detected_as_ti2v(ckpt):
 
 def test_api_one_rank_matches_diffusers_pipeline(ckpt, reference):
     """Latents (fp32 rel 1e-4) and frames (our decode of our latents vs diffusers' 'np' frames, and the API's uint8
-    frames within one level of diffusers' frames truncated as export_to_video does); an image object is refused."""
+    frames within one level of diffusers' frames truncated as export_to_video does); from an image (a PIL image of an
+    awkward size) the latents equal WanImageToVideoPipeline's, and a text-only request after it is text-only again."""
     import tessera
 
     ref_latents, ref_frames = reference
+    image = awkward_image()
     with tessera.load(model={"path": str(ckpt)}, attention={"backend": "dense"}) as pipe:
+        from_image = pipe.generate(prompt=PROMPT, negative_prompt=NEGATIVE, image=image, **RUN)
         video = pipe.generate(prompt=PROMPT, negative_prompt=NEGATIVE, **RUN)
-        with pytest.raises(ValueError, match="image conditioning for TI2V-5B .* is not supported yet"):
-            pipe.generate(prompt=PROMPT, image=np.zeros((64, 96, 3), np.uint8), **RUN)
+    expected = i2v_reference(ckpt, image, RUN)
+    assert from_image.latents.shape == expected.shape == ref_latents.shape
+    assert rel_err(from_image.latents, expected) < 1e-4
+    assert rel_err(from_image.latents, ref_latents) > 1e-2  # the image matters
+    assert rel_err(from_image.latents[:, :, 1:], expected[:, :, 1:]) < 1e-4  # the denoised frames, not only frame 0
+    assert from_image.report["image"]["size"] == [75, 53]
     assert video.latents.shape == ref_latents.shape == (1, TI2V_Z_DIM, 3, 4, 6)
     assert rel_err(video.latents, ref_latents) < 1e-4
     assert video.report["video"]["fps"] == 24 and video.report["token_grid"] == [3, 2, 3]
@@ -120,6 +165,26 @@ def test_two_ranks_match_diffusers_pipeline(ckpt, reference, tmp_path):
     assert rel_err(got["latents"], ref_latents) < 1e-4
     ref_uint8 = (ref_frames[0] * 255).to(torch.uint8)
     assert (got["frames"].int() - ref_uint8.int()).abs().max().item() <= 1
+
+
+@pytest.mark.multirank
+def test_two_ranks_vsa_from_an_image_match_diffusers_pipeline(ckpt, tmp_path):
+    """sp=2 over gloo, VSA at sparsity 0 (tile order, partial tiles): the clean first-frame tokens are selected in
+    each rank's shard of the tile order."""
+    script, out, image = tmp_path / "spmd.py", tmp_path / "rank0.pt", tmp_path / "first_frame.png"
+    awkward_image((90, 130)).save(image)
+    script.write_text(_SPMD_IMAGE_SCRIPT.format(RUN=IMAGE_RUN, PROMPT=PROMPT, NEGATIVE=NEGATIVE))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(ckpt), str(out), str(image)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = torch.load(out)
+    assert got["sp"] == 2 and got["backend"] == ["vsa", "vsa"] and got["image"]["size"] == [90, 130]
+    from diffusers.utils import load_image
+
+    expected = i2v_reference(ckpt, load_image(str(image)), IMAGE_RUN)  # the file, read as diffusers reads it
+    assert got["latents"].shape == expected.shape == (1, TI2V_Z_DIM, 4, 10, 8)
+    assert rel_err(got["latents"], expected) < 1e-4
 
 
 # --- FastWan2.2-TI2V-5B: the DMD sampler on the TI2V latent grid --------------------------------------------------
@@ -223,7 +288,10 @@ def test_bad_input_fails_before_any_weights_load(tmp_path, monkeypatch, capsys, 
     assert "error" in capsys.readouterr().err and not (tmp_path / "v.mp4").exists()
 
 
-def test_image_for_the_base_ti2v_is_not_supported_yet(tmp_path):
+def test_the_base_ti2v_takes_an_image_or_none(tmp_path):
     root = fake_5b(tmp_path / "base", "WanPipeline")
-    with pytest.raises(ValueError, match="image conditioning for TI2V-5B .* is not supported yet"):
-        resolve_config([f"model.path={root}", f"image={_image(tmp_path)}"])
+    image = _image(tmp_path)
+    cfg, _ = resolve_config([f"model.path={root}", f"image={image}"])
+    cfg.validate(world_size=1)
+    assert cfg.image == str(image) and cfg.model.preset == "wan2.2-ti2v-5b"
+    assert resolve_config([f"model.path={root}"])[0].image is None
