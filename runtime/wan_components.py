@@ -243,7 +243,7 @@ class WanVAEDecoder:
         rows, frames_BThW3 = self._decode_rows(latents_BCFHW)
         if frames_BThW3 is None:
             return None
-        frames_BThW3 = (frames_BThW3 * 255).to(torch.uint8)  # truncation, as export_to_video
+        frames_BThW3 = _to_uint8(frames_BThW3)
         if rows.num_ranks > 1:  # gathered as uint8: a quarter of the float frames' bytes
             frames_BThW3 = rows.gather(frames_BThW3, dim=2)
         return None if frames_BThW3 is None else frames_BThW3.to(latents_BCFHW.device)
@@ -267,18 +267,16 @@ class WanVAEDecoder:
         from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
         vae = self.vae
-        z = (latents_BCFHW.to(device=self._mean.device, dtype=torch.float32) / (1.0 / self._std) + self._mean)
         vae.clear_cache()
         try:
-            x = vae.post_quant_conv(z.to(self.dtype))
+            x = vae.post_quant_conv(self._denormalise(latents_BCFHW))
             for index in range(x.shape[2]):
                 vae._conv_idx = [0]
                 video_BCThW = vae.decoder(x[:, :, index:index + 1], feat_cache=vae._feat_map,
                                           feat_idx=vae._conv_idx, first_chunk=index == 0)
                 if vae.config.patch_size is not None:
                     video_BCThW = unpatchify(video_BCThW, patch_size=vae.config.patch_size)
-                frames = (video_BCThW.clamp(-1.0, 1.0).float() * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1)
-                sink((frames * 255).to(torch.uint8).to(latents_BCFHW.device))
+                sink(_to_uint8(_to_unit_frames(video_BCThW.clamp(-1.0, 1.0))).to(latents_BCFHW.device))
         finally:
             vae.clear_cache()
 
@@ -291,10 +289,14 @@ class WanVAEDecoder:
             return rows, None
         if rows.num_ranks > 1:
             latents = rows.shard(latents, dim=3)
-        # WanPipeline: latents / (1 / std) + mean, in float32 (the mean/std of a bf16 VAE would round first)
-        latents = (latents / (1.0 / self._std) + self._mean).to(self.dtype)
-        video_BCThW = vae.decode(latents, return_dict=False)[0]
-        return rows, (video_BCThW.float() * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1)
+        video_BCThW = vae.decode(self._denormalise(latents), return_dict=False)[0]
+        return rows, _to_unit_frames(video_BCThW)
+
+    def _denormalise(self, latents_BCFHW: Tensor) -> Tensor:
+        """WanPipeline's latents / (1 / std) + mean, in float32 (the mean/std of a bf16 VAE would round first), then
+        in the VAE's dtype."""
+        latents = latents_BCFHW.to(device=self._mean.device, dtype=torch.float32)
+        return (latents / (1.0 / self._std) + self._mean).to(self.dtype)
 
     def _split(self, latent_height: int) -> tuple[RowSplit, AutoencoderKLWan]:
         """The split of `latent_height` rows over the mesh and the VAE that decodes a block: cached by height."""
@@ -306,6 +308,16 @@ class WanVAEDecoder:
             vae = self.vae if rows.num_ranks == 1 else build_row_parallel_vae(self.vae, rows)
             self._by_height[latent_height] = (rows, vae)
         return self._by_height[latent_height]
+
+
+def _to_unit_frames(video_BCThW: Tensor) -> Tensor:
+    """The VAE's [-1, 1] video -> float32 frames in [0, 1] [B, T, H, W, 3] (diffusers' VideoProcessor 'np')."""
+    return (video_BCThW.float() * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1)
+
+
+def _to_uint8(frames_BThW3: Tensor) -> Tensor:
+    """[0, 1] frames -> uint8 by truncation, as diffusers' export_to_video."""
+    return (frames_BThW3 * 255).to(torch.uint8)
 
 
 def build_row_parallel_vae(vae: AutoencoderKLWan, rows: RowSplit) -> AutoencoderKLWan:
