@@ -2,8 +2,8 @@
 
 Recipe: each weight row (output channel) gets its own scale, amax / 448, fixed at load; each activation row (token)
 gets its own scale, computed on the fly from that row's amax. ``torch._scaled_mm`` multiplies the two e4m3
-matrices with fp32 accumulation and applies both scale vectors and the bias in its epilogue, writing the model
-dtype (bfloat16). Row-wise activation scales keep one outlier token from crushing every other token's precision,
+matrices (Hopper's fast accumulation) and applies both scale vectors and the bias in its epilogue, writing the
+model dtype (bfloat16). Row-wise activation scales keep one outlier token from crushing every other token's precision,
 and per-channel weight scales do the same for outlier output channels. The quantisation of x is a row amax and a
 divide in plain torch: the block stages are compiled on CUDA, and inductor fuses it with the op that produced x
 (the FFN's GELU above all). Two things measured worse on an H200 and were dropped: a one-row-per-program Triton
