@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from tessera.launch.config import resolve_config, to_overrides
+from tessera.launch.config import resolve_config, resolve_launch, to_overrides
 from tessera.runtime import build_mesh, destroy_process_group_safely, init_process_group_from_env
 from tessera.runtime.checkpoint import check_checkpoint_request
 from tessera.runtime.config import GenerateConfig
@@ -49,7 +49,7 @@ def load(*, faults: FaultPlan = NO_FAULTS, **keys: Any) -> VideoPipeline:
     test-only fault injection for the load and every request (launch parses TESSERA_FAULT; runtime/faults.py)."""
     overrides = to_overrides(keys)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg, arch = resolve_config(overrides, world_size=world_size)
+    cfg, arch, ckpt = resolve_launch(overrides, world_size=world_size)  # the checkpoint, resolved once
     cfg.validate(world_size=world_size)
     owns_group = not dist.is_initialized()
     if owns_group:
@@ -60,7 +60,8 @@ def load(*, faults: FaultPlan = NO_FAULTS, **keys: Any) -> VideoPipeline:
         mesh = build_mesh(cfg=cfg.parallel.cfg, sp=cfg.parallel.sp, device=device)
         if cfg.model.memory_check:
             check_request_memory(cfg, arch, device, sp=mesh.sp_size, rank=mesh.rank)
-        return VideoPipeline(Pipeline(cfg, arch, mesh, faults=faults), overrides, world_size, owns_group, faults)
+        pipe = Pipeline(cfg, arch, mesh, faults=faults, checkpoint=ckpt)
+        return VideoPipeline(pipe, overrides, world_size, owns_group, faults)
     except BaseException:
         if owns_group:
             destroy_process_group_safely()
@@ -87,7 +88,8 @@ class VideoPipeline:
         fixed = sorted({k.split(".")[0] for k in to_overrides(keys)} & set(LOAD_ONLY_GROUPS))
         if fixed:
             raise ValueError(f"{fixed[0]}.* is fixed when the pipeline loads; pass it to tessera.load(...) instead")
-        cfg, _ = resolve_config([*self._overrides, *to_overrides(keys)], world_size=self._world_size)
+        cfg, _ = resolve_config([*self._overrides, *to_overrides(keys)], world_size=self._world_size,
+                                checkpoint=self._pipe.checkpoint)
         cfg.validate(world_size=self._world_size)
         image_given = cfg.image is not None or image is not None
         check_checkpoint_request(cfg, self._pipe.checkpoint, image_given=image_given)  # FastWan TI2V: no image

@@ -24,10 +24,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from tessera.runtime import PRESETS, GenerateConfig
 from tessera.runtime.checkpoint import (
+    Checkpoint,
     arch_mismatches,
     check_checkpoint_request,
     check_expert_config,
-    resolve_checkpoint,
+    checkpoint_at,
     resolve_model,
 )
 from tessera.runtime.config import fix_example, schema_field
@@ -87,11 +88,24 @@ def parse_overrides(argv: list[str]) -> list[str]:
     return dotlist
 
 
-def resolve_config(argv: list[str], world_size: int = 1) -> tuple[GenerateConfig, dict]:
+def resolve_config(
+    argv: list[str], world_size: int = 1, *, checkpoint: Checkpoint | None = None
+) -> tuple[GenerateConfig, dict]:
     """Command-line overrides -> (validated-type GenerateConfig, preset architecture dict).
 
     `world_size` is the number of ranks (torchrun's WORLD_SIZE): `parallel.sp=auto` becomes world_size //
-    parallel.cfg here, so everything after launch sees an int (`validate(world_size=...)` reports a misfit)."""
+    parallel.cfg here, so everything after launch sees an int (`validate(world_size=...)` reports a misfit).
+    `checkpoint`: `model.path` already resolved (a launch's or a loaded pipeline's), used instead of reading the
+    checkpoint's JSON and headers again when it is the same path."""
+    cfg, arch, _ = resolve_launch(argv, world_size, checkpoint=checkpoint)
+    return cfg, arch
+
+
+def resolve_launch(
+    argv: list[str], world_size: int = 1, *, checkpoint: Checkpoint | None = None
+) -> tuple[GenerateConfig, dict, Checkpoint | None]:
+    """`resolve_config`, and the resolved checkpoint of `model.path` (None without one): resolved here once, to be
+    passed down to the pre-flight checks and the pipeline."""
     dotlist = parse_overrides(argv)
     text, overrides = _parse_values(dotlist)
     preset = OmegaConf.select(overrides, "model.preset", default=GenerateConfig().model.preset)
@@ -99,8 +113,9 @@ def resolve_config(argv: list[str], world_size: int = 1) -> tuple[GenerateConfig
     path = OmegaConf.select(overrides, "model.path", default=None)
     path = None if path is None else str(path)
     preset_is_explicit = OmegaConf.select(overrides, "model.preset", default=None) is not None
+    ckpt = checkpoint_at(path, checkpoint)
     arch, checkpoint_defaults = resolve_model(str(preset), arch, preset_is_explicit, path,
-                                              preset_boundary_ratio=_boundary_ratio(preset_defaults))
+                                              preset_boundary_ratio=_boundary_ratio(preset_defaults), checkpoint=ckpt)
     if path is not None and not preset_is_explicit:
         # No preset given: the preset with the checkpoint's architecture, sampler and number of experts supplies the
         # generation defaults.
@@ -122,12 +137,12 @@ def resolve_config(argv: list[str], world_size: int = 1) -> tuple[GenerateConfig
     cfg = _follow_sampler(replace(cfg, **text).resolved(world_size), dotlist)
     # model.boundary_ratio set by hand must match the checkpoint (cheap: JSON and safetensors headers), and so must
     # the size and image (TI2V-5B: multiples of 32 pixels; FastWan2.2-TI2V-5B: no image)
-    ckpt = None if cfg.model.path is None else resolve_checkpoint(cfg.model.path)
+    ckpt = checkpoint_at(cfg.model.path, ckpt)
     check_expert_config(cfg.model.boundary_ratio, ckpt)
     check_checkpoint_request(cfg, ckpt, image_given=cfg.image is not None)
     if cfg.output.path is None:  # each run gets a new file; an explicit path is never silently renamed
         cfg = replace(cfg, output=replace(cfg.output, path=str(next_numbered_path())))
-    return cfg, arch
+    return cfg, arch, ckpt
 
 
 def _preset_of(arch: dict, dmd: bool, two_experts: bool = False) -> str | None:
@@ -299,15 +314,17 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-def resolve_requests(argv: list[str], world_size: int = 1) -> tuple[list[GenerateConfig], dict]:
+def resolve_requests(
+    argv: list[str], world_size: int = 1
+) -> tuple[list[GenerateConfig], dict, Checkpoint | None]:
     """The launch's requests: one, or one per line of `prompts_file=` (each line a prompt, or a JSON object of
     per-request keys over the command line's). Every line is resolved and validated before anything loads; an
     error names the file, the line and the key. Outputs: `output.path` stem-001, -002, ... when given, else the
-    next free numbers of outputs/video-NNN.mp4."""
-    cfg, arch = resolve_config(argv, world_size=world_size)
+    next free numbers of outputs/video-NNN.mp4. Also the checkpoint, resolved once for all of them."""
+    cfg, arch, ckpt = resolve_launch(argv, world_size=world_size)
     cfg.validate(world_size=world_size)
     if cfg.prompts_file is None:
-        return [cfg], arch
+        return [cfg], arch, ckpt
     lines = _read_prompt_lines(Path(cfg.prompts_file))
     explicit = any(arg.partition("=")[0].strip().lstrip("+") == "output.path" for arg in argv)
     base = Path(cfg.output.path)
@@ -320,12 +337,13 @@ def resolve_requests(argv: list[str], world_size: int = 1) -> tuple[list[Generat
             if any(o.partition("=")[0] in ("model", "parallel") or o.startswith(("model.", "parallel.", "prompts_file"))
                    for o in overrides):
                 raise ValueError("model.*, parallel.* and prompts_file are set once per launch, not per line")
-            request, _ = resolve_config([*argv, f"output.path={path}", *overrides], world_size=world_size)
+            request, _ = resolve_config([*argv, f"output.path={path}", *overrides], world_size=world_size,
+                                        checkpoint=ckpt)
             request.validate(world_size=world_size)
         except (ValueError, TypeError) as err:
             raise type(err)(f"prompts_file={cfg.prompts_file} line {line_no}: {err}") from None
         requests.append(request)
-    return requests, arch
+    return requests, arch, ckpt
 
 
 def _read_prompt_lines(path: Path) -> list[tuple[int, list[str]]]:

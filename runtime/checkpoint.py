@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Checkpoint", "arch_mismatches", "check_checkpoint_request", "check_expert_config", "checkpoint_latents",
-    "resolve_checkpoint", "resolve_model", "starts_from_optional_image",
+    "checkpoint_at", "resolve_checkpoint", "resolve_model", "starts_from_optional_image",
 ]
 
 # Architecture fields compared between an explicit preset and a checkpoint config (gate_compress is not:
@@ -107,9 +107,19 @@ def resolve_checkpoint(path: str | Path) -> Checkpoint:
     )
 
 
+def checkpoint_at(path: str | Path | None, resolved: Checkpoint | None = None) -> Checkpoint | None:
+    """The checkpoint at `path` (None: no path): `resolved` when it is that checkpoint already (resolved once per
+    launch or loaded pipeline and passed down), else resolved now."""
+    if path is None:
+        return None
+    if resolved is not None and resolved.path == Path(path):
+        return resolved
+    return resolve_checkpoint(path)
+
+
 def resolve_model(
     preset: str, preset_arch: dict[str, Any], preset_is_explicit: bool, path: str | Path | None, *,
-    preset_boundary_ratio: float | None = None,
+    preset_boundary_ratio: float | None = None, checkpoint: Checkpoint | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(architecture, checkpoint generation defaults) for a preset and an optional `model.path`.
 
@@ -122,7 +132,7 @@ def resolve_model(
     """
     if path is None:
         return preset_arch, {}
-    ckpt = resolve_checkpoint(path)
+    ckpt = checkpoint_at(path, checkpoint)
     if ckpt.arch is None:  # a bare file: the preset's architecture, with the extra weights its header shows
         sla_proj_l = _extra_weights(ckpt.weights)["sla_proj_l"]
         return {**preset_arch, "sla_proj_l": sla_proj_l}, _sla_defaults(sla_proj_l)

@@ -24,8 +24,8 @@ from tessera.runtime.checkpoint import (
     Checkpoint,
     check_checkpoint_request,
     check_expert_config,
+    checkpoint_at,
     checkpoint_latents,
-    resolve_checkpoint,
     starts_from_optional_image,
 )
 from tessera.runtime.compile_cache import compile_cache_counters, compile_cache_report, use_compile_cache
@@ -171,6 +171,7 @@ class Pipeline:
     def __init__(
         self, cfg: GenerateConfig, arch: dict, mesh: ParallelMesh, *, prompts: Sequence[str] = (),
         keep_text_encoder: bool = True, faults: FaultPlan = NO_FAULTS, progress: Progress | None = None,
+        checkpoint: Checkpoint | None = None,
     ) -> None:
         progress = progress or Progress()
         self.cfg, self.mesh, self.dtype = cfg, mesh, getattr(torch, cfg.model.dtype)
@@ -183,7 +184,7 @@ class Pipeline:
             model_cfg = dataclasses.replace(model_cfg, gate_compress=True)
         self.model_cfg = model_cfg
         # The checkpoint, resolved once (JSON and safetensors headers) and passed to whatever loads a part of it.
-        self.checkpoint = None if cfg.model.path is None else resolve_checkpoint(cfg.model.path)
+        self.checkpoint = checkpoint_at(cfg.model.path, checkpoint)  # the launch's, when it passes it
         self.latents = checkpoint_latents(self.checkpoint)  # channels and compression of the VAE's latent space
         self.conditioning = plan_conditioning(cfg, self.checkpoint)  # real UMT5 + VAE or tiny stand-ins; fails early
         self.image_optional = starts_from_optional_image(cfg, self.checkpoint)  # TI2V-5B: with or without one
@@ -449,20 +450,22 @@ def generate(cfg: GenerateConfig, arch: dict, mesh: ParallelMesh, faults: FaultP
 
 
 def generate_many(
-    cfgs: Sequence[GenerateConfig], arch: dict, mesh: ParallelMesh, faults: FaultPlan = NO_FAULTS
+    cfgs: Sequence[GenerateConfig], arch: dict, mesh: ParallelMesh, faults: FaultPlan = NO_FAULTS,
+    checkpoint: Checkpoint | None = None,
 ) -> list[GenerateResult]:
     """Load once, then run every request in turn, rank 0 writing each one's files (`prompts_file=`).
 
     Any exception is re-raised as `RankFailure` (a KeyboardInterrupt as `Interrupted`) naming this rank and
     the phase: "config", "load", "step N" (0-based), "decode" or "write", with the original as its cause.
     Nothing is decoded or written unless every rank's latents stayed finite; a request's output files land
-    together or not at all. `faults` is for tests only (runtime/faults.py).
+    together or not at all. `faults` is for tests only (runtime/faults.py). `checkpoint`: `model.path` as the
+    launch resolved it.
     """
     progress = Progress()
     try:
         prompts = [p for cfg in cfgs for p in request_prompts(cfg)]
         pipe = Pipeline(cfgs[0], arch, mesh, prompts=prompts, keep_text_encoder=False, faults=faults,
-                        progress=progress)
+                        progress=progress, checkpoint=checkpoint)
         results = []
         for cfg in cfgs:
             result = pipe.generate(cfg, faults=faults, progress=progress)

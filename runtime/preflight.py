@@ -19,7 +19,7 @@ import torch
 from tessera.attention import get_backend
 from tessera.models import WanConfig
 from tessera.models.fp8 import check_quant_supported
-from tessera.runtime.checkpoint import checkpoint_latents, resolve_checkpoint, starts_from_optional_image
+from tessera.runtime.checkpoint import Checkpoint, checkpoint_at, checkpoint_latents, starts_from_optional_image
 from tessera.runtime.conditioning import WAN21_LATENTS, LatentFormat, token_grid
 from tessera.runtime.config import GenerateConfig
 from tessera.runtime.image_conditioning import check_image_request
@@ -208,16 +208,17 @@ def _safetensors_bytes(directory: Path, target_dtype_bytes: int) -> int:
 
 
 def preflight_request(
-    cfg: GenerateConfig, arch: dict, *, rank: int, device: torch.device, ranks_sharing_device: int = 1
+    cfg: GenerateConfig, arch: dict, *, rank: int, device: torch.device, ranks_sharing_device: int = 1,
+    checkpoint: Checkpoint | None = None,
 ) -> MemoryEstimate | None:
     """Every check that needs no process group and no weights, on every rank: the output files can be created
     (a real temp file, not `os.access`), FP8 runs on `device` (`model.quant`), the attention plan builds (backend
-    limits), and, unless
-    `model.memory_check=false`, the request fits in memory. ValueError naming the key and the fix."""
+    limits), and, unless `model.memory_check=false`, the request fits in memory. ValueError naming the key and the
+    fix. `checkpoint`: `model.path` as the launch resolved it (else resolved here)."""
     check_output_files(cfg.output.path, cfg.output.save_latents, cfg.output.overwrite)
     check_quant_supported(cfg.model.quant, device)
     model_cfg = WanConfig(**arch)
-    ckpt = None if cfg.model.path is None else resolve_checkpoint(cfg.model.path)
+    ckpt = checkpoint_at(cfg.model.path, checkpoint)  # the launch's, when it passes it
     check_image_request(cfg, model_cfg, image_given=cfg.image is not None,  # an image for an I2V or TI2V model only
                         image_optional=starts_from_optional_image(cfg, ckpt))
     latents = checkpoint_latents(ckpt)  # TI2V-5B: the Wan2.2 VAE's 16x spatial compression
