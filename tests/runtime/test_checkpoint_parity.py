@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+from _runs import ARGS, NEGATIVE, PROMPT, RUN, latents_of, rel_err  # noqa: E402
 from _wan_checkpoint import FLOW_SHIFT, write_diffusers_checkpoint, write_native_copy  # noqa: E402
 from tessera.launch.generate import main  # noqa: E402
 from tessera.models import WanConfig, build_wan_on_meta, load_wan_weights_  # noqa: E402
@@ -26,15 +26,6 @@ from tessera.runtime.checkpoint import resolve_checkpoint  # noqa: E402
 from tessera.runtime.wan_components import WanVAEDecoder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-PROMPT, NEGATIVE = "a red fox running through   fresh snow", "blurry low quality"
-RUN = dict(num_frames=9, height=32, width=48, num_steps=3, guidance_scale=5.0, seed=3)
-ARGS = [f"{k}={v}" for k, v in RUN.items()] + [
-    f"prompt={PROMPT}", f"negative_prompt={NEGATIVE}", "attention.backend=dense", "output.save_latents=true"
-]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +57,6 @@ def reference(ckpt):
 def run_main(tmp_path: Path, name: str, path: Path, *extra: str) -> tuple[int, Path]:
     out = tmp_path / f"{name}.mp4"
     return main([*ARGS, f"model.path={path}", f"output.path={out}", *extra]), out
-
-
-def latents_of(out: Path) -> torch.Tensor:
-    return load_file(str(out.with_suffix(".latents.safetensors")))["latents"]
 
 
 def test_transformer_matches_diffusers(ckpt):

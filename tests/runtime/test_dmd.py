@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _runs import latents_of, rel_err
 from safetensors.torch import load_file, save_file
 from tessera.launch.config import resolve_config
 from tessera.launch.generate import main
@@ -26,10 +27,6 @@ FASTWAN = (1000, 757, 522)
 PROMPT = "a red fox running through fresh snow"
 DENSE_RUN = dict(num_frames=9, height=32, width=48, seed=3)  # token grid (3, 2, 3)
 VSA_RUN = dict(num_frames=17, height=128, width=96, seed=5)  # token grid (5, 8, 6): 8 tiles, partial ones
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def f32_bits(x: torch.Tensor | float) -> int:
@@ -308,10 +305,6 @@ def run_torchrun(tmp_path: Path, argv: list[str]) -> None:
            str(REPO / "launch" / "generate.py"), *argv, "parallel.sp=2"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
-def latents_of(out: Path) -> torch.Tensor:
-    return load_file(str(out.with_suffix(".latents.safetensors")))["latents"]
 
 
 @pytest.fixture(scope="module")

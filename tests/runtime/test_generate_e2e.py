@@ -14,7 +14,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import pytest
 import torch
-from safetensors.torch import load_file
+from _runs import latents_of, rel_err
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["num_frames=13", "height=112", "width=80", "num_steps=3", "seed=7", "prompt=a red fox in snow"]
@@ -31,14 +31,6 @@ def run_generate(tmp_path: Path, name: str, nproc: int, *overrides: str, check: 
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc
-
-
-def latents_of(out: Path) -> torch.Tensor:
-    return load_file(str(out.with_suffix(".latents.safetensors")))["latents"]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_two_rank_job_writes_video_report_and_latents(tmp_path):

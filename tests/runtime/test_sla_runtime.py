@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _runs import latents_of, rel_err
 from safetensors.torch import load_file, save_file
 from tessera.launch.config import resolve_config
 from tessera.launch.generate import main
@@ -31,10 +32,6 @@ SPELLINGS = {  # the checkpoint names of blocks.N's proj_l that SLA trainers use
     "local_attn": "blocks.{n}.attn1.local_attn.proj_l.{p}",
     "native": "net.blocks.{n}.self_attn.attn_op.local_attn.proj_l.{p}",
 }
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +78,6 @@ def sla_ckpts(ckpt, tmp_path_factory) -> dict[str, Path]:
 def run_args(path: Path, out: Path, *extra: str) -> list[str]:
     return [f"model.path={path}", f"prompt={PROMPT}", f"output.path={out}", "output.save_latents=true",
             *(f"{k}={v}" for k, v in RUN.items()), *extra]
-
-
-def latents_of(out: Path) -> torch.Tensor:
-    return load_file(str(out.with_suffix(".latents.safetensors")))["latents"]
 
 
 def report_of(out: Path) -> dict:

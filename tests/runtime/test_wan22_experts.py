@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+from _runs import latents_of, rel_err  # noqa: E402
 from _wan_checkpoint import FLOW_SHIFT, write_two_expert_checkpoint  # noqa: E402
 from tessera.launch.config import help_text, load_preset, resolve_config  # noqa: E402
 from tessera.launch.generate import main  # noqa: E402
@@ -48,10 +49,6 @@ ARGS = [f"{k}={v}" for k, v in RUN.items()] + [
 # misses: one guidance scale for both experts 1.9e-3 (only the last step's scale differs), `>` for `>=` 0.26, the
 # experts swapped 0.11.
 WRONG = 1e-3
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +89,6 @@ def one_rank(ckpt, tmp_path_factory) -> tuple[torch.Tensor, dict]:
 def run_main(tmp_path: Path, name: str, path: Path, *extra: str) -> tuple[int, Path]:
     out = tmp_path / f"{name}.mp4"
     return main([*ARGS, f"model.path={path}", f"output.path={out}", *extra]), out
-
-
-def latents_of(out: Path) -> torch.Tensor:
-    return load_file(str(out.with_suffix(".latents.safetensors")))["latents"]
 
 
 def test_checkpoint_carries_the_second_expert_and_the_boundary(ckpt):

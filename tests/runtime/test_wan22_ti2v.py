@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+from _runs import rel_err  # noqa: E402
 from _wan_checkpoint import TI2V_Z_DIM, write_ti2v_checkpoint  # noqa: E402
 from tessera.launch.config import resolve_config  # noqa: E402
 from tessera.launch.generate import main  # noqa: E402
@@ -63,10 +64,6 @@ with tessera.load(model={{"path": ckpt}}, attention={{"backend": "vsa", "sparsit
                     "backend": video.report["attention"]["backend_per_block"][0]}}, out)
 """
 IMAGE_RUN = dict(RUN, height=160, width=128, num_frames=13)  # latent (4, 10, 8) -> tokens (4, 5, 4): 2 partial tiles
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.fixture(scope="module")

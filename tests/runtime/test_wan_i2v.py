@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+from _runs import ARGS, NEGATIVE, PROMPT, RUN, rel_err  # noqa: E402
 from _wan_checkpoint import IMAGE_DIM, write_i2v_checkpoint, write_native_copy  # noqa: E402
 from tessera.launch.config import resolve_config  # noqa: E402
 from tessera.launch.generate import main  # noqa: E402
@@ -31,15 +32,6 @@ from tessera.runtime.image_conditioning import aspect_warning, request_image_pat
 from tessera.runtime.wan_components import WanVAEDecoder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-PROMPT, NEGATIVE = "a red fox running through   fresh snow", "blurry low quality"
-RUN = dict(num_frames=9, height=32, width=48, num_steps=3, guidance_scale=5.0, seed=3)
-ARGS = [f"{k}={v}" for k, v in RUN.items()] + [
-    f"prompt={PROMPT}", f"negative_prompt={NEGATIVE}", "attention.backend=dense", "output.save_latents=true"
-]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.fixture(scope="module")
