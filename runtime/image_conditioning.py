@@ -31,7 +31,7 @@ import torch.distributed as dist
 from tessera.models import WanConfig
 from tessera.parallel import ParallelMesh
 from tessera.runtime.checkpoint import Checkpoint, starts_from_optional_image
-from tessera.runtime.conditioning import WAN21_LATENTS, LatentFormat, latent_shape
+from tessera.runtime.conditioning import LatentFormat, latent_shape
 from tessera.runtime.config import GenerateConfig
 from torch import Tensor
 
@@ -108,9 +108,8 @@ class ImageConditioningPlan:
     """Where the image encoders live and the shapes they give (read from their configs, before any load)."""
 
     vae_dir: Path
-    latent_channels: int  # the VAE's z_dim
+    latents: LatentFormat  # the VAE's channels (z_dim) and compression (TI2V: Wan2.2's, 48 channels, 16x spatial)
     clean_first_frame: bool = False  # Wan2.2 TI2V: an optional image, its latents the clean first latent frame
-    latents: LatentFormat = WAN21_LATENTS  # the VAE's compression (TI2V: Wan2.2's, 16x spatial)
     image_encoder_dir: Path | None = None  # None: no CLIP branch (a DiT without image_dim)
     image_processor_dir: Path | None = None
     image_processor_class: str = "CLIPImageProcessor"
@@ -249,8 +248,7 @@ def plan_image_conditioning(
         if ckpt.vae is None:
             raise ValueError(f"model.path={cfg.model.path} lacks vae/: Wan2.2 TI2V-5B encodes an image with its VAE. "
                              f"Fix: download the complete diffusers checkpoint (Wan-AI/Wan2.2-TI2V-5B-Diffusers).")
-        return ImageConditioningPlan(vae_dir=ckpt.vae, latent_channels=ckpt.latents.channels, clean_first_frame=True,
-                                     latents=ckpt.latents)
+        return ImageConditioningPlan(vae_dir=ckpt.vae, latents=ckpt.latents, clean_first_frame=True)
     if not model_cfg.takes_image:
         return None
     parts = {"vae/": ckpt and ckpt.vae}
@@ -263,7 +261,7 @@ def plan_image_conditioning(
             f"with the checkpoint's CLIP image encoder (image_encoder/, image_processor/) and its VAE (vae/). Fix: "
             f"download the complete diffusers checkpoint (e.g. Wan-AI/Wan2.1-I2V-14B-480P-Diffusers)."
         )
-    z_dim = int(_json(ckpt.vae / "config.json").get("z_dim", 16))
+    z_dim = ckpt.latents.channels  # vae/config.json's, read when the checkpoint was resolved
     if model_cfg.condition_channels != MASK_CHANNELS + z_dim or model_cfg.out_channels != z_dim:
         raise ValueError(
             f"model.path={ckpt.path}: transformer/config.json has in_channels={model_cfg.in_channels} and "
@@ -272,7 +270,7 @@ def plan_image_conditioning(
             f"latents): transformer/ and vae/ come from different models."
         )
     clip = {} if model_cfg.image_dim is None else _clip_fields(ckpt, model_cfg)
-    return ImageConditioningPlan(vae_dir=ckpt.vae, latent_channels=z_dim, **clip)
+    return ImageConditioningPlan(vae_dir=ckpt.vae, latents=ckpt.latents, **clip)
 
 
 def _clip_fields(ckpt: Checkpoint, model_cfg: WanConfig) -> dict[str, Any]:
@@ -314,9 +312,9 @@ class ImageConditioner:
         plan, mesh, device = self.plan, self.mesh, self.mesh.device
         f, h, w = latent_shape(cfg.num_frames, cfg.height, cfg.width, self.plan.latents)
         if plan.clean_first_frame:  # the image's latents only: one latent frame
-            condition = torch.empty(1, plan.latent_channels, 1, h, w, device=device)
+            condition = torch.empty(1, plan.latents.channels, 1, h, w, device=device)
         else:
-            condition = torch.empty(1, MASK_CHANNELS + plan.latent_channels, f, h, w, device=device)
+            condition = torch.empty(1, MASK_CHANNELS + plan.latents.channels, f, h, w, device=device)
         embeds = torch.empty(1, plan.num_image_tokens, plan.image_dim, device=device)
         report: dict = {}
         if mesh.is_main:

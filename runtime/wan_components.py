@@ -249,21 +249,19 @@ class WanVAEDecoder:
         return None if frames_BThW3 is None else frames_BThW3.to(latents_BCFHW.device)
 
     def streams(self, latent_height: int) -> bool:
-        """Whether `decode_streaming` yields the frames chunk by chunk for latents with `latent_height` rows (one
-        decoding rank); else it decodes them in one piece, as `decode`."""
+        """Whether latents with `latent_height` rows decode on one rank, so `decode_streaming` can hand their frames
+        over chunk by chunk (else `decode` splits the rows over the ranks)."""
         return self._split(latent_height)[0].num_ranks == 1
 
     @torch.inference_mode()
     def decode_streaming(self, latents_BCFHW: Tensor, sink: Callable[[Tensor], None]) -> None:
-        """`decode`, handing the uint8 frames [B, t, sH, sW, 3] to `sink` on the latents' device as they come: per
-        latent frame (1 frame, then 4 each) when one rank decodes (`streams`), else all at once on rank 0 (nothing on
-        the others). The frames are `decode`'s, bit for bit: the VAE's own causal loop (diffusers'
-        `AutoencoderKLWan._decode`, its feature cache carried from chunk to chunk), minus the growing concatenation."""
+        """`decode` on one decoding rank (`streams`), handing the uint8 frames [B, t, sH, sW, 3] to `sink` on the
+        latents' device per latent frame as they come (1 frame, then 4 each). The frames are `decode`'s, bit for bit:
+        the VAE's own causal loop (diffusers' `AutoencoderKLWan._decode`, its feature cache carried from chunk to
+        chunk), minus the growing concatenation."""
         if not self.streams(latents_BCFHW.shape[3]):
-            frames = self.decode(latents_BCFHW)
-            if frames is not None:
-                sink(frames)
-            return
+            raise ValueError("decode_streaming decodes on one rank; these latents' rows are split over several "
+                             "(streams() is False): call decode")
         from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
         vae = self.vae
