@@ -4,7 +4,9 @@
     python bench/dit_forward.py --preset 1.3b --out bench_dit.json [--diffusers] [--sparsity 0.9] [--sp 2 4 8]
         [--sla-topk 0.1] [--fp8 [--quality-steps 10]]
 
-Random bf16 weights, B=1, latents for 480x832x81 (1.3B) or 720x1280x81 (14B). The attention share comes
+Random bf16 weights, B=1, latents for 480x832x81 (Wan2.1 1.3B), 720x1280x81 (14B: Wan2.1 14B, or one Wan2.2 A14B
+expert, the same architecture) or 704x1280x121 (ti2v5b: Wan2.2 TI2V-5B, 48-channel latents of the Wan2.2 VAE, 16x
+spatial: 31x44x80, a 31x22x40 token grid; one timestep for every token, as text-to-video). The attention share comes
 from CUDA events around every self-attention call inside the real forward; the layout share times the
 token permutation into and out of tile order at the same shapes, plus (sp > 1) the Ulysses packing copies.
 With --diffusers, diffusers' WanTransformer3DModel (SDPA, cuDNN backend) runs the same forward with the
@@ -26,21 +28,43 @@ import argparse
 import dataclasses
 import gc
 import json
+import math
 from pathlib import Path
 
 import torch
 from _timing import cuda_time_ms  # noqa: E402
 from tessera.attention import MetadataCache  # noqa: E402
-from tessera.models import WanConfig, build_wan_on_meta, materialize_random_  # noqa: E402
 from tessera.models.fp8 import quantize_blocks_fp8_  # noqa: E402
+from tessera.models.wan import WanConfig, build_wan_on_meta, materialize_random_  # noqa: E402
 from tessera.parallel import build_mesh  # noqa: E402
 from tessera.runtime import AttentionConfig, build_attention_plan  # noqa: E402
 from tessera.runtime.request import build_request_state  # noqa: E402
 
+# Latents: `channels` x ((frames - 1) / 4 + 1) x (height / vae) x (width / vae); the Wan2.1 VAE (16 channels, 8x
+# spatial) or the Wan2.2 one (48 channels, 16x spatial), both 4x temporal. The DiT's in/out channels are `channels`.
 SHAPES = {
-    "1.3b": dict(heads=12, layers=30, ffn=8960, frames=81, height=480, width=832),
-    "14b": dict(heads=40, layers=40, ffn=13824, frames=81, height=720, width=1280),
+    "1.3b": dict(heads=12, layers=30, ffn=8960, channels=16, vae=8, frames=81, height=480, width=832),
+    "14b": dict(heads=40, layers=40, ffn=13824, channels=16, vae=8, frames=81, height=720, width=1280),
+    "ti2v5b": dict(heads=24, layers=30, ffn=14336, channels=48, vae=16, frames=121, height=704, width=1280),
 }
+
+
+def model_config(shape: dict, sla_proj_l: bool = False) -> WanConfig:
+    """The DiT of a SHAPES entry (head dim 128, patch (1, 2, 2), UMT5 text, VSA's gate)."""
+    return WanConfig(
+        patch_size=(1, 2, 2), num_attention_heads=shape["heads"], attention_head_dim=128,
+        in_channels=shape["channels"], out_channels=shape["channels"], text_dim=4096, freq_dim=256,
+        ffn_dim=shape["ffn"], num_layers=shape["layers"], gate_compress=True, sla_proj_l=sla_proj_l,
+    )
+
+
+def random_inputs(shape: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents [1, C, F, H, W] bf16, timestep [1], text [1, 512, 4096] bf16) of a SHAPES entry, seed 0."""
+    gen = torch.Generator("cpu").manual_seed(0)
+    f, h, w = (shape["frames"] - 1) // 4 + 1, shape["height"] // shape["vae"], shape["width"] // shape["vae"]
+    latents = torch.randn(1, shape["channels"], f, h, w, generator=gen).to(device, torch.bfloat16)
+    text = torch.randn(1, 512, 4096, generator=gen).to(device, torch.bfloat16)
+    return latents, torch.tensor([500.0], device=device), text
 
 
 class _TimedAttention:
@@ -146,7 +170,8 @@ def bench_ours(model, cfg: WanConfig, backend: str, sparsity: float, inputs, ite
         num_tokens = ctx.token_order.numel()
         x = torch.randn(1, num_tokens, cfg.num_attention_heads * cfg.attention_head_dim, device=device,
                         dtype=torch.bfloat16)
-        y = torch.randn(1, num_tokens, 64, device=device, dtype=torch.bfloat16)  # proj_out channels
+        y = torch.randn(1, num_tokens, cfg.out_channels * math.prod(cfg.patch_size), device=device,
+                        dtype=torch.bfloat16)  # proj_out channels
         layout_ms = cuda_time_ms(lambda: (x[:, ctx.token_order], y[:, ctx.token_order_inverse]), 2, 10)
     graphed_ms = None
     if graphs:  # the same forward replayed from a CUDA graph (runtime/graphs.py): no host launch work
@@ -170,24 +195,35 @@ def bench_ours(model, cfg: WanConfig, backend: str, sparsity: float, inputs, ite
     }
 
 
-def bench_diffusers(model, cfg: WanConfig, inputs) -> dict:
+def diffusers_reference(model, cfg: WanConfig, device: torch.device):
+    """diffusers' WanTransformer3DModel of `cfg` in bf16 on `device`, holding `model`'s weights (VSA's gate and SLA's
+    proj_l left out). Built on the device: in fp32 on the host a 14B model would take 57 GB and a slow CPU init."""
     from diffusers import WanTransformer3DModel
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    ref = WanTransformer3DModel(
-        patch_size=cfg.patch_size, num_attention_heads=cfg.num_attention_heads,
-        attention_head_dim=cfg.attention_head_dim, in_channels=16, out_channels=16, text_dim=cfg.text_dim,
-        freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=cfg.eps,
-    ).to(device="cuda", dtype=torch.bfloat16).eval()
+    with torch.device(device):
+        ref = WanTransformer3DModel(
+            patch_size=cfg.patch_size, num_attention_heads=cfg.num_attention_heads,
+            attention_head_dim=cfg.attention_head_dim, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+            text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
+            cross_attn_norm=cfg.cross_attn_norm, qk_norm=cfg.qk_norm, eps=cfg.eps,
+            rope_max_seq_len=cfg.rope_max_seq_len,
+        )
+    ref = ref.to(dtype=torch.bfloat16).eval()
     ours = {k: v for k, v in model.state_dict().items() if "to_gate_compress" not in k and "proj_l" not in k}
     ref.load_state_dict(ours, strict=True)
+    return ref
+
+
+def bench_diffusers(model, cfg: WanConfig, inputs, iters: int) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    ref = diffusers_reference(model, cfg, torch.device("cuda"))
     latents, timestep, text = inputs
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         out_ref = ref(latents, timestep, text, return_dict=False)[0]
-        ms = cuda_time_ms(lambda: ref(latents, timestep, text, return_dict=False))
+        ms = cuda_time_ms(lambda: ref(latents, timestep, text, return_dict=False), iters=iters)
     return {"forward_ms": ms, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "out": out_ref}
 
 
@@ -210,7 +246,7 @@ def time_ffn_up(model, cfg: WanConfig, latents) -> dict:
     """One block's FFN up-projection + GELU(tanh) at the forward's token count: the GEMM then a GELU kernel,
     and the GEMM with cuBLASLt's bias + GELU epilogue (what the model runs on CUDA)."""
     import torch.nn.functional as F
-    from tessera.models.wan import linear_gelu_tanh
+    from tessera.models.wan.transformer import linear_gelu_tanh
 
     tokens = latents.shape[2] * (latents.shape[3] // 2) * (latents.shape[4] // 2)
     x = torch.randn(1, tokens, cfg.dim, device="cuda", dtype=torch.bfloat16)
@@ -242,23 +278,15 @@ def main() -> None:
         parser.error("--diffusers compares the whole forward: run it with --sp 1")
     torch._dynamo.config.recompile_limit = 64  # one process, many shapes (--sp): every stage compiles per shape
     shape = SHAPES[args.preset]
-    cfg = WanConfig(
-        patch_size=(1, 2, 2), num_attention_heads=shape["heads"], attention_head_dim=128, in_channels=16,
-        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=shape["ffn"], num_layers=shape["layers"],
-        gate_compress=True, sla_proj_l=bool(args.sla_topk),
-    )
+    cfg = model_config(shape, sla_proj_l=bool(args.sla_topk))
     device = torch.device("cuda")
     model = build_wan_on_meta(cfg)
     materialize_random_(model, seed=0, device=device, dtype=torch.bfloat16)
     model.eval()
     if not args.no_compile:
         model.compile_blocks()
-    gen = torch.Generator("cpu").manual_seed(0)
-    f = (shape["frames"] - 1) // 4 + 1
-    latents = torch.randn(1, 16, f, shape["height"] // 8, shape["width"] // 8, generator=gen).to(device, torch.bfloat16)
-    text = torch.randn(1, 512, 4096, generator=gen).to(device, torch.bfloat16)
-    timestep = torch.tensor([500.0], device=device)
-    inputs = (latents, timestep, text)
+    inputs = random_inputs(shape, device)
+    latents = inputs[0]
 
     results = {"preset": args.preset, "shape": shape, "gpu": torch.cuda.get_device_name(), "runs": []}
     if args.quality_only:
@@ -282,7 +310,7 @@ def main() -> None:
         results["runs"] += runs
     if args.diffusers:
         ours_out = model(*inputs, ctx=None)
-        ref = bench_diffusers(model, cfg, inputs)
+        ref = bench_diffusers(model, cfg, inputs, args.iters)
         err = ((ours_out.float() - ref.pop("out").float()).norm() / ours_out.float().norm()).item()
         ref["rel_err_vs_ours_dense"] = err
         ref["our_dense_speedup"] = ref["forward_ms"] / results["runs"][0]["forward_ms"]

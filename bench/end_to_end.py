@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 from tessera.launch.generate import main as generate_main  # noqa: E402
-from tessera.models import WanConfig, build_wan_on_meta, load_wan_weights_  # noqa: E402
-from tessera.runtime.checkpoint import resolve_checkpoint  # noqa: E402
-from tessera.runtime.wan_components import UMT5TextEncoder, WanVAEDecoder  # noqa: E402
+from tessera.models.wan import WanConfig, build_wan_on_meta, load_wan_weights_  # noqa: E402
+from tessera.models.wan.checkpoint import resolve_checkpoint  # noqa: E402
+from tessera.models.wan.components import UMT5TextEncoder, WanVAEDecoder  # noqa: E402
 
 DIT_13B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, eps=1e-6)

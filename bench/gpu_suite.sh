@@ -2,7 +2,7 @@
 # One GPU session: carried wheels, GPU-tier tests, attention micro-benchmark (with the FastVideo peer),
 # DiT forward benchmarks. Run from the repo root on the device machine; results land in ${OUT:-bench_out}.
 #   bash bench/gpu_suite.sh [tests] [product] [attention] [variants] [profile] [dit13] [dit14] [sp13] [e2e] [vae] [fp8]
-#       [sla] [fastwan] [sp2 (2 GPUs)]   (default: tests attention dit13 dit14)
+#       [sla] [fastwan] [families] [experts] [sp2 (2 GPUs)]   (default: tests attention dit13 dit14)
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -22,6 +22,7 @@ for part in $parts; do
   case $part in
     tests) python3 -m pytest -q -m gpu tests/attention/test_vsa_triton.py tests/models/test_qk_norm_rope.py tests/models/test_modulated_norm.py tests/models/test_wan.py tests/models/test_fp8.py tests/runtime/test_scheduler.py tests/runtime/test_graphs.py 2>&1 | tee "$OUT/tests.log" ;;
     product) python3 -m pytest -q -m gpu -s -rA tests/launch/test_cli_gpu.py 2>&1 | tee "$OUT/product.log" ;;
+    families_tests) python3 -m pytest -q -m gpu -s -rA tests/launch/test_families_gpu.py 2>&1 | tee "$OUT/families_tests.log" ;;
     attention) python3 bench/attention.py --peer --out "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" ;;
     variants) python3 bench/attention.py --sparsity 0.9 --variants --out "$OUT/variants.json" 2>&1 | tee "$OUT/variants.log" ;;
     profile) python3 bench/profile_vsa.py --forward 2>&1 | tee "$OUT/profile.log" ;;
@@ -36,5 +37,8 @@ for part in $parts; do
     sp2) bash bench/sp_gpu_check.sh 2>&1 | tee "$OUT/sp2.log" ;;
     sp13) python3 bench/dit_forward.py --preset 1.3b --sp 2 4 8 --iters 3 --cuda-graph --out "$OUT/dit_1.3b_sp.json" 2>&1 | tee "$OUT/dit_1.3b_sp.log" ;;
     dit14) python3 bench/dit_forward.py --preset 14b --iters 2 --out "$OUT/dit_14b.json" 2>&1 | tee "$OUT/dit_14b.log" ;;
+    families) python3 bench/dit_forward.py --preset ti2v5b --diffusers --iters 3 --out "$OUT/dit_ti2v5b.json" 2>&1 | tee "$OUT/dit_ti2v5b.log"
+              python3 bench/dit_forward.py --preset 14b --diffusers --iters 2 --out "$OUT/dit_14b_diffusers.json" 2>&1 | tee "$OUT/dit_14b_diffusers.log" ;;
+    experts) python3 bench/experts.py --out "$OUT/experts.json" 2>&1 | tee "$OUT/experts.log" ;;
   esac
 done

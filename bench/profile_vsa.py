@@ -57,7 +57,7 @@ def main() -> None:
         print("\n=== host side of 200 eager VSA calls")
         pstats.Stats(host).sort_stats("tottime").print_stats(25)
     if args.forward:
-        from tessera.models import WanConfig, build_wan_on_meta, materialize_random_
+        from tessera.models.wan import WanConfig, build_wan_on_meta, materialize_random_
         from tessera.parallel import build_mesh
         from tessera.runtime import AttentionConfig, build_attention_plan
         from tessera.runtime.request import build_request_state

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tessera.models.wan.components import build_row_parallel_vae
 from tessera.parallel import (
     build_mesh,
     build_row_split,
@@ -29,7 +30,6 @@ from tessera.parallel import (
     init_process_group_from_env,
     warmup_collectives,
 )
-from tessera.runtime.wan_components import build_row_parallel_vae
 
 SMOKE_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
 

@@ -29,11 +29,9 @@ import torch
 import torch.distributed as dist
 from tessera.launch.config import resolve_config, resolve_launch, to_overrides
 from tessera.runtime import build_mesh, destroy_process_group_safely, init_process_group_from_env
-from tessera.runtime.checkpoint import check_checkpoint_request
 from tessera.runtime.config import GenerateConfig
 from tessera.runtime.faults import NO_FAULTS, FaultPlan
 from tessera.runtime.guards import Progress
-from tessera.runtime.image_conditioning import check_image_request
 from tessera.runtime.output import check_output_files
 from tessera.runtime.pipeline import GenerateResult, Pipeline, write_outputs
 from tessera.runtime.preflight import check_request_memory
@@ -91,10 +89,7 @@ class VideoPipeline:
         cfg, _ = resolve_config([*self._overrides, *to_overrides(keys)], world_size=self._world_size,
                                 checkpoint=self._pipe.checkpoint)
         cfg.validate(world_size=self._world_size)
-        image_given = cfg.image is not None or image is not None
-        check_checkpoint_request(cfg, self._pipe.checkpoint, image_given=image_given)  # FastWan TI2V: no image
-        check_image_request(cfg, self._pipe.model_cfg, image_given=image_given,
-                            image_optional=self._pipe.image_optional)
+        self._pipe.check_request(cfg, image_given=cfg.image is not None or image is not None)  # size, image
         return cfg
 
     @property

@@ -22,15 +22,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
-from tessera.runtime import PRESETS, GenerateConfig
-from tessera.runtime.checkpoint import (
-    Checkpoint,
-    arch_mismatches,
-    check_checkpoint_request,
-    check_expert_config,
-    checkpoint_at,
-    resolve_model,
-)
+from tessera.runtime import PRESETS, GenerateConfig, family_for
 from tessera.runtime.config import fix_example, schema_field
 from tessera.runtime.output import next_numbered_path
 
@@ -89,7 +81,7 @@ def parse_overrides(argv: list[str]) -> list[str]:
 
 
 def resolve_config(
-    argv: list[str], world_size: int = 1, *, checkpoint: Checkpoint | None = None
+    argv: list[str], world_size: int = 1, *, checkpoint: Any = None
 ) -> tuple[GenerateConfig, dict]:
     """Command-line overrides -> (validated-type GenerateConfig, preset architecture dict).
 
@@ -102,8 +94,8 @@ def resolve_config(
 
 
 def resolve_launch(
-    argv: list[str], world_size: int = 1, *, checkpoint: Checkpoint | None = None
-) -> tuple[GenerateConfig, dict, Checkpoint | None]:
+    argv: list[str], world_size: int = 1, *, checkpoint: Any = None
+) -> tuple[GenerateConfig, dict, Any]:
     """`resolve_config`, and the resolved checkpoint of `model.path` (None without one): resolved here once, to be
     passed down to the pre-flight checks and the pipeline."""
     dotlist = parse_overrides(argv)
@@ -113,13 +105,14 @@ def resolve_launch(
     path = OmegaConf.select(overrides, "model.path", default=None)
     path = None if path is None else str(path)
     preset_is_explicit = OmegaConf.select(overrides, "model.preset", default=None) is not None
-    ckpt = checkpoint_at(path, checkpoint)
-    arch, checkpoint_defaults = resolve_model(str(preset), arch, preset_is_explicit, path,
+    family = family_for(path, str(preset))  # the model family of the checkpoint (or of the preset)
+    ckpt = family.checkpoint_at(path, checkpoint)
+    arch, checkpoint_defaults = family.resolve_model(str(preset), arch, preset_is_explicit, path,
                                               preset_boundary_ratio=_boundary_ratio(preset_defaults), checkpoint=ckpt)
     if path is not None and not preset_is_explicit:
         # No preset given: the preset with the checkpoint's architecture, sampler and number of experts supplies the
         # generation defaults.
-        inferred = _preset_of(arch, dmd=checkpoint_defaults.get("scheduler") == "dmd",
+        inferred = _preset_of(family, arch, dmd=checkpoint_defaults.get("scheduler") == "dmd",
                               two_experts=_boundary_ratio(checkpoint_defaults) is not None)
         inferred = _resolution_variant(inferred, path)
         if inferred is not None and inferred != preset:
@@ -137,21 +130,22 @@ def resolve_launch(
     cfg = _follow_sampler(replace(cfg, **text).resolved(world_size), dotlist)
     # model.boundary_ratio set by hand must match the checkpoint (cheap: JSON and safetensors headers), and so must
     # the size and image (TI2V-5B: multiples of 32 pixels; FastWan2.2-TI2V-5B: no image)
-    ckpt = checkpoint_at(cfg.model.path, ckpt)
-    check_expert_config(cfg.model.boundary_ratio, ckpt)
-    check_checkpoint_request(cfg, ckpt, image_given=cfg.image is not None)
+    ckpt = family.checkpoint_at(cfg.model.path, ckpt)
+    family.check_expert_config(cfg.model.boundary_ratio, ckpt)
+    family.check_checkpoint_request(ckpt, height=cfg.height, width=cfg.width, preset=cfg.model.preset,
+                                    image=None if cfg.image is None else str(cfg.image))
     if cfg.output.path is None:  # each run gets a new file; an explicit path is never silently renamed
         cfg = replace(cfg, output=replace(cfg.output, path=str(next_numbered_path())))
     return cfg, arch, ckpt
 
 
-def _preset_of(arch: dict, dmd: bool, two_experts: bool = False) -> str | None:
+def _preset_of(family, arch: dict, dmd: bool, two_experts: bool = False) -> str | None:
     """The first preset with this architecture whose sampler is DMD exactly when the checkpoint's is and which has
     two experts exactly when it has (a FastWan checkpoint gets the fastwan preset of its size, a Wan2.1 one the
     wan2.1 preset, a Wan2.2 A14B one wan2.2-t2v-a14b)."""
-    for name in PRESETS:
+    for name in family.presets:
         preset_arch, defaults = load_preset(name)
-        if (not arch_mismatches(preset_arch, arch) and (defaults.get("scheduler") == "dmd") == dmd
+        if (not family.arch_mismatches(preset_arch, arch) and (defaults.get("scheduler") == "dmd") == dmd
                 and (_boundary_ratio(defaults) is not None) == two_experts):
             return name
     return None
@@ -316,7 +310,7 @@ def _format(value: Any) -> str:
 
 def resolve_requests(
     argv: list[str], world_size: int = 1
-) -> tuple[list[GenerateConfig], dict, Checkpoint | None]:
+) -> tuple[list[GenerateConfig], dict, Any]:
     """The launch's requests: one, or one per line of `prompts_file=` (each line a prompt, or a JSON object of
     per-request keys over the command line's). Every line is resolved and validated before anything loads; an
     error names the file, the line and the key. Outputs: `output.path` stem-001, -002, ... when given, else the

@@ -8,6 +8,7 @@ SIGINT/SIGTERM unwind (temp files removed, group destroyed) and exit 128 + the s
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -173,4 +174,10 @@ if __name__ == "__main__":
     _teardown_guard.armed = False
     for _sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(_sig, _teardown_guard)
-    sys.exit(exit_code)
+    # Run the exit handlers (logging, weakref finalizers: the encoder's temp files) and leave without the
+    # interpreter's teardown: a gloo thread freed there can abort a finished rank ("terminate called without an
+    # active exception", SIGABRT), and torchrun then fails the job although every rank succeeded.
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)

@@ -1,25 +1,17 @@
-"""Wan2.1 DiT (diffusers layout and numerics) and its safetensors weight loading."""
+"""Model families, one package each (`models/wan/`), and their registry (`models/family.py`): the runtime asks
+`family_for(model.path, model.preset)` for everything model-specific. Adding a family: its package and one line
+below."""
 
-from tessera.models.loading import LoadReport, load_wan_weights_, native_to_diffusers_name
-from tessera.models.wan import (
-    SelfAttention,
-    WanConfig,
-    WanForwardContext,
-    WanTransformer,
-    build_wan_on_meta,
-    materialize_random_,
-    wan_param_dtype,
+from tessera.models.family import (
+    family_for,
+    family_names,
+    get_family,
+    preset_names,
+    random_weight_presets,
+    register_family,
 )
+from tessera.models.wan.family import WAN
 
-__all__ = [
-    "LoadReport",
-    "SelfAttention",
-    "WanConfig",
-    "WanForwardContext",
-    "WanTransformer",
-    "build_wan_on_meta",
-    "load_wan_weights_",
-    "materialize_random_",
-    "native_to_diffusers_name",
-    "wan_param_dtype",
-]
+register_family(WAN)
+
+__all__ = ["family_for", "family_names", "get_family", "preset_names", "random_weight_presets", "register_family"]

@@ -11,15 +11,13 @@ from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, 
 from pathlib import Path
 from typing import Any
 
-PRESETS = (
-    "wan-tiny", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "fastwan2.1-t2v-1.3b", "fastwan2.1-t2v-14b", "fastwan2.2-ti2v-5b",
-    "wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p",
-    "wan2.2-t2v-a14b", "wan2.2-ti2v-5b",
-)
+from tessera.models import preset_names, random_weight_presets
+
+PRESETS = preset_names()  # every model family's (configs/models/<name>.yaml)
 # Presets that document a model this runtime cannot run yet: choosing one is an error saying why (none today).
 UNSUPPORTED_PRESETS: dict[str, str] = {}
 # Presets whose weights are random by design; the real architectures need a checkpoint.
-RANDOM_WEIGHT_PRESETS = ("wan-tiny",)
+RANDOM_WEIGHT_PRESETS = random_weight_presets()
 DTYPES = ("float32", "bfloat16")
 VAE_DTYPES = ("float32", "bfloat16", "float16")
 QUANT_MODES = ("none", "fp8")  # model.quant: fp8 = the block linears in e4m3 (models/fp8.py)
@@ -28,7 +26,7 @@ ENCODER_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medi
                    "placebo")
 DEFAULT_ENCODER_PRESET = "veryfast"
 SCHEDULERS = ("unipc", "euler", "dmd")
-FASTWAN_DMD_TIMESTEPS = (1000, 757, 522)  # FastVideo's dmd_denoising_steps for the FastWan checkpoints
+DEFAULT_DMD_TIMESTEPS = (1000, 757, 522)  # FastVideo's dmd_denoising_steps for the FastWan checkpoints
 BACKENDS = ("dense", "vsa", "sla", "auto")
 SLA_FEATURE_MAPS = ("softmax", "elu", "relu")
 CUDA_GRAPHS = ("auto", "true", "false")  # OmegaConf turns true/on into "True": compared lower-cased
@@ -120,7 +118,7 @@ class OutputConfig:
     encoder_preset: str = _key(DEFAULT_ENCODER_PRESET, example="medium",
                                doc=f"x264 speed preset of the mp4: {', '.join(ENCODER_PRESETS)}")
     # The model family's rate by default (the preset's or the checkpoint's): Wan2.1 and Wan2.2 A14B 16, Wan2.2
-    # TI2V-5B 24 (runtime/checkpoint.py TI2V_FPS). Sets only the playback rate: the frames are the same.
+    # TI2V-5B 24 (models/wan/checkpoint.py TI2V_FPS). Sets only the playback rate: the frames are the same.
     fps: int = _key(16, doc="frames per second of the mp4, by model family: 16 for Wan2.1 and Wan2.2 A14B, 24 for "
                     "Wan2.2 TI2V-5B", example="24")
 
@@ -149,7 +147,7 @@ class GenerateConfig:
     # DMD runs one step per entry, the DiT seeing the listed timestep itself; num_steps follows its length.
     dmd_timesteps: list[int] = _key(doc="timesteps of scheduler=dmd, strictly decreasing in [1, 1000]; num_steps "
                                     "follows its length", example="[1000,757,522]",
-                                    factory=lambda: list(FASTWAN_DMD_TIMESTEPS))
+                                    factory=lambda: list(DEFAULT_DMD_TIMESTEPS))
     prompts_file: str | None = _key(None, doc="many videos in one launch: one prompt per line, or JSON lines of "
                                     "per-request keys ({\"prompt\": ..., \"seed\": 3})", example="prompts.txt")
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from tessera.models import WanTransformer
+from tessera.models.family import DiT
 from tessera.runtime.config import GenerateConfig
 from tessera.runtime.graphs import GraphedForward
 from tessera.runtime.request import RequestState
@@ -72,11 +72,11 @@ class Experts:
 
     def __init__(self, device: torch.device, *, offload: bool = False, offload_reason: str = "") -> None:
         self.device, self.offload, self.offload_reason = device, offload, offload_reason
-        self.models: list[WanTransformer] = []
+        self.models: list[DiT] = []
         self._host: list[dict[str, torch.Tensor]] = []  # offload: per expert, name -> its tensor in host memory
         self.active: int | None = None  # offload: the expert whose weights are on the device
 
-    def add(self, model: WanTransformer) -> None:
+    def add(self, model: DiT) -> None:
         """Hold the next expert (its weights on `device`). Offloaded, they move to host memory now, so the next
         expert loads into the device memory they leave."""
         if self.models:

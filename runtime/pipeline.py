@@ -1,12 +1,11 @@
 """The orchestrator: config -> model, text, noise, per-request state -> denoising loop -> video + report.
 
-`generate` runs on every rank of the mesh. All ranks hold the full latents and run the scheduler step
-identically; the DiT inside shards the tokens over `sp` and the CFG branches over `cfg`.
+Model-agnostic: the model family of `model.path` (or of the preset) builds the DiT, its text encoder, latent decoder
+and image encoders (`models/family.py`). `generate` runs on every rank of the mesh (the loop: runtime/denoise.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 import warnings
@@ -17,39 +16,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from tessera.attention import MetadataCache, backend_names, get_backend
-from tessera.models import WanConfig, WanTransformer, build_wan_on_meta, load_wan_weights_, materialize_random_
+from tessera.models import family_for
+from tessera.models.family import TEXT_ONLY, DiT, token_grid
 from tessera.models.fp8 import check_quant_supported, quantize_blocks_fp8_
-from tessera.parallel import ParallelMesh, warmup_collectives
-from tessera.runtime.checkpoint import (
-    Checkpoint,
-    check_checkpoint_request,
-    check_expert_config,
-    checkpoint_at,
-    checkpoint_latents,
-    starts_from_optional_image,
-)
+from tessera.parallel import ParallelMesh, build_row_split, warmup_collectives
 from tessera.runtime.compile_cache import compile_cache_counters, compile_cache_report, use_compile_cache
-from tessera.runtime.conditioning import token_grid
 from tessera.runtime.config import GenerateConfig
+from tessera.runtime.denoise import denoise, elapsed_synced, log_main
 from tessera.runtime.experts import EXPERT_NAMES, ExpertRun, Experts, build_expert_schedule
-from tessera.runtime.faults import NO_FAULTS, FaultPlan, inject_step_faults
+from tessera.runtime.faults import NO_FAULTS, FaultPlan
 from tessera.runtime.graphs import GraphedForward, resolve_cuda_graphs
 from tessera.runtime.guards import (
     Interrupted,
-    NonFiniteLatentsError,
     Progress,
     RankFailure,
-    first_nonfinite_step_synced,
 )
-from tessera.runtime.image_conditioning import (
-    TEXT_ONLY,
-    ImageCondition,
-    ImageConditioner,
-    ImageInput,
-    check_image_object,
-    check_image_request,
-    plan_image_conditioning,
-)
+from tessera.runtime.image_conditioning import ImageConditioner, ImageInput, check_image_object
 from tessera.runtime.output import (
     EncodedVideo,
     VideoEncodeStream,
@@ -64,15 +46,6 @@ from tessera.runtime.preflight import choose_expert_offload
 from tessera.runtime.report import collect_provenance, gather_rank_stats
 from tessera.runtime.request import RequestState, build_request_state
 from tessera.runtime.samplers import build_sampler
-from tessera.runtime.wan_components import (
-    build_latent_decoder,
-    build_text_encoder,
-    free_device_memory,
-    plan_conditioning,
-    text_sequence_length,
-)
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 # The report's `stage_seconds`: text_encode includes loading the encoder, load is the DiT's weights, denoise
 # includes first_step; decode and write (the video and latents, not the JSON itself) are measured on rank 0 only.
@@ -91,23 +64,16 @@ class GenerateResult:
 
 # Text embeddings kept per pipeline while its encoder is loaded: UMT5's [512, 4096] bf16 is 4 MiB a prompt.
 MAX_CACHED_PROMPTS = 64
-RANDOM_WEIGHTS_SEED = 0  # wan-tiny's weights, byte encoder and preview decoder: part of the model, not of a request
+RANDOM_WEIGHTS_SEED = 0  # random-weight presets' weights, text encoder and preview decoder: part of the model
 
 
 def build_model(
-    cfg: GenerateConfig, model_cfg: WanConfig, device: torch.device, ckpt: Checkpoint | None, expert: int = 0
-) -> tuple[WanTransformer, dict]:
-    """The DiT on `device`, from `ckpt` (`cfg.model.path` resolved; None: seeded random weights); `expert` 1 is a
-    two-expert model's low-noise one (transformer_2/; random: seed + 1)."""
-    dtype = getattr(torch, cfg.model.dtype)
-    model = build_wan_on_meta(model_cfg)
-    if ckpt is None:
-        materialize_random_(model, seed=RANDOM_WEIGHTS_SEED + expert, device=device, dtype=dtype)
-        load_info = {"weights": "random", "seed": RANDOM_WEIGHTS_SEED + expert}
-    else:
-        weights = ckpt.weights if expert == 0 else ckpt.weights_2  # transformer/ (or transformer_2/) of a diffusers dir
-        report = load_wan_weights_(model, weights, device=device, dtype=dtype)
-        load_info = {"weights": cfg.model.path, "zero_initialised": list(report.zero_initialised)}
+    cfg: GenerateConfig, family, model_cfg, device: torch.device, ckpt, expert: int = 0
+) -> tuple[DiT, dict]:
+    """The DiT on `device`, from `ckpt` (`cfg.model.path` resolved by `family`; None: seeded random weights);
+    `expert` 1 is a two-expert model's low-noise one (random: seed + 1)."""
+    model, load_info = family.build_dit(model_cfg, device, getattr(torch, cfg.model.dtype), ckpt, expert=expert,
+                                        seed=RANDOM_WEIGHTS_SEED)
     if cfg.model.quant == "fp8":
         load_info["quant"] = quantize_blocks_fp8_(model).as_dict()
     load_info["parameter_bytes"] = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
@@ -116,19 +82,17 @@ def build_model(
     return model.eval(), load_info
 
 
-def build_experts(
-    cfg: GenerateConfig, model_cfg: WanConfig, mesh: ParallelMesh, ckpt: Checkpoint | None
-) -> tuple[Experts, dict]:
+def build_experts(cfg: GenerateConfig, family, model_cfg, mesh: ParallelMesh, ckpt) -> tuple[Experts, dict]:
     """The DiT, or both experts of a two-expert model (`model.boundary_ratio`), loaded one after the other; with
     `model.offload_experts` (or `auto` and a device too small for both) each waits in host memory once loaded.
     Returns them and the load report (two experts: the sum of their parameter bytes and one entry per expert)."""
-    check_expert_config(cfg.model.boundary_ratio, ckpt)  # ValueError before any weight loads
+    family.check_expert_config(cfg.model.boundary_ratio, ckpt)  # ValueError before any weight loads
     num_experts = 1 if cfg.model.boundary_ratio is None else 2
     offload, reason = choose_expert_offload(cfg, model_cfg, mesh.device, sp=mesh.sp_size, rank=mesh.rank)
     experts = Experts(mesh.device, offload=offload, offload_reason=reason)
     infos = []
     for index in range(num_experts):
-        model, info = build_model(cfg, model_cfg, mesh.device, ckpt, expert=index)
+        model, info = build_model(cfg, family, model_cfg, mesh.device, ckpt, expert=index)
         experts.add(model)
         infos.append({**info, "component": EXPERT_NAMES[index]} if num_experts > 1 else info)
     if num_experts == 1:
@@ -136,7 +100,7 @@ def build_experts(
     return experts, {**infos[0], "parameter_bytes": sum(info["parameter_bytes"] for info in infos), "experts": infos}
 
 
-def _note_missing_layer_weights(cfg: GenerateConfig, model: WanTransformer, load_info: dict) -> None:
+def _note_missing_layer_weights(cfg: GenerateConfig, model: DiT, load_info: dict) -> None:
     """A backend with per-layer weights (SLA's proj_l) on a checkpoint without them runs with zeros: warn, naming
     them, and list them with the report's zero-initialised parameters."""
     if cfg.attention.backend == "auto":
@@ -165,33 +129,31 @@ class Pipeline:
     `keep_text_encoder=False` the encoder is freed right after them, so the load's peak is the larger of the two
     models, not their sum (the CLI: it knows every prompt up front); a later request with a new prompt then fails.
     The encoder runs once per node (local rank 0) and its embeddings are broadcast over the node's ranks.
-    A two-expert model (Wan2.2 A14B, `model.boundary_ratio`) holds both DiTs in `experts` (runtime/experts.py).
+    A two-expert model (`model.boundary_ratio`) holds both DiTs in `experts` (runtime/experts.py). Everything
+    model-specific comes from the model family of `model.path` (or of the preset): `models/family.py`.
     """
 
     def __init__(
         self, cfg: GenerateConfig, arch: dict, mesh: ParallelMesh, *, prompts: Sequence[str] = (),
         keep_text_encoder: bool = True, faults: FaultPlan = NO_FAULTS, progress: Progress | None = None,
-        checkpoint: Checkpoint | None = None,
+        checkpoint=None,
     ) -> None:
         progress = progress or Progress()
         self.cfg, self.mesh, self.dtype = cfg, mesh, getattr(torch, cfg.model.dtype)
-        self.vae_dtype = getattr(torch, cfg.model.vae_dtype)  # the Wan VAE's; the tiny preview decoder is float32
+        self.vae_dtype = getattr(torch, cfg.model.vae_dtype)  # the VAE's; the tiny preview decoder is float32
         check_quant_supported(cfg.model.quant, mesh.device)  # FP8 on this device, before anything loads
-        model_cfg = WanConfig(**arch)
+        self.family = family = family_for(cfg.model.path, cfg.model.preset)
         candidates = backend_names() if cfg.attention.backend == "auto" else (cfg.attention.backend,)
-        if any(get_backend(name).uses_gate for name in candidates) and not model_cfg.gate_compress:
-            # Gated (VSA) blocks carry to_gate_compress; zero-initialised when the checkpoint lacks it.
-            model_cfg = dataclasses.replace(model_cfg, gate_compress=True)
-        self.model_cfg = model_cfg
+        # Gated (VSA) blocks carry the gate projection; zero-initialised when the checkpoint lacks it.
+        self.model_cfg = model_cfg = family.config(arch, gated=any(get_backend(n).uses_gate for n in candidates))
         # The checkpoint, resolved once (JSON and safetensors headers) and passed to whatever loads a part of it.
-        self.checkpoint = checkpoint_at(cfg.model.path, checkpoint)  # the launch's, when it passes it
-        self.latents = checkpoint_latents(self.checkpoint)  # channels and compression of the VAE's latent space
-        self.conditioning = plan_conditioning(cfg, self.checkpoint)  # real UMT5 + VAE or tiny stand-ins; fails early
-        self.image_optional = starts_from_optional_image(cfg, self.checkpoint)  # TI2V-5B: with or without one
+        self.checkpoint = family.checkpoint_at(cfg.model.path, checkpoint)  # the launch's, when it passes it
+        self.latents = family.latents(self.checkpoint)  # channels and compression of the VAE's latent space
+        self.conditioning = family.plan_conditioning(self.checkpoint, cfg.model.preset)  # fails early
         if cfg.image is not None:  # an image given at load (the CLI's first request, the API's defaults) must fit
-            check_image_request(cfg, model_cfg, image_given=True, image_optional=self.image_optional)
-        image_plan = plan_image_conditioning(cfg, model_cfg, self.checkpoint)
-        self.image_conditioner = ImageConditioner(image_plan, mesh, self.dtype)
+            self.check_request(cfg, image_given=True)
+        self.image_conditioner = ImageConditioner(family.plan_image(model_cfg, self.checkpoint, cfg.model.preset),
+                                                  mesh, self.dtype)
         self.metadata_cache = MetadataCache()
         self._embeddings: dict[str, torch.Tensor] = {}
         self._text_encoder = None
@@ -203,26 +165,27 @@ class Pipeline:
         with exact_fp32(self.dtype, mesh.device):
             t0 = time.perf_counter()
             if mesh.rank == mesh.node_leader:
-                self._text_encoder = build_text_encoder(self.conditioning, model_cfg.text_dim, RANDOM_WEIGHTS_SEED,
-                                                        mesh.device, self.dtype, show_progress=mesh.is_main)
+                self._text_encoder = family.build_text_encoder(self.conditioning, model_cfg.text_dim,
+                                                               RANDOM_WEIGHTS_SEED, mesh.device, self.dtype,
+                                                               show_progress=mesh.is_main)
             self.encode(prompts)
             if not keep_text_encoder:
                 self._text_encoder, self._encoder_released = None, True
                 free_device_memory(mesh.device)
             elif cfg.model.offload_text_encoder and self._text_encoder is not None:
                 self._place_text_encoder(torch.device("cpu"))  # back on the device only to encode a new prompt
-            self._pending = {"text_encode": _elapsed_synced(t0, mesh.device)}  # reported by the first request
-            _log_main(mesh, "text encoded in %.2f s", self._pending["text_encode"])
+            self._pending = {"text_encode": elapsed_synced(t0, mesh.device)}  # reported by the first request
+            log_main(mesh, "text encoded in %.2f s", self._pending["text_encode"])
             t0 = time.perf_counter()
             self.compile_cache = use_compile_cache(cfg.model.cache_dir)  # before anything compiles
-            self.experts, self.load_info = build_experts(cfg, model_cfg, mesh, self.checkpoint)
-            self._pending["load"] = _elapsed_synced(t0, mesh.device)
+            self.experts, self.load_info = build_experts(cfg, family, model_cfg, mesh, self.checkpoint)
+            self._pending["load"] = elapsed_synced(t0, mesh.device)
         _note_missing_layer_weights(cfg, self.model, self.load_info)
-        _log_main(mesh, "weights loaded: %.2f GiB in %.2f s", self.load_info["parameter_bytes"] / 2**30,
+        log_main(mesh, "weights loaded: %.2f GiB in %.2f s", self.load_info["parameter_bytes"] / 2**30,
                   self._pending["load"])
 
     @property
-    def model(self) -> WanTransformer:
+    def model(self) -> DiT:
         """The DiT (two-expert models: the high-noise expert, `transformer`; both: `experts.models`)."""
         return self.experts.models[0]
 
@@ -236,7 +199,7 @@ class Pipeline:
                 raise ValueError(f"prompt {new[0]!r} was not encoded while loading and the text encoder is released "
                                  f"(keep_text_encoder=False): load the pipeline with every prompt, or keep it")
             mesh = self.mesh
-            shape = (len(new), text_sequence_length(self.conditioning), self.model_cfg.text_dim)
+            shape = (len(new), self.family.text_sequence_length(self.conditioning), self.model_cfg.text_dim)
             if self._text_encoder is not None:
                 self._place_text_encoder(mesh.device)
                 text = self._text_encoder.encode(new).to(device=mesh.device, dtype=self.dtype).contiguous()
@@ -264,6 +227,13 @@ class Pipeline:
         if device.type == "cpu":
             free_device_memory(self.mesh.device)
 
+    def check_request(self, cfg: GenerateConfig, *, image_given: bool) -> None:
+        """ValueError before any work when a request's size or image does not fit the model (cheap)."""
+        where = f"model.path={cfg.model.path}" if cfg.model.path else f"model.preset={cfg.model.preset}"
+        self.family.check_request(self.checkpoint, self.model_cfg, height=cfg.height, width=cfg.width,
+                                  preset=cfg.model.preset, image=_image_name(cfg) if image_given else None,
+                                  where=where)
+
     def generate(self, cfg: GenerateConfig, *, image: ImageInput | None = None, faults: FaultPlan = NO_FAULTS,
                  progress: Progress | None = None, on_step: Callable[[int, int], None] | None = None) -> GenerateResult:
         """Run one request (per-request keys of `cfg`; its `model.*` and `parallel.*` must be the pipeline's).
@@ -273,9 +243,7 @@ class Pipeline:
         runs on every rank after each denoising step (0-based); raising `Cancelled` there stops the request at
         that step boundary (every rank must raise it after the same step). `image`: an image-to-video request's first
         frame as a PIL image or uint8 array (rank 0's is used), instead of `cfg.image`'s file."""
-        image_given = image is not None or cfg.image is not None
-        check_checkpoint_request(cfg, self.checkpoint, image_given=image_given)  # TI2V: its size rule
-        check_image_request(cfg, self.model_cfg, image_given=image_given, image_optional=self.image_optional)
+        self.check_request(cfg, image_given=image is not None or cfg.image is not None)
         if image is not None:
             check_image_object(image)
         if (cfg.model, cfg.parallel) != (self.cfg.model, self.cfg.parallel):
@@ -311,16 +279,16 @@ class Pipeline:
         scheduler.prepare(device, torch.float32)
         run = self._expert_run(cfg, scheduler, plan, grid, image_cond.clean_first_frame)
         warmup_collectives(mesh)
-        latents, step_seconds, denoise = _denoise(cfg, latents, text, scheduler, run, faults, progress, mesh, dtype,
-                                                  on_step, image_cond)
+        latents, step_seconds, loop_seconds = denoise(cfg, latents, text, scheduler, run, faults, progress, mesh,
+                                                      dtype, on_step, image_cond)
         latents = image_cond.with_clean_first_frame(latents)  # TI2V from an image: the image's frame, as diffusers
-        stage_seconds["first_step"], stage_seconds["denoise"] = step_seconds[0], denoise
+        stage_seconds["first_step"], stage_seconds["denoise"] = step_seconds[0], loop_seconds
         # Every rank, once per request (never per step): rank 0 alone goes on to decode.
         ranks = gather_rank_stats({"rank": mesh.rank, "step_seconds": step_seconds,
                                    "peak_memory_bytes": _peak_memory(device), "device": str(device)}, mesh)
-        report = _build_report(cfg, model_cfg, mesh, plan, run.states[0], self.load_info)
+        report = _build_report(cfg, self.family, model_cfg, mesh, plan, run.states[0], self.load_info)
         report["sampler"] = scheduler.describe()  # its name, the model timestep and the sigma of each step
-        report.update(provenance=provenance, ranks=ranks, step_seconds=step_seconds, denoise_seconds=denoise,
+        report.update(provenance=provenance, ranks=ranks, step_seconds=step_seconds, denoise_seconds=loop_seconds,
                       stage_seconds=stage_seconds, cuda_graphs=run.cuda_graphs_report(),
                       compile_cache=compile_cache_report(self.compile_cache, compiled_before),
                       conditioning={"text_encoder": self.conditioning.text, "decoder": self.conditioning.decoder})
@@ -361,14 +329,15 @@ class Pipeline:
         the encoder (`VideoEncodeStream`: ffmpeg in its own process) as soon as they are decoded. The preview
         decoder runs on rank 0 alone."""
         mesh, device = self.mesh, self.mesh.device
-        every_rank_decodes = self.conditioning.decoder == "wan-vae"
+        every_rank_decodes = self.conditioning.every_rank_decodes
         if not (mesh.is_main or every_rank_decodes):
             return None, None
         free_device_memory(device)
         t0 = time.perf_counter()
         if self._decoder is None:
-            self._decoder = build_latent_decoder(self.conditioning, RANDOM_WEIGHTS_SEED, device,
-                                                 show_progress=mesh.is_main, mesh=mesh, dtype=self.vae_dtype)
+            self._decoder = self.family.build_latent_decoder(
+                self.conditioning, RANDOM_WEIGHTS_SEED, device, show_progress=mesh.is_main,
+                split_rows=lambda height: build_row_split(height, mesh), dtype=self.vae_dtype)
         if mesh.is_main:
             faults.fire_phase("decode", 0)  # rank 0's; the other ranks then fail on the exchange with it
         peak_before_decode = _peak_memory(device)
@@ -387,7 +356,7 @@ class Pipeline:
         if not mesh.is_main:
             return None, None
         frames = decoded[0].cpu()
-        report["stage_seconds"]["decode"] = _elapsed_synced(t0, device)
+        report["stage_seconds"]["decode"] = elapsed_synced(t0, device)
         log.info("decode %.2f s", report["stage_seconds"]["decode"])
         decode_ranks = self._decoder.decode_ranks(latents.shape[3]) if every_rank_decodes else 1
         decode_dtype = str(self.vae_dtype if every_rank_decodes else torch.float32).removeprefix("torch.")
@@ -399,50 +368,6 @@ class Pipeline:
         return frames, encoded
 
 
-def _denoise(cfg, latents, text, scheduler, run: ExpertRun, faults, progress, mesh, dtype, on_step=None,
-             image_cond: ImageCondition = TEXT_ONLY):
-    """The hot loop: per step a forward (with the step's attention context and, I2V, the image condition), CFG, the
-    scheduler step, then `on_step(step, num_steps)` if given (it may raise `Cancelled`). Returns (final latents, step
-    seconds, loop seconds); NonFiniteLatentsError after the loop if any rank went NaN/Inf."""
-    device = mesh.device
-    timesteps, batch = scheduler.timesteps.to(device), text.shape[0]
-    expert_per_step, guidance_per_step = run.schedule.expert_per_step, run.schedule.guidance_per_step
-    step_faults = faults.step_faults(mesh.rank)
-    finite_steps = torch.ones(cfg.num_steps, dtype=torch.bool, device=device)  # read once, after the loop
-    step_seconds: list[float] = []
-    progress.stage = "step"
-    t_loop = time.perf_counter()
-    with logging_redirect_tqdm():  # log lines above the bar, not through it
-        for step in tqdm(range(cfg.num_steps), desc="denoising", disable=not mesh.is_main, leave=True):
-            if step in run.schedule.switch_steps:  # outside the step's time: an offloaded expert's weights move
-                run.move_seconds[step] = run.experts.activate_synced(expert_per_step[step])
-            t0 = time.perf_counter()
-            progress.step = step
-            if step in step_faults:
-                latents = inject_step_faults(step_faults[step], latents, step, mesh.rank)
-            timestep = timesteps[step].expand(batch)
-            model_in = image_cond.model_input(latents, dtype, batch)  # I2V: + mask, first-frame channels; TI2V: frame 0
-            expert = expert_per_step[step]
-            pred = run.forwards[expert](model_in, timestep, text, image_cond.embeds_BIC,
-                                        ctx=run.states[expert].context_for_step(step)).float()
-            if cfg.guidance_scale != 1.0:
-                cond, uncond = _cfg_branches(pred, mesh)
-                pred = uncond + guidance_per_step[step] * (cond - uncond)
-            latents = scheduler.step(pred, step, latents)
-            finite_steps[step] = torch.isfinite(latents).all()  # on the device: no host sync per step
-            step_seconds.append(_elapsed_synced(t0, device))
-            if step == 0:  # the blocks compile on the first step (CUDA): worth knowing before the loop ends
-                _log_main(mesh, "first step (compile) %.2f s", step_seconds[0])
-            if on_step is not None:  # after the step's timing: a server's hook (progress, cancel) is not timed
-                on_step(step, cfg.num_steps)
-    loop_seconds = time.perf_counter() - t_loop
-    nonfinite = first_nonfinite_step_synced(finite_steps)  # also a barrier before rank 0 decodes
-    if nonfinite is not None:
-        progress.step = nonfinite[0]
-        raise NonFiniteLatentsError(*nonfinite)
-    return latents, step_seconds, loop_seconds
-
-
 def generate(cfg: GenerateConfig, arch: dict, mesh: ParallelMesh, faults: FaultPlan = NO_FAULTS) -> GenerateResult:
     """The CLI's one request: load (text first, the encoder freed before the DiT), generate, and on rank 0 write
     the video, the JSON report and optionally the latents. See `generate_many`."""
@@ -451,7 +376,7 @@ def generate(cfg: GenerateConfig, arch: dict, mesh: ParallelMesh, faults: FaultP
 
 def generate_many(
     cfgs: Sequence[GenerateConfig], arch: dict, mesh: ParallelMesh, faults: FaultPlan = NO_FAULTS,
-    checkpoint: Checkpoint | None = None,
+    checkpoint=None,
 ) -> list[GenerateResult]:
     """Load once, then run every request in turn, rank 0 writing each one's files (`prompts_file=`).
 
@@ -481,13 +406,14 @@ def generate_many(
 
 
 def _build_report(
-    cfg: GenerateConfig, model_cfg: WanConfig, mesh: ParallelMesh, plan: AttentionPlan, state: RequestState,
+    cfg: GenerateConfig, family, model_cfg, mesh: ParallelMesh, plan: AttentionPlan, state: RequestState,
     load_info: dict,
 ) -> dict:
     """The request's part of the JSON report; the loop's measurements are added by the caller."""
     return {
         "config": asdict(cfg),
-        "architecture": asdict(model_cfg),
+        "family": family.name,
+        "architecture": family.arch(model_cfg),
         "world_size": mesh.world_size,
         "sp": mesh.sp_size,
         "cfg": mesh.cfg_size,
@@ -504,15 +430,6 @@ def _build_report(
             "kernels": dict(state.kernels),
         },
     }
-
-
-def _cfg_branches(pred: torch.Tensor, mesh: ParallelMesh) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cond, uncond) noise predictions: from the batch (cfg=1) or one exchange over the cfg axis (cfg=2)."""
-    if mesh.cfg_size == 1:
-        return pred[0:1], pred[1:2]
-    gathered = [torch.empty_like(pred) for _ in range(mesh.cfg_size)]
-    dist.all_gather(gathered, pred.contiguous(), group=mesh.cfg_group)
-    return gathered[0], gathered[1]
 
 
 def write_outputs(cfg: GenerateConfig, result: GenerateResult, faults: FaultPlan = NO_FAULTS) -> list[Path]:
@@ -546,17 +463,15 @@ def write_outputs(cfg: GenerateConfig, result: GenerateResult, faults: FaultPlan
     return written
 
 
-def _log_main(mesh: ParallelMesh, msg: str, *args: object) -> None:
-    """One INFO line per job, not per rank: every rank runs the same phase, rank 0 says so."""
-    if mesh.is_main:
-        log.info(msg, *args)
+def _image_name(cfg: GenerateConfig) -> str:
+    """The image's name in messages: its path, or (an API object) a placeholder."""
+    return str(cfg.image) if cfg.image is not None else "<an image object>"
 
 
-def _elapsed_synced(t0: float, device: torch.device) -> float:
-    """Seconds since t0; forces a device sync (once per step) so step times are real."""
+def free_device_memory(device: torch.device) -> None:
+    """Return cached blocks to the driver after dropping a large module (a no-op off CUDA)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
+        torch.cuda.empty_cache()
 
 
 def _reset_peak_memory(device: torch.device) -> None:

@@ -17,12 +17,10 @@ from pathlib import Path
 
 import torch
 from tessera.attention import get_backend
-from tessera.models import WanConfig
+from tessera.models import family_for
+from tessera.models.family import DEFAULT_LATENTS, LatentFormat, token_grid
 from tessera.models.fp8 import check_quant_supported
-from tessera.runtime.checkpoint import Checkpoint, checkpoint_at, checkpoint_latents, starts_from_optional_image
-from tessera.runtime.conditioning import WAN21_LATENTS, LatentFormat, token_grid
 from tessera.runtime.config import GenerateConfig
-from tessera.runtime.image_conditioning import check_image_request
 from tessera.runtime.output import check_output_files
 from tessera.runtime.plan import build_attention_plan
 
@@ -34,7 +32,7 @@ __all__ = [
 _GIB = 1024**3
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
-# Wan VAE decoder: 96 channels at full resolution, a causal chunk of 4 frames, about four live tensors of that
+# The VAE decoder (Wan's): 96 channels at full resolution, a causal chunk of 4 frames, about four live tensors of that
 # size inside a residual block (input, two convs, the cache), in `model.vae_dtype`; frames come back as float32
 # [3, T, H, W] whatever that dtype.
 _VAE_FULL_RES_CHANNELS = 96
@@ -65,15 +63,15 @@ class MemoryEstimate:
 
 
 def estimate_request_memory(
-    cfg: GenerateConfig, model_cfg: WanConfig, *, sp: int, rank: int, text_encoder_bytes: int = 0,
-    resident_experts: int | None = None, latents: LatentFormat = WAN21_LATENTS,
+    cfg: GenerateConfig, model_cfg, *, sp: int, rank: int, text_encoder_bytes: int = 0,
+    resident_experts: int | None = None, latents: LatentFormat = DEFAULT_LATENTS,
 ) -> MemoryEstimate:
     """Per-rank estimate for `cfg` on a mesh with `sp` sequence-parallel ranks (this rank: `rank`), with
     `resident_experts` DiTs on the device (None: the fewest `cfg` allows, `fewest_resident_experts`); `latents`:
     the VAE's latent format (the token count follows its compression)."""
     dsize = _DTYPE_BYTES[cfg.model.dtype]
     experts = fewest_resident_experts(cfg) if resident_experts is None else resident_experts
-    weights = experts * _dit_parameter_count(model_cfg) * dsize
+    weights = experts * model_cfg.parameter_count() * dsize
     tokens = math.prod(token_grid(cfg.num_frames, cfg.height, cfg.width, model_cfg.patch_size, latents))
     local_tokens = math.ceil(tokens / sp)
     batch = 2 if cfg.guidance_scale != 1.0 and cfg.parallel.cfg == 1 else 1
@@ -89,7 +87,7 @@ def estimate_request_memory(
         activations += batch * math.ceil(heads / sp) * tokens * tokens * 9
     pixels = cfg.height * cfg.width
     decode = 0
-    if cfg.model.path is not None:  # the Wan VAE: every rank decodes a block of rows (at least sp ranks)
+    if cfg.model.path is not None:  # a real VAE: every rank decodes a block of rows (at least sp ranks)
         vae_bytes = _DTYPE_BYTES[cfg.model.vae_dtype]
         decode += _VAE_LIVE_TENSORS * _VAE_FULL_RES_CHANNELS * _VAE_CHUNK_FRAMES * pixels * vae_bytes // sp
         decode += (4 * 3 + 3) * cfg.num_frames * pixels // sp  # this rank's float and uint8 frames
@@ -107,7 +105,7 @@ def fewest_resident_experts(cfg: GenerateConfig) -> int:
 
 
 def choose_expert_offload(
-    cfg: GenerateConfig, model_cfg: WanConfig, device: torch.device, *, sp: int, rank: int
+    cfg: GenerateConfig, model_cfg, device: torch.device, *, sp: int, rank: int
 ) -> tuple[bool, str]:
     """(whether the idle expert of a two-expert model waits in host memory, why) for the pipeline's load.
 
@@ -143,15 +141,16 @@ def available_memory(device: torch.device) -> tuple[int, str]:
 
 
 def check_request_memory(
-    cfg: GenerateConfig, model_cfg: WanConfig | dict, device: torch.device, *, sp: int, rank: int,
+    cfg: GenerateConfig, model_cfg, device: torch.device, *, sp: int, rank: int,
     ranks_sharing_device: int = 1, text_encoder_dir: Path | None = None, already_loaded: int = 0,
-    latents: LatentFormat = WAN21_LATENTS,
+    latents: LatentFormat = DEFAULT_LATENTS,
 ) -> MemoryEstimate:
     """ValueError naming num_frames/height/width, the estimate and what the device has, when the request cannot
     fit; returns the estimate otherwise. `ranks_sharing_device`: ranks of this job on the same memory (CPU ranks
     of one host, or several ranks on one GPU). `already_loaded`: bytes of this request's weights that are resident
     already (a loaded pipeline), so not counted twice."""
-    model_cfg = WanConfig(**model_cfg) if isinstance(model_cfg, dict) else model_cfg  # the architecture dict too
+    if isinstance(model_cfg, dict):  # the architecture dict too
+        model_cfg = family_for(cfg.model.path, cfg.model.preset).config(model_cfg)
     text_bytes = _safetensors_bytes(text_encoder_dir, _DTYPE_BYTES[cfg.model.dtype]) if text_encoder_dir else 0
     estimate = estimate_request_memory(cfg, model_cfg, sp=sp, rank=rank, text_encoder_bytes=text_bytes,
                                        latents=latents)
@@ -170,21 +169,6 @@ def check_request_memory(
 
 def _offload_hint(estimate: MemoryEstimate) -> str:
     return ", keep the idle expert in host memory (model.offload_experts=true)" if estimate.experts > 1 else ""
-
-
-def _dit_parameter_count(c: WanConfig) -> int:
-    """Parameters of the Wan DiT (diffusers layout), from its config alone."""
-    dim, ffn = c.dim, c.ffn_dim
-    attn = 4 * (dim * dim + dim) + 2 * dim  # q, k, v, out + q/k RMSNorm
-    block = 2 * attn + (dim * dim + dim if c.gate_compress else 0) + 2 * dim * ffn + ffn + dim + 2 * dim + 6 * dim
-    embed = c.in_channels * math.prod(c.patch_size) * dim + dim
-    conditions = (c.freq_dim * dim + dim + dim * dim + dim) + (6 * dim * dim + 6 * dim)
-    conditions += c.text_dim * dim + dim + dim * dim + dim
-    head = dim * c.out_channels * math.prod(c.patch_size) + c.out_channels * math.prod(c.patch_size) + 2 * dim
-    if c.image_dim is not None:  # I2V: image embedder (2 norms, 2 linears) and per block add_k/add_v + norm_added_k
-        conditions += 3 * c.image_dim + c.image_dim * c.image_dim + c.image_dim * dim + 3 * dim
-        block += 2 * (c.added_kv_proj_dim * dim + dim) + dim
-    return c.num_layers * block + embed + conditions + head
 
 
 def _safetensors_bytes(directory: Path, target_dtype_bytes: int) -> int:
@@ -209,7 +193,7 @@ def _safetensors_bytes(directory: Path, target_dtype_bytes: int) -> int:
 
 def preflight_request(
     cfg: GenerateConfig, arch: dict, *, rank: int, device: torch.device, ranks_sharing_device: int = 1,
-    checkpoint: Checkpoint | None = None,
+    checkpoint=None,
 ) -> MemoryEstimate | None:
     """Every check that needs no process group and no weights, on every rank: the output files can be created
     (a real temp file, not `os.access`), FP8 runs on `device` (`model.quant`), the attention plan builds (backend
@@ -217,11 +201,13 @@ def preflight_request(
     fix. `checkpoint`: `model.path` as the launch resolved it (else resolved here)."""
     check_output_files(cfg.output.path, cfg.output.save_latents, cfg.output.overwrite)
     check_quant_supported(cfg.model.quant, device)
-    model_cfg = WanConfig(**arch)
-    ckpt = checkpoint_at(cfg.model.path, checkpoint)  # the launch's, when it passes it
-    check_image_request(cfg, model_cfg, image_given=cfg.image is not None,  # an image for an I2V or TI2V model only
-                        image_optional=starts_from_optional_image(cfg, ckpt))
-    latents = checkpoint_latents(ckpt)  # TI2V-5B: the Wan2.2 VAE's 16x spatial compression
+    family = family_for(cfg.model.path, cfg.model.preset)
+    model_cfg = family.config(arch)
+    ckpt = family.checkpoint_at(cfg.model.path, checkpoint)  # the launch's, when it passes it
+    where = f"model.path={cfg.model.path}" if cfg.model.path else f"model.preset={cfg.model.preset}"
+    family.check_request(ckpt, model_cfg, height=cfg.height, width=cfg.width, preset=cfg.model.preset,
+                         image=cfg.image, where=where)  # the size, and an image for a model that takes one
+    latents = family.latents(ckpt)  # the VAE's compression (e.g. 16x spatial for some VAEs)
     grid = token_grid(cfg.num_frames, cfg.height, cfg.width, model_cfg.patch_size, latents)
     build_attention_plan(cfg.attention, num_layers=model_cfg.num_layers, num_steps=cfg.num_steps,
                          grid_thw=grid, head_dim=model_cfg.attention_head_dim,

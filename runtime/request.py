@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tessera.attention import MetadataCache, get_backend
-from tessera.models import WanForwardContext, WanTransformer
+from tessera.models.family import DiT, ForwardContext
 from tessera.parallel import ParallelMesh, SequenceShardPlan, UlyssesAttention
 from tessera.runtime.plan import AttentionPlan
 
@@ -20,15 +20,15 @@ class RequestState:
     grid_thw: tuple[int, int, int]
     plan: AttentionPlan
     seq_plan: SequenceShardPlan
-    contexts: dict[tuple, WanForwardContext] = field(default_factory=dict)
+    contexts: dict[tuple, ForwardContext] = field(default_factory=dict)
     kernels: dict[str, str] = field(default_factory=dict)  # backend name -> the kernel its callable runs (reported)
 
-    def context_for_step(self, step: int) -> WanForwardContext:
+    def context_for_step(self, step: int) -> ForwardContext:
         return self.contexts[self.plan.step_key(step)]
 
 
 def build_request_state(
-    model: WanTransformer,
+    model: DiT,
     plan: AttentionPlan,
     grid_thw: tuple[int, int, int],
     mesh: ParallelMesh,
@@ -70,7 +70,7 @@ def build_request_state(
                 state.kernels[name] = attn.kernel
                 callables[callable_key] = _per_layer(backend, attn, model, mesh, seq_plan, num_heads)
         attn = tuple(callables[(b, sparsity if get_backend(b).sparse else None)][i] for i, b in enumerate(blocks))
-        state.contexts[key] = WanForwardContext(
+        state.contexts[key] = ForwardContext(
             token_order=token_order,
             token_order_inverse=token_order_inverse,
             shard=seq_plan.shard,
@@ -82,7 +82,7 @@ def build_request_state(
     return state
 
 
-def _per_layer(backend, attn, model: WanTransformer, mesh, seq_plan, num_heads: int) -> tuple:
+def _per_layer(backend, attn, model: DiT, mesh, seq_plan, num_heads: int) -> tuple:
     """One Ulysses-wrapped callable per block: the same object for every block, or for a backend with per-layer
     weights (``Backend.bind_layer``, e.g. SLA's proj_l) a copy bound to each block's self-attention module."""
     if backend.bind_layer is None:

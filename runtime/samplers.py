@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tessera.runtime.conditioning import WAN21_LATENTS, LatentFormat, draw_dmd_noise, latent_shape
+from tessera.models.family import DEFAULT_LATENTS, LatentFormat, latent_shape
 from tessera.runtime.config import GenerateConfig, check_dmd_timesteps
 from tessera.runtime.scheduler import FlowScheduler, build_scheduler
 from torch import Tensor
@@ -87,7 +87,7 @@ class DMDSampler:
         self._renoise: list[Tensor] | None = None
 
     def initial_noise(self, batch: int, num_frames: int, height: int, width: int,
-                      latents: LatentFormat = WAN21_LATENTS) -> Tensor:
+                      latents: LatentFormat = DEFAULT_LATENTS) -> Tensor:
         """Initial latents float32 [batch, C, F, H/s, W/s] (the VAE's `latents` format) on the CPU; also draws the
         re-noise draws.
 
@@ -130,3 +130,15 @@ class DMDSampler:
         """For the report: the listed timesteps and the sigma of each step."""
         return {"name": self.name, "timesteps": self.timesteps.tolist(), "sigmas": self.sigmas[:-1].tolist(),
                 "sigma_table_shift": DMD_TRAIN_SHIFT, "uses_cfg": self.uses_cfg}
+
+
+def draw_dmd_noise(generator: torch.Generator, shape_BCFHW: tuple[int, int, int, int, int]) -> Tensor:
+    """One noise draw as FastVideo's DMD stage makes it: `torch.randn((B, F, C, H, W), float32)` from `generator`
+    (frames before channels: the stage holds latents as [B, F, C, H, W]), returned as contiguous [B, C, F, H, W].
+
+    `generator` is a CPU generator (the same numbers on every rank and platform); move the result to the device
+    afterwards. The draw order differs from `draw_initial_noise`, so the same seed gives other noise.
+    """
+    b, c, f, h, w = shape_BCFHW
+    noise_BFCHW = torch.randn((b, f, c, h, w), generator=generator, dtype=torch.float32)
+    return noise_BFCHW.permute(0, 2, 1, 3, 4).contiguous()

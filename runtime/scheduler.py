@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from tessera.runtime.conditioning import WAN21_LATENTS, LatentFormat, draw_initial_noise
+from tessera.models.family import DEFAULT_LATENTS, LatentFormat, latent_shape
 from torch import Tensor
 
 __all__ = [
@@ -39,7 +39,7 @@ class FlowScheduler(Protocol):
     sigmas: Tensor  # [num_steps + 1] float32 (CPU): noise level before each step, last entry 0
 
     def initial_noise(self, batch: int, num_frames: int, height: int, width: int,
-                      latents: LatentFormat = WAN21_LATENTS) -> Tensor: ...
+                      latents: LatentFormat = DEFAULT_LATENTS) -> Tensor: ...
 
     def prepare(self, device: torch.device | str, dtype: torch.dtype) -> None: ...
 
@@ -50,7 +50,7 @@ class FlowScheduler(Protocol):
     def describe(self) -> dict: ...
 
 
-class _WanPipelineNoise:
+class _DiffusersNoise:
     """Initial latents and the report entry shared by the UniPC and Euler samplers."""
 
     name: str
@@ -61,7 +61,7 @@ class _WanPipelineNoise:
     flow_shift: float
 
     def initial_noise(self, batch: int, num_frames: int, height: int, width: int,
-                      latents: LatentFormat = WAN21_LATENTS) -> Tensor:
+                      latents: LatentFormat = DEFAULT_LATENTS) -> Tensor:
         """float32 [batch, C, F, H/s, W/s] on the CPU (the VAE's `latents` format), as WanPipeline draws it for
         `seed`."""
         return draw_initial_noise(batch, num_frames, height, width, self.seed, latents)
@@ -187,7 +187,7 @@ class _StepPlan:
     corrector: _Update | None  # None at step 0 and where disabled
 
 
-class FlowUniPCScheduler(_WanPipelineNoise):
+class FlowUniPCScheduler(_DiffusersNoise):
     """UniPC multistep predictor-corrector (B(h)=bh2, data prediction) for flow-matching models.
 
     Matches diffusers' `UniPCMultistepScheduler` as Wan2.1 configures it (prediction_type="flow_prediction",
@@ -329,7 +329,7 @@ class FlowUniPCScheduler(_WanPipelineNoise):
         return (x_t_ - up.res_coef * (corr_res + up.rhos[-1] * (model_t - m0))).to(x.dtype)
 
 
-class FlowEulerScheduler(_WanPipelineNoise):
+class FlowEulerScheduler(_DiffusersNoise):
     """First-order flow sampler: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * v, computed in >= fp32.
 
     Uses the same sigmas and timesteps as `FlowUniPCScheduler`, so switching samplers changes only the update.
@@ -387,3 +387,23 @@ def _canonical(device: torch.device | str) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def draw_initial_noise(
+    batch: int, num_frames: int, height: int, width: int, seed: int, latents: LatentFormat = DEFAULT_LATENTS
+) -> Tensor:
+    """Initial latents exactly as WanPipeline draws them with `generator=Generator("cpu").manual_seed(seed)`.
+
+    Returns float32 [batch, latents.channels, (num_frames - 1)//4 + 1, height//s, width//s] on the CPU (s the
+    VAE's spatial stride; move it to the device afterwards: drawing on the CPU keeps every rank and platform
+    identical).
+    """
+    for key, value in (("batch", batch), ("num_frames", num_frames), ("height", height), ("width", width)):
+        if value < 1:
+            raise ValueError(f"{key}={value} must be >= 1")
+    f, h, w = latent_shape(num_frames, height, width, latents)
+    if h < 1 or w < 1:
+        raise ValueError(f"height={height} and width={width} must be at least {latents.spatial_stride}")
+    gen = torch.Generator("cpu").manual_seed(seed)
+    # randn_tensor(shape, generator=cpu_gen, dtype=float32) with one generator = one torch.randn on the CPU.
+    return torch.randn((batch, latents.channels, f, h, w), generator=gen, dtype=torch.float32)

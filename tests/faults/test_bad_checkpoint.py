@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from tessera.launch.config import load_preset
 from tessera.launch.generate import main
-from tessera.models import WanConfig, build_wan_on_meta, materialize_random_
+from tessera.models.wan import WanConfig, build_wan_on_meta, materialize_random_
 
 SMALL = ["model.preset=wan-tiny", "num_frames=5", "height=32", "width=32", "num_steps=2"]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from _tiny import TINY  # tests/models is on sys.path under pytest (no __init__.py)
-from tessera.models import WanConfig, build_wan_on_meta, materialize_random_
 from tessera.models.fp8 import (
     FP8_MAX,
     Fp8Linear,
@@ -16,6 +15,7 @@ from tessera.models.fp8 import (
     quantize_blocks_fp8_,
     quantize_rows,
 )
+from tessera.models.wan import WanConfig, build_wan_on_meta, materialize_random_
 from tessera.runtime.config import GenerateConfig, ModelConfig
 from torch import nn
 

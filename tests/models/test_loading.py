@@ -7,8 +7,8 @@ import pytest
 import torch
 from _tiny import TINY  # tests/models is on sys.path under pytest (no __init__.py)
 from safetensors.torch import save_file
-from tessera.models.loading import load_wan_weights_, native_to_diffusers_name
 from tessera.models.wan import WanConfig, build_wan_on_meta, materialize_random_
+from tessera.models.wan.loading import load_wan_weights_, native_to_diffusers_name
 
 
 def _source(gate_compress=False):

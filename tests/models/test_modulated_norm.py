@@ -1,4 +1,4 @@
-"""The LayerNorm + modulation Triton kernel (models/modulated_norm.py) against the torch composite (the spec).
+"""The LayerNorm + modulation Triton kernel (models/wan/modulated_norm.py) against the torch composite (the spec).
 
 CPU checks run the kernel under TRITON_INTERPRET=1 in a subprocess (this file run as a script), as for the q/k
 norm kernel: another test module may already have imported triton in this process without the interpreter.
@@ -14,7 +14,7 @@ import torch
 
 
 def _check(dtype: torch.dtype, device: str = "cpu") -> None:
-    from tessera.models.modulated_norm import add_modulated_layer_norm, modulated_layer_norm
+    from tessera.models.wan.modulated_norm import add_modulated_layer_norm, modulated_layer_norm
 
     gen = torch.Generator().manual_seed(5)
     # widths no power of two; a per-batch modulation ([B, 1, C]) and one shared affine ([C]); an offset mean
@@ -54,7 +54,7 @@ def _check(dtype: torch.dtype, device: str = "cpu") -> None:
 def _check_model_wiring() -> None:
     """A Wan block's token-local stages with the fused ops (the Triton q/k norm + RoPE and norm kernels, as on
     CUDA) equal the stages with the composites: each norm gets its own modulation or affine."""
-    from tessera.models import WanConfig, build_wan_on_meta, materialize_random_
+    from tessera.models.wan import WanConfig, build_wan_on_meta, materialize_random_
 
     cfg = WanConfig(num_attention_heads=2, attention_head_dim=16, ffn_dim=48, num_layers=1, text_dim=24,
                     freq_dim=32, gate_compress=True)
@@ -88,7 +88,7 @@ def test_interpreted_kernel_matches_composite(run_triton_interpreted, what: str)
 
 
 def test_bad_modulation_shape_is_named() -> None:
-    from tessera.models.modulated_norm import modulated_layer_norm_triton
+    from tessera.models.wan.modulated_norm import modulated_layer_norm_triton
 
     x = torch.zeros(2, 3, 8)
     with pytest.raises(ValueError, match=r"a and b must be \[2, 1, 8\] or \[8\]"):
@@ -96,7 +96,7 @@ def test_bad_modulation_shape_is_named() -> None:
 
 
 def test_fake_impl_keeps_shape_and_dtype() -> None:
-    from tessera.models.modulated_norm import add_modulated_layer_norm, modulated_layer_norm
+    from tessera.models.wan.modulated_norm import add_modulated_layer_norm, modulated_layer_norm
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():

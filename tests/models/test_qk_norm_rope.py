@@ -24,7 +24,7 @@ def _inputs(batch: int, seq_len: int, heads: int, head_dim: int, dtype: torch.dt
 
 
 def _check(dtype: torch.dtype, device: str = "cpu") -> None:
-    from tessera.models.qk_norm_rope import qk_norm_rope
+    from tessera.models.wan.qk_norm_rope import qk_norm_rope
 
     # widths whose pair count is not a power of two; several tokens per table row (batch 2)
     for batch, seq_len, heads, head_dim in ((2, 37, 3, 16), (1, 5, 12, 128)):
@@ -53,7 +53,7 @@ def test_interpreted_kernel_matches_composite(run_triton_interpreted, dtype_name
 
 
 def test_fake_impl_shapes() -> None:
-    from tessera.models.qk_norm_rope import qk_norm_rope
+    from tessera.models.wan.qk_norm_rope import qk_norm_rope
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():

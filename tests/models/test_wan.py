@@ -7,9 +7,9 @@ import torch
 from _tiny import TINY  # tests/models is on sys.path under pytest (no __init__.py)
 from diffusers import WanTransformer3DModel
 from tessera.attention.dense import DenseAttention
+from tessera.models.family import ForwardContext
 from tessera.models.wan import (
     WanConfig,
-    WanForwardContext,
     WanTransformer,
     build_wan_on_meta,
     materialize_random_,
@@ -135,7 +135,7 @@ def test_permuted_token_order_equals_raster():
     grid = ours.grid_thw(x.shape[2:])
     cos, sin = ours.rope_tables(grid, "cpu")
     order = torch.randperm(cos.shape[0], generator=torch.Generator().manual_seed(3))
-    ctx = WanForwardContext(
+    ctx = ForwardContext(
         rope=(cos[order], sin[order]),
         attn=[_BSND()] * 2,
         token_order=order,
@@ -145,7 +145,7 @@ def test_permuted_token_order_equals_raster():
         expected = ours(x, t, text)
         got = ours(x, t, text, ctx=ctx)
         # Control: a wrong rope permutation must break the equality.
-        bad = WanForwardContext(
+        bad = ForwardContext(
             rope=(cos, sin), attn=ctx.attn, token_order=order, token_order_inverse=order.argsort()
         )
         wrong = ours(x, t, text, ctx=bad)
@@ -164,8 +164,8 @@ def test_clean_first_frame_matches_diffusers_per_token_timesteps():
     assert clean_S1.shape == (cos.shape[0], 1) and clean_S1.sum() == grid[1] * grid[2]
     per_token_BS = torch.where(clean_S1[:, 0], 0.0, t[:, None])  # diffusers: (mask[:, ::2, ::2] * t).flatten()
     order = torch.randperm(cos.shape[0], generator=torch.Generator().manual_seed(4))
-    raster = WanForwardContext(rope=(cos, sin), attn=[_BSND()] * 2, clean_tokens=clean_S1)
-    permuted = WanForwardContext(rope=(cos[order], sin[order]), attn=[_BSND()] * 2, token_order=order,
+    raster = ForwardContext(rope=(cos, sin), attn=[_BSND()] * 2, clean_tokens=clean_S1)
+    permuted = ForwardContext(rope=(cos[order], sin[order]), attn=[_BSND()] * 2, token_order=order,
                                  token_order_inverse=order.argsort(), clean_tokens=clean_S1[order])
     with torch.no_grad():
         expected = ref(x, per_token_BS, text, return_dict=False)[0]
@@ -182,14 +182,14 @@ def test_gate_passed_only_when_backend_uses_it():
     with torch.no_grad():
         expected = ours(x, t, text)
         plain, gated = _BSND(), _BSND(uses_gate=True)
-        out_plain = ours(x, t, text, ctx=WanForwardContext(rope=rope, attn=[plain] * 2))
-        out_zero_gate = ours(x, t, text, ctx=WanForwardContext(rope=rope, attn=[gated] * 2))
+        out_plain = ours(x, t, text, ctx=ForwardContext(rope=rope, attn=[plain] * 2))
+        out_zero_gate = ours(x, t, text, ctx=ForwardContext(rope=rope, attn=[gated] * 2))
         assert all(g is None for g in plain.gates)
         assert len(gated.gates) == 2 and all(g.shape == (2, 45, 2, 16) for g in gated.gates)
         assert _rel(out_plain, expected) <= 1e-5 and _rel(out_zero_gate, expected) <= 1e-5
         for block in ours.blocks:
             torch.nn.init.normal_(block.attn1.to_gate_compress.weight)
-        out_gate = ours(x, t, text, ctx=WanForwardContext(rope=rope, attn=[_BSND(uses_gate=True)] * 2))
+        out_gate = ours(x, t, text, ctx=ForwardContext(rope=rope, attn=[_BSND(uses_gate=True)] * 2))
     assert _rel(out_gate, expected) > 1e-3
 
 
@@ -226,7 +226,7 @@ def test_attention_tensors_are_freed_before_the_next_block(compiled):
                 lambda *_: alive_at_ffn.append(sum(ref() is not None for ref in probe.previous))
             )
     with torch.no_grad():
-        ours(x, t, text, ctx=WanForwardContext(rope=rope, attn=[probe] * 2))
+        ours(x, t, text, ctx=ForwardContext(rope=rope, attn=[probe] * 2))
     assert probe.alive == [0, 0]
     assert alive_at_ffn == ([] if compiled else [0, 0])  # not even the attention output
 
@@ -279,7 +279,7 @@ def test_compiled_block_stages_match_eager():
 def test_gpu_fused_linear_gelu_matches_the_composite(dtype: torch.dtype) -> None:
     """The FFN's cuBLASLt GEMM + bias + GELU(tanh) epilogue against the fp32 composite, eager and compiled, on
     awkward shapes (a 3D input, sizes no tile divides)."""
-    from tessera.models.wan import linear_gelu_tanh
+    from tessera.models.wan.transformer import linear_gelu_tanh
 
     gen = torch.Generator().manual_seed(3)
     linear = torch.nn.Linear(200, 333).to(dtype).cuda()

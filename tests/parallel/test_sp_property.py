@@ -15,8 +15,9 @@ from _dist import run_multirank
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tessera.attention import DenseAttention
-from tessera.models import WanConfig, WanForwardContext, build_wan_on_meta
-from tessera.models.wan import set_parameter_
+from tessera.models.family import ForwardContext
+from tessera.models.wan import WanConfig, build_wan_on_meta
+from tessera.models.wan.transformer import set_parameter_
 from tessera.parallel import SequenceShardPlan, UlyssesAttention, build_mesh
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
@@ -60,7 +61,7 @@ def _job(rank: int, world_size: int, cases: list) -> list[float]:
         if order is not None:
             cos, sin = cos[order], sin[order]
         attn = UlyssesAttention.from_mesh(DenseAttention(), mesh, seq_plan, num_heads)
-        ctx = WanForwardContext(
+        ctx = ForwardContext(
             rope=(seq_plan.shard(cos, dim=0), seq_plan.shard(sin, dim=0)),
             attn=[attn] * len(model.blocks),
             token_order=order,

@@ -18,7 +18,7 @@ SMALL = ["num_frames=5", "height=32", "width=48", "num_steps=1", "attention.back
 @pytest.fixture
 def resolutions(monkeypatch):
     """The checkpoints resolved from now on: every `resolve_checkpoint` of a diffusers directory lands here."""
-    import tessera.runtime.checkpoint as checkpoint_module
+    import tessera.models.wan.checkpoint as checkpoint_module
 
     calls: list[Path] = []
     real = checkpoint_module._resolve_diffusers

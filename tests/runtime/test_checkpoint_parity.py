@@ -21,9 +21,9 @@ pytest.importorskip("transformers")
 from _runs import ARGS, NEGATIVE, PROMPT, RUN, latents_of, rel_err  # noqa: E402
 from _wan_checkpoint import FLOW_SHIFT, write_diffusers_checkpoint, write_native_copy  # noqa: E402
 from tessera.launch.generate import main  # noqa: E402
-from tessera.models import WanConfig, build_wan_on_meta, load_wan_weights_  # noqa: E402
-from tessera.runtime.checkpoint import resolve_checkpoint  # noqa: E402
-from tessera.runtime.wan_components import WanVAEDecoder  # noqa: E402
+from tessera.models.wan import WanConfig, build_wan_on_meta, load_wan_weights_  # noqa: E402
+from tessera.models.wan.checkpoint import resolve_checkpoint  # noqa: E402
+from tessera.models.wan.components import WanVAEDecoder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -149,7 +149,7 @@ def test_missing_text_encoder_fails_before_weight_load(ckpt, tmp_path, monkeypat
     broken = tmp_path / "broken"
     shutil.copytree(ckpt, broken)
     shutil.rmtree(broken / "text_encoder")
-    monkeypatch.setattr("tessera.runtime.pipeline.load_wan_weights_", _fail_if_loading)
+    monkeypatch.setattr("tessera.models.wan.family.load_wan_weights_", _fail_if_loading)
     rc, out = run_main(tmp_path, "broken", broken)
     err = capsys.readouterr().err
     assert rc == 2 and "text_encoder/" in err and str(broken) in err
@@ -158,7 +158,7 @@ def test_missing_text_encoder_fails_before_weight_load(ckpt, tmp_path, monkeypat
 
 def test_missing_extra_names_the_install_command(ckpt, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
-    monkeypatch.setattr("tessera.runtime.pipeline.load_wan_weights_", _fail_if_loading)
+    monkeypatch.setattr("tessera.models.wan.family.load_wan_weights_", _fail_if_loading)
     rc, _ = run_main(tmp_path, "noextra", ckpt)
     assert rc == 2 and 'pip install -e ".[wan]"' in capsys.readouterr().err
 

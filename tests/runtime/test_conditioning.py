@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tessera.runtime.conditioning import (
+from tessera.models.family import latent_shape
+from tessera.models.wan.conditioning import (
     WAN21_LATENT_RGB_BIAS,
     WAN21_LATENT_RGB_FACTORS,
     TinyLatentDecoder,
     TinyTextEncoder,
-    draw_initial_noise,
-    latent_shape,
     num_video_frames,
 )
+from tessera.runtime.scheduler import draw_initial_noise
 
 
 @pytest.mark.parametrize(
@@ -97,8 +97,8 @@ def test_latent_shape() -> None:
 @pytest.mark.parametrize(("frames", "height", "width", "patch"), [(81, 480, 832, (1, 2, 2)), (13, 112, 80, (1, 2, 2)),
                                                                   (21, 256, 448, (2, 4, 2))])
 def test_token_grid_is_the_models_grid_of_the_latent_shape(frames, height, width, patch):
-    from tessera.models import WanConfig, build_wan_on_meta
-    from tessera.runtime.conditioning import token_grid
+    from tessera.models.family import token_grid
+    from tessera.models.wan import WanConfig, build_wan_on_meta
 
     model = build_wan_on_meta(WanConfig(num_attention_heads=2, attention_head_dim=16, ffn_dim=32, num_layers=1,
                                         patch_size=patch, text_dim=32))

@@ -18,9 +18,9 @@ from _runs import latents_of, rel_err
 from safetensors.torch import load_file, save_file
 from tessera.launch.config import resolve_config
 from tessera.launch.generate import main
-from tessera.runtime.conditioning import draw_dmd_noise, draw_initial_noise
 from tessera.runtime.pipeline import request_prompts
-from tessera.runtime.samplers import DMDSampler, build_sampler, dmd_sigma_table
+from tessera.runtime.samplers import DMDSampler, build_sampler, dmd_sigma_table, draw_dmd_noise
+from tessera.runtime.scheduler import draw_initial_noise
 
 REPO = Path(__file__).resolve().parents[2]
 FASTWAN = (1000, 757, 522)
@@ -161,7 +161,7 @@ def test_dmd_with_cfg_parallel_fails_before_anything_loads(tmp_path, monkeypatch
     def fail(*args, **kwargs):
         raise AssertionError("loaded weights before the config error")
 
-    monkeypatch.setattr("tessera.runtime.pipeline.build_wan_on_meta", fail)
+    monkeypatch.setattr("tessera.models.wan.family.build_wan_on_meta", fail)
     out = tmp_path / "v.mp4"
     assert main(["scheduler=dmd", "parallel.cfg=2", f"output.path={out}"]) == 2
     assert "parallel.cfg=2 cannot run scheduler=dmd" in capsys.readouterr().err

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tessera.attention import MetadataCache
-from tessera.models import WanConfig, build_wan_on_meta, materialize_random_
+from tessera.models.wan import WanConfig, build_wan_on_meta, materialize_random_
 from tessera.parallel import build_mesh
 from tessera.runtime import AttentionConfig, build_attention_plan
 from tessera.runtime.graphs import GraphedForward, host_bound, resolve_cuda_graphs

@@ -21,8 +21,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))  # the multirank harness, tests/parallel
 
 from _dist import run_multirank  # noqa: E402
-from tessera.parallel import RowSplit, build_mesh, split_sizes  # noqa: E402
-from tessera.runtime.wan_components import WanVAEDecoder, build_row_parallel_vae  # noqa: E402
+from tessera.models.wan.components import WanVAEDecoder, build_row_parallel_vae  # noqa: E402
+from tessera.parallel import RowSplit, build_mesh, build_row_split, split_sizes  # noqa: E402
 
 pytestmark = [
     pytest.mark.multirank,
@@ -78,7 +78,8 @@ def _job(rank: int, world_size: int, vae_dir: str) -> dict:
         _vae("tiny").save_pretrained(vae_dir)
     dist.barrier()
     mesh = build_mesh(cfg=1, sp=world_size, device=torch.device("cpu"))
-    decoder = WanVAEDecoder(Path(vae_dir), torch.device("cpu"), mesh=mesh)
+    split_rows = lambda height: build_row_split(height, mesh)  # noqa: E731
+    decoder = WanVAEDecoder(Path(vae_dir), torch.device("cpu"), split_rows=split_rows)
     one_process = WanVAEDecoder(Path(vae_dir), torch.device("cpu")) if rank == world_size - 1 else None
     for height in DECODER_HEIGHTS:
         latents = _latents(height, 3, height, 6)
@@ -86,7 +87,8 @@ def _job(rank: int, world_size: int, vae_dir: str) -> dict:
         if one_process is not None:
             out[height, "reference"] = (one_process.decode_float(latents), one_process.decode(latents))
     latents = _latents(7, 3, 7, 6)
-    out["bfloat16"] = WanVAEDecoder(Path(vae_dir), torch.device("cpu"), torch.bfloat16, mesh=mesh).decode(latents)
+    bf16 = WanVAEDecoder(Path(vae_dir), torch.device("cpu"), torch.bfloat16, split_rows=split_rows)
+    out["bfloat16"] = bf16.decode(latents)
     if one_process is not None:
         out["bfloat16", "reference"] = WanVAEDecoder(Path(vae_dir), torch.device("cpu"), torch.bfloat16).decode(latents)
     return out

@@ -13,8 +13,8 @@ import pytest
 import torch
 from tessera.launch.config import load_preset, resolve_config
 from tessera.launch.generate import main
-from tessera.models import WanConfig, build_wan_on_meta
-from tessera.runtime.preflight import _dit_parameter_count, estimate_request_memory
+from tessera.models.wan import WanConfig, build_wan_on_meta
+from tessera.runtime.preflight import estimate_request_memory
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,7 +25,7 @@ def test_parameter_count_matches_the_model(preset, gate):
     arch, _ = load_preset(preset)
     model_cfg = WanConfig(**{**arch, "gate_compress": gate})
     model = build_wan_on_meta(model_cfg)  # meta device: no memory
-    assert _dit_parameter_count(model_cfg) == sum(p.numel() for p in model.parameters())
+    assert model_cfg.parameter_count() == sum(p.numel() for p in model.parameters())
 
 
 def test_activations_per_rank_fall_with_sp_and_weights_do_not():
@@ -33,7 +33,7 @@ def test_activations_per_rank_fall_with_sp_and_weights_do_not():
     model_cfg = WanConfig(**arch)
     one = estimate_request_memory(cfg, model_cfg, sp=1, rank=0)
     four = estimate_request_memory(cfg, model_cfg, sp=4, rank=1)
-    assert one.weights == four.weights == _dit_parameter_count(model_cfg) * 4  # fp32
+    assert one.weights == four.weights == model_cfg.parameter_count() * 4  # fp32
     assert 3.0 < one.activations / four.activations <= 4.0
     assert four.decode == 0 and one.decode > 0  # only rank 0 decodes
     bf16 = estimate_request_memory(replace(cfg, model=replace(cfg.model, dtype="bfloat16")), model_cfg, sp=1, rank=0)

@@ -119,7 +119,7 @@ def test_progress_bars_hidden_for_the_load_then_restored():
     pytest.importorskip("diffusers")
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
-    from tessera.runtime.wan_components import _progress_bars
+    from tessera.models.wan.components import _progress_bars
 
     for hf_logging in (transformers_logging, diffusers_logging):
         assert hf_logging.is_progress_bar_enabled()

@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 import torch
 from tessera.attention import MetadataCache
-from tessera.models import WanConfig, build_wan_on_meta, materialize_random_
+from tessera.models.wan import WanConfig, build_wan_on_meta, materialize_random_
 from tessera.parallel import build_mesh
 from tessera.runtime import AttentionConfig, build_attention_plan
 from tessera.runtime.request import build_request_state

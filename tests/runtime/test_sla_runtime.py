@@ -20,7 +20,7 @@ from _runs import latents_of, rel_err
 from safetensors.torch import load_file, save_file
 from tessera.launch.config import resolve_config
 from tessera.launch.generate import main
-from tessera.models import WanConfig, build_wan_on_meta, load_wan_weights_
+from tessera.models.wan import WanConfig, build_wan_on_meta, load_wan_weights_
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "a red fox running through fresh snow"
@@ -193,7 +193,7 @@ def test_bad_sla_keys_fail_before_weights_load(arg, needle, tmp_path, monkeypatc
     def fail(*args, **kwargs):
         raise AssertionError("loaded weights before the config error")
 
-    monkeypatch.setattr("tessera.runtime.pipeline.build_wan_on_meta", fail)
+    monkeypatch.setattr("tessera.models.wan.family.build_wan_on_meta", fail)
     out = tmp_path / "v.mp4"
     assert main(["attention.backend=sla", arg, f"output.path={out}"]) == 2
     assert __import__("re").search(needle, capsys.readouterr().err)

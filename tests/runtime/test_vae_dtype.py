@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from tessera.launch.config import resolve_config
-from tessera.models import WanConfig
+from tessera.models.wan import WanConfig
 from tessera.runtime.preflight import estimate_request_memory
 
 pytest.importorskip("diffusers")
 
-from tessera.runtime.wan_components import WanVAEDecoder  # noqa: E402
+from tessera.models.wan.components import WanVAEDecoder  # noqa: E402
 
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
 # dtype -> (max |diff| of [0, 1] frames, norm-relative diff, uint8 levels): about 2.5x the measured errors

@@ -29,8 +29,8 @@ from _runs import latents_of, rel_err  # noqa: E402
 from _wan_checkpoint import FLOW_SHIFT, write_two_expert_checkpoint  # noqa: E402
 from tessera.launch.config import help_text, load_preset, resolve_config  # noqa: E402
 from tessera.launch.generate import main  # noqa: E402
-from tessera.models import WanConfig, build_wan_on_meta, materialize_random_  # noqa: E402
-from tessera.runtime.checkpoint import resolve_checkpoint  # noqa: E402
+from tessera.models.wan import WanConfig, build_wan_on_meta, materialize_random_  # noqa: E402
+from tessera.models.wan.checkpoint import resolve_checkpoint  # noqa: E402
 from tessera.runtime.config import GenerateConfig, ModelConfig  # noqa: E402
 from tessera.runtime.experts import Experts, build_expert_schedule  # noqa: E402
 from tessera.runtime.preflight import choose_expert_offload, estimate_request_memory  # noqa: E402
@@ -206,7 +206,7 @@ def test_bad_checkpoints_and_keys_fail_before_any_model_is_built(ckpt, tmp_path,
         path = tmp_path / "changed"
         shutil.copytree(ckpt, path)
         change(path)
-    monkeypatch.setattr("tessera.runtime.pipeline.build_wan_on_meta", _fail_if_building)
+    monkeypatch.setattr("tessera.models.wan.family.build_wan_on_meta", _fail_if_building)
     rc, out = run_main(tmp_path, "bad", path, *extra)
     err = capsys.readouterr().err
     assert rc == 2 and all(text in err for text in expected), err

@@ -32,9 +32,9 @@ from _runs import rel_err  # noqa: E402
 from _wan_checkpoint import TI2V_Z_DIM, write_ti2v_checkpoint  # noqa: E402
 from tessera.launch.config import resolve_config  # noqa: E402
 from tessera.launch.generate import main  # noqa: E402
-from tessera.runtime.checkpoint import resolve_checkpoint  # noqa: E402
-from tessera.runtime.conditioning import LatentFormat  # noqa: E402
-from tessera.runtime.wan_components import WanVAEDecoder  # noqa: E402
+from tessera.models.family import LatentFormat  # noqa: E402
+from tessera.models.wan.checkpoint import resolve_checkpoint  # noqa: E402
+from tessera.models.wan.components import WanVAEDecoder  # noqa: E402
 from test_dmd import dmd_reference  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -275,7 +275,7 @@ def test_bad_input_fails_before_any_weights_load(tmp_path, monkeypatch, capsys, 
     def fail(*a, **k):
         raise AssertionError("a model was built before the input error")
 
-    monkeypatch.setattr("tessera.runtime.pipeline.build_wan_on_meta", fail)
+    monkeypatch.setattr("tessera.models.wan.family.build_wan_on_meta", fail)
     root = fake_5b(tmp_path / "fast", "WanDMDPipeline")
     argv = [f"model.path={root}", *(a.format(image=_image(tmp_path)) for a in args)]
     with pytest.raises(error, match=needle):

@@ -26,10 +26,10 @@ from _runs import ARGS, NEGATIVE, PROMPT, RUN, rel_err  # noqa: E402
 from _wan_checkpoint import IMAGE_DIM, write_i2v_checkpoint, write_native_copy  # noqa: E402
 from tessera.launch.config import resolve_config  # noqa: E402
 from tessera.launch.generate import main  # noqa: E402
-from tessera.models import WanConfig, build_wan_on_meta, load_wan_weights_  # noqa: E402
-from tessera.runtime.checkpoint import resolve_checkpoint  # noqa: E402
+from tessera.models.wan import WanConfig, build_wan_on_meta, load_wan_weights_  # noqa: E402
+from tessera.models.wan.checkpoint import resolve_checkpoint  # noqa: E402
+from tessera.models.wan.components import WanVAEDecoder  # noqa: E402
 from tessera.runtime.image_conditioning import aspect_warning, request_image_path  # noqa: E402
-from tessera.runtime.wan_components import WanVAEDecoder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,7 +77,7 @@ def no_weight_load(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the model was built before the input error")
 
-    monkeypatch.setattr("tessera.runtime.pipeline.build_wan_on_meta", fail)
+    monkeypatch.setattr("tessera.models.wan.family.build_wan_on_meta", fail)
 
 
 def test_checkpoint_is_detected_as_image_to_video(ckpt):

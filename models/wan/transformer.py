@@ -1,7 +1,7 @@
 """Wan2.1 text- and image-to-video DiT, numerically matching diffusers' ``WanTransformer3DModel``.
 
 Parameter names follow the diffusers layout, so its state dicts load strictly. The attention kernel,
-the token order and the sequence shard/gather are injected per request through ``WanForwardContext``;
+the token order and the sequence shard/gather are injected per request through ``ForwardContext``;
 the model itself never communicates. Reference numbers (presets live in ``configs/models/*.yaml``):
   Wan2.1-T2V-1.3B: 12 heads x 128 (dim 1536), 30 layers, ffn_dim 8960, text_dim 4096, freq_dim 256.
   Wan2.1-T2V-14B:  40 heads x 128 (dim 5120), 40 layers, ffn_dim 13824, text_dim 4096, freq_dim 256.
@@ -14,180 +14,23 @@ N heads, D head dim, I image tokens; ``local_*`` is this rank's contiguous shard
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tessera.attention.dense import DenseAttention
-from tessera.models.modulated_norm import add_modulated_layer_norm, modulated_layer_norm
-from tessera.models.qk_norm_rope import qk_norm_rope
-
-# Parameters diffusers keeps in fp32 whatever the model dtype (its `_keep_in_fp32_modules`, matched
-# against the dotted name's components). Mirrored so bf16 numerics match a diffusers bf16 load.
-_KEEP_IN_FP32 = ("time_embedder", "scale_shift_table", "norm1", "norm2")
-
-
-def wan_param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
-    """dtype of parameter ``name`` in a model of ``dtype`` (fp32 for diffusers' keep-in-fp32 modules)."""
-    return torch.float32 if any(part in _KEEP_IN_FP32 for part in name.split(".")) else dtype
-
-
-# --------------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------------
-
-# diffusers config keys accepted only at their default (None): Wan2.1 FLF2V (first-last-frame) features.
-_UNSUPPORTED_WHEN_SET = ("pos_embed_seq_len",)
-
-
-@dataclass(frozen=True, kw_only=True)
-class WanConfig:
-    """Wan2.1 DiT hyper-parameters; field names are diffusers' ``WanTransformer3DModel`` config keys."""
-
-    num_attention_heads: int
-    attention_head_dim: int
-    ffn_dim: int
-    num_layers: int
-    patch_size: tuple[int, int, int] = (1, 2, 2)
-    in_channels: int = 16
-    out_channels: int = 16
-    text_dim: int = 4096
-    freq_dim: int = 256
-    cross_attn_norm: bool = True
-    qk_norm: str = "rms_norm_across_heads"
-    eps: float = 1e-6
-    rope_max_seq_len: int = 1024
-    gate_compress: bool = False
-    sla_proj_l: bool = False  # SLA checkpoints: attn1.proj_l, the linear branch's Linear(D, D) (attention/sla.py)
-    # Image-to-video (Wan2.1 I2V): CLIP embedding width, and the width of the image tokens the cross-attention's
-    # add_k_proj/add_v_proj read (the image embedder's output: always `dim`). Both None for text-only models.
-    image_dim: int | None = None
-    added_kv_proj_dim: int | None = None
-
-    def __post_init__(self) -> None:
-        patch = tuple(self.patch_size)
-        if len(patch) != 3 or not all(isinstance(p, int) and p > 0 for p in patch):
-            raise ValueError(
-                f"WanConfig.patch_size must be 3 positive ints (t, h, w), got {self.patch_size!r}"
-            )
-        object.__setattr__(self, "patch_size", patch)
-        for name in (
-            "num_attention_heads",
-            "attention_head_dim",
-            "ffn_dim",
-            "num_layers",
-            "in_channels",
-            "out_channels",
-            "text_dim",
-            "freq_dim",
-            "rope_max_seq_len",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"WanConfig.{name} must be a positive int, got {value!r}")
-        for name in ("cross_attn_norm", "gate_compress", "sla_proj_l"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"WanConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        if self.attention_head_dim % 2 or self.attention_head_dim < 6:
-            # RoPE rotates pairs and splits D over (t, h, w): needs an even D with every part non-empty.
-            raise ValueError(
-                f"WanConfig.attention_head_dim must be even and >= 6 (RoPE pairs over t/h/w), "
-                f"got {self.attention_head_dim}"
-            )
-        if self.freq_dim % 2:
-            raise ValueError(f"WanConfig.freq_dim must be even (cos/sin halves), got {self.freq_dim}")
-        if self.qk_norm != "rms_norm_across_heads":
-            raise ValueError(
-                f"WanConfig.qk_norm must be 'rms_norm_across_heads' (Wan2.1), got {self.qk_norm!r}"
-            )
-        if not (isinstance(self.eps, float) and self.eps > 0):
-            raise ValueError(f"WanConfig.eps must be a positive float, got {self.eps!r}")
-        self._validate_image_branch()
-
-    def _validate_image_branch(self) -> None:
-        for name in ("image_dim", "added_kv_proj_dim"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise ValueError(f"WanConfig.{name} must be null or a positive int, got {value!r}")
-        if (self.image_dim is None) != (self.added_kv_proj_dim is None):
-            raise ValueError(
-                f"WanConfig.image_dim={self.image_dim} and added_kv_proj_dim={self.added_kv_proj_dim} must be set "
-                "together (Wan2.1 I2V: image_dim 1280, added_kv_proj_dim = dim) or both null (text-to-video)"
-            )
-        if self.added_kv_proj_dim is not None and self.added_kv_proj_dim != self.dim:
-            raise ValueError(
-                f"WanConfig.added_kv_proj_dim={self.added_kv_proj_dim} must equal the model width dim="
-                f"{self.dim}: add_k_proj/add_v_proj read the image embedder's output, which has that width"
-            )
-
-    @property
-    def dim(self) -> int:
-        """Model width: ``num_attention_heads * attention_head_dim``."""
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def condition_channels(self) -> int:
-        """Input channels beyond the noisy latents: 20 for Wan2.1 I2V (4 mask + 16 first-frame latents), else 0."""
-        return self.in_channels - self.out_channels
-
-    @property
-    def takes_image(self) -> bool:
-        """Whether a request needs an image: CLIP tokens in cross-attention and/or first-frame condition channels."""
-        return self.image_dim is not None or self.condition_channels > 0
-
-    @property
-    def rope_dims(self) -> tuple[int, int, int]:
-        """Head-dim channels rotated by the (t, h, w) positions; diffusers' split (44/42/42 for D=128)."""
-        hw = 2 * (self.attention_head_dim // 6)
-        return self.attention_head_dim - 2 * hw, hw, hw
-
-    @classmethod
-    def from_diffusers_config(cls, config: Mapping[str, Any], **overrides: Any) -> WanConfig:
-        """Build from a diffusers ``config.json`` dict; unknown keys are ignored, FLF2V keys must be unset."""
-        for key in _UNSUPPORTED_WHEN_SET:
-            if config.get(key) is not None:
-                raise ValueError(
-                    f"diffusers config key {key!r}={config[key]!r} is a first-last-frame-to-video (FLF2V) feature, "
-                    "which Tessera does not implement (the key must be null: Wan2.1 T2V or I2V)"
-                )
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in config.items() if k in names}
-        if kwargs.get("out_channels") is None:  # diffusers: `out_channels or in_channels`
-            kwargs["out_channels"] = kwargs.get("in_channels", 16)
-        if "patch_size" in kwargs:
-            kwargs["patch_size"] = tuple(kwargs["patch_size"])
-        kwargs.update(overrides)
-        return cls(**kwargs)
-
+from tessera.models.family import ForwardContext, SelfAttention
+from tessera.models.wan.config import WanConfig, wan_param_dtype
+from tessera.models.wan.modulated_norm import add_modulated_layer_norm, modulated_layer_norm
+from tessera.models.wan.qk_norm_rope import qk_norm_rope
 
 # --------------------------------------------------------------------------------------------------
 # Injected per-request context
 # --------------------------------------------------------------------------------------------------
-
-
-@runtime_checkable
-class SelfAttention(Protocol):
-    """Self-attention over this rank's token shard: ``attn(q, k, v, gate) -> out``, all [B, S_local, N, D].
-
-    The model passes ``gate_BSND`` (from ``attn1.to_gate_compress``) only when ``uses_gate`` is True and
-    the block has that layer, else None. The output has the dtype of ``q``.
-    """
-
-    uses_gate: bool
-
-    def __call__(
-        self,
-        q_BSND: torch.Tensor,
-        k_BSND: torch.Tensor,
-        v_BSND: torch.Tensor,
-        gate_BSND: torch.Tensor | None,
-    ) -> torch.Tensor: ...
 
 
 class _LocalSelfAttention:
@@ -203,34 +46,6 @@ class _LocalSelfAttention:
             q_BSND.transpose(1, 2), k_BSND.transpose(1, 2), v_BSND.transpose(1, 2), gate_BNSD
         )
         return out_BNSD.transpose(1, 2)
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-@dataclass(frozen=True, kw_only=True)
-class WanForwardContext:
-    """Everything a forward needs beyond the weights, built once per request by the runtime.
-
-    token_order: [S] processing position -> raster token index (None = raster order).
-    token_order_inverse: [S] raster token index -> processing position (None = raster order).
-    shard / gather: full sequence [B, S, C] <-> this rank's contiguous shard [B, S_local, C] (dim 1);
-        gather is a collective when sp > 1. Identity on one device.
-    rope: (cos, sin) from ``WanTransformer.rope_tables``, already permuted by token_order and sharded.
-    attn: one SelfAttention per block.
-    clean_tokens: bool [S_local, 1], this rank's tokens in processing order, True where the token's timestep is 0
-        (``WanTransformer.first_frame_tokens`` permuted and sharded: Wan2.2 TI2V's first latent frame, which holds
-        the image's clean latents). None: every token at the step's timestep (the default path).
-    """
-
-    rope: tuple[torch.Tensor, torch.Tensor]
-    attn: Sequence[SelfAttention]
-    token_order: torch.Tensor | None = None
-    token_order_inverse: torch.Tensor | None = None
-    shard: Callable[[torch.Tensor], torch.Tensor] = field(default=_identity)
-    gather: Callable[[torch.Tensor], torch.Tensor] = field(default=_identity)
-    clean_tokens: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -555,7 +370,7 @@ class WanTransformer(nn.Module):
 
         Angles as diffusers: float64 ``pos / theta**(2j/d)`` per axis (d = 44/42/42 for D=128, theta 1e4),
         rounded to ``dtype`` (keep fp32 to match diffusers). Compute once per request; permute and shard
-        along dim 0 for a ``WanForwardContext``.
+        along dim 0 for a ``ForwardContext``.
         """
         grid = tuple(int(n) for n in grid_thw)
         if len(grid) != 3 or min(grid) <= 0 or max(grid) > self.config.rope_max_seq_len:
@@ -589,7 +404,7 @@ class WanTransformer(nn.Module):
         encoder_hidden_states_BLC: torch.Tensor,
         encoder_hidden_states_image_BIC: torch.Tensor | None = None,
         *,
-        ctx: WanForwardContext | None = None,
+        ctx: ForwardContext | None = None,
     ) -> torch.Tensor:
         """Predict the flow/noise [B, out_channels, F, H, W] in the model dtype.
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from tessera.models.wan import WanTransformer, set_parameter_, wan_param_dtype
+from tessera.models.wan.config import wan_param_dtype
+from tessera.models.wan.transformer import WanTransformer, set_parameter_
 
 _MAX_LISTED = 10  # keys shown per category in an error message before "... and N more"
 _COMFY_PREFIX = "model.diffusion_model."

@@ -2,8 +2,9 @@
 
 `plan_conditioning` decides, before any weight load, which encoder/decoder a run uses (the checkpoint's UMT5 +
 VAE, or the tiny stand-ins of `wan-tiny`) and fails early with what is missing. transformers and diffusers are
-imported lazily inside functions, so the base install never needs them. The VAE decodes on every rank of the mesh,
-each one a block of the latent rows (`build_row_parallel_vae`), and rank 0 gathers the frames.
+imported lazily inside functions, so the base install never needs them. The VAE can decode on several ranks, each
+one a block of the latent rows (`build_row_parallel_vae`), rank 0 gathering the frames: the runtime injects the
+split of the rows and its halo exchange (`parallel.RowSplit`), so nothing here communicates by itself.
 Shape legend: B batch, L text tokens, C channels, F latent frames, H/W latent height/width, T video frames;
 h a rank's block of rows.
 """
@@ -18,14 +19,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from tessera.parallel import ParallelMesh, RowSplit, build_row_split
-from tessera.runtime.checkpoint import Checkpoint
-from tessera.runtime.conditioning import LatentDecoder, TextEncoder, TinyLatentDecoder, TinyTextEncoder
-from tessera.runtime.config import RANDOM_WEIGHT_PRESETS, GenerateConfig
+from tessera.models.family import LatentDecoder, TextEncoder
+from tessera.models.wan.checkpoint import Checkpoint
+from tessera.models.wan.conditioning import TinyLatentDecoder, TinyTextEncoder
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
@@ -58,15 +58,21 @@ class ConditioningPlan:
     tokenizer_dir: Path | None = None
     vae_dir: Path | None = None
 
+    @property
+    def every_rank_decodes(self) -> bool:
+        """The VAE decodes on every rank (a block of rows each); the preview decoder on rank 0 alone."""
+        return self.decoder == "wan-vae"
 
-def plan_conditioning(cfg: GenerateConfig, ckpt: Checkpoint | None) -> ConditioningPlan:
+
+def plan_conditioning(ckpt: Checkpoint | None, random_weights: bool) -> ConditioningPlan:
     """Cheap (JSON + imports): real UMT5/VAE for checkpoints that carry them, tiny ones for `wan-tiny` otherwise.
-    `ckpt` is `cfg.model.path` resolved (None without one).
+    `ckpt` is `model.path` resolved (None without one); `random_weights`: the preset is one of random weights
+    (`wan-tiny`), whose tiny encoder and decoder also serve a DiT-only checkpoint.
 
     ValueError naming model.path and what is missing for a real preset without text_encoder/tokenizer/vae, and
     naming `pip install -e ".[wan]"` when transformers/diffusers are absent.
     """
-    if ckpt is None or (ckpt.kind != "diffusers" and cfg.model.preset in RANDOM_WEIGHT_PRESETS):
+    if ckpt is None or (ckpt.kind != "diffusers" and random_weights):
         return ConditioningPlan(text="tiny", decoder="tiny-preview")
     missing = ckpt.missing_components()
     if missing:
@@ -113,20 +119,14 @@ def build_text_encoder(
 
 def build_latent_decoder(
     plan: ConditioningPlan, seed: int, device: torch.device, show_progress: bool = True,
-    mesh: ParallelMesh | None = None, dtype: torch.dtype = torch.float32,
+    split_rows: Callable[[int], Any] | None = None, dtype: torch.dtype = torch.float32,
 ) -> LatentDecoder:
     """`show_progress=False` hides diffusers' loading bars (on every rank but 0, so they appear once). The Wan VAE
-    decodes over `mesh` (every rank builds it and calls `decode`) in `dtype` (`model.vae_dtype`); the tiny preview
-    decoder on one rank, always in float32."""
+    decodes in `dtype` (`model.vae_dtype`) over the ranks `split_rows` gives (see `WanVAEDecoder`; every rank
+    builds it and calls `decode`); the tiny preview decoder on one rank, always in float32."""
     if plan.decoder == "tiny-preview":
         return TinyLatentDecoder(seed=seed)
-    return WanVAEDecoder(plan.vae_dir, device=device, dtype=dtype, show_progress=show_progress, mesh=mesh)
-
-
-def free_device_memory(device: torch.device) -> None:
-    """Return cached blocks to the driver after dropping a large module (a no-op off CUDA)."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    return WanVAEDecoder(plan.vae_dir, device=device, dtype=dtype, show_progress=show_progress, split_rows=split_rows)
 
 
 def prompt_clean(text: str) -> str:
@@ -197,15 +197,16 @@ class WanVAEDecoder:
     converted as diffusers does: VideoProcessor 'np' output ((x/2 + 0.5).clamp(0, 1)) then export_to_video's
     `(frame * 255).astype(uint8)` (truncation). The latents are de-normalised in float32 and then cast to `dtype`;
     the frames leave the VAE in `dtype` and are converted to float32 before the uint8 step.
-    With a `mesh` of several ranks every rank calls `decode` (or `decode_float`) with the same latents: the H latent
-    rows are split over the first `decode_ranks(H)` = min(world, H) ranks, each decodes its block exactly (see
-    `build_row_parallel_vae`), and rank 0 gathers the frames (one point-to-point gather) and returns them; the
-    other ranks return None.
+    `split_rows(H)` (the runtime's, e.g. `parallel.build_row_split` over the mesh; None: one rank) splits the H latent
+    rows over several ranks: every rank then calls `decode` (or `decode_float`) with the same latents, each decodes
+    its block exactly (see `build_row_parallel_vae`) and rank 0 gathers the frames (one point-to-point gather) and
+    returns them; the other ranks return None. A split is an object with `num_ranks`, `holds_rows`, `shard`,
+    `gather`, `all_gather` and `fill_halo_` (`parallel.RowSplit`).
     """
 
     def __init__(
         self, vae_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32, show_progress: bool = True,
-        mesh: ParallelMesh | None = None,
+        split_rows: Callable[[int], Any] | None = None,
     ) -> None:
         import diffusers.utils.logging
         from diffusers import AutoencoderKLWan
@@ -224,18 +225,18 @@ class WanVAEDecoder:
         self.dtype = dtype
         self._mean = torch.tensor(cfg.latents_mean, dtype=torch.float32, device=device).view(shape)
         self._std = torch.tensor(cfg.latents_std, dtype=torch.float32, device=device).view(shape)
-        self.mesh = mesh
-        self._by_height: dict[int, tuple[RowSplit, AutoencoderKLWan]] = {}  # latent H -> (split, its VAE)
+        self._split_rows = split_rows
+        self._by_height: dict[int, tuple[Any, AutoencoderKLWan]] = {}  # latent H -> (split or None, its VAE)
 
     def decode_ranks(self, latent_height: int) -> int:
         """How many ranks decode latents with `latent_height` rows (each needs at least one row)."""
-        return self._split(latent_height)[0].num_ranks
+        return _num_ranks(self._split(latent_height)[0])
 
     def decode_float(self, latents_BCFHW: Tensor) -> Tensor | None:
         """Frames in [0, 1], float32 [B, T, sH, sW, 3] (diffusers' postprocess_video(output_type='np')); None on
         every rank but 0 of a mesh."""
         rows, frames_BThW3 = self._decode_rows(latents_BCFHW)
-        if frames_BThW3 is None or rows.num_ranks == 1:
+        if frames_BThW3 is None or _num_ranks(rows) == 1:
             return frames_BThW3
         return rows.gather(frames_BThW3, dim=2)
 
@@ -245,14 +246,14 @@ class WanVAEDecoder:
         if frames_BThW3 is None:
             return None
         frames_BThW3 = _to_uint8(frames_BThW3)
-        if rows.num_ranks > 1:  # gathered as uint8: a quarter of the float frames' bytes
+        if _num_ranks(rows) > 1:  # gathered as uint8: a quarter of the float frames' bytes
             frames_BThW3 = rows.gather(frames_BThW3, dim=2)
         return None if frames_BThW3 is None else frames_BThW3.to(latents_BCFHW.device)
 
     def streams(self, latent_height: int) -> bool:
         """Whether latents with `latent_height` rows decode on one rank, so `decode_streaming` can hand their frames
         over chunk by chunk (else `decode` splits the rows over the ranks)."""
-        return self._split(latent_height)[0].num_ranks == 1
+        return _num_ranks(self._split(latent_height)[0]) == 1
 
     @torch.inference_mode()
     def decode_streaming(self, latents_BCFHW: Tensor, sink: Callable[[Tensor], None]) -> None:
@@ -280,13 +281,14 @@ class WanVAEDecoder:
             vae.clear_cache()
 
     @torch.inference_mode()
-    def _decode_rows(self, latents_BCFHW: Tensor) -> tuple[RowSplit, Tensor | None]:
-        """(the split of the latent rows, float frames [B, T, sh, sW, 3] of this rank's block, None if it has none)."""
+    def _decode_rows(self, latents_BCFHW: Tensor) -> tuple[Any, Tensor | None]:
+        """(the split of the latent rows (None: one rank), float frames [B, T, sh, sW, 3] of this rank's block, None
+        if it has none)."""
         latents = latents_BCFHW.to(device=self._mean.device, dtype=torch.float32)
         rows, vae = self._split(latents.shape[3])
-        if not rows.holds_rows:
+        if rows is not None and not rows.holds_rows:
             return rows, None
-        if rows.num_ranks > 1:
+        if _num_ranks(rows) > 1:
             latents = rows.shard(latents, dim=3)
         video_BCThW = vae.decode(self._denormalise(latents), return_dict=False)[0]
         return rows, _to_unit_frames(video_BCThW)
@@ -297,16 +299,18 @@ class WanVAEDecoder:
         latents = latents_BCFHW.to(device=self._mean.device, dtype=torch.float32)
         return (latents / (1.0 / self._std) + self._mean).to(self.dtype)
 
-    def _split(self, latent_height: int) -> tuple[RowSplit, AutoencoderKLWan]:
-        """The split of `latent_height` rows over the mesh and the VAE that decodes a block: cached by height."""
+    def _split(self, latent_height: int) -> tuple[Any, AutoencoderKLWan]:
+        """The split of `latent_height` rows (None: this rank alone) and the VAE that decodes a block: cached by
+        height."""
         if latent_height not in self._by_height:
-            if self.mesh is None:
-                rows = RowSplit(sizes=(latent_height,), ranks=(0,), rank=0)
-            else:
-                rows = build_row_split(latent_height, self.mesh)
-            vae = self.vae if rows.num_ranks == 1 else build_row_parallel_vae(self.vae, rows)
+            rows = None if self._split_rows is None else self._split_rows(latent_height)
+            vae = self.vae if _num_ranks(rows) == 1 else build_row_parallel_vae(self.vae, rows)
             self._by_height[latent_height] = (rows, vae)
         return self._by_height[latent_height]
+
+
+def _num_ranks(rows: Any) -> int:
+    return 1 if rows is None else rows.num_ranks
 
 
 def _to_unit_frames(video_BCThW: Tensor) -> Tensor:
@@ -319,7 +323,7 @@ def _to_uint8(frames_BThW3: Tensor) -> Tensor:
     return (frames_BThW3 * 255).to(torch.uint8)
 
 
-def build_row_parallel_vae(vae: AutoencoderKLWan, rows: RowSplit) -> AutoencoderKLWan:
+def build_row_parallel_vae(vae: AutoencoderKLWan, rows: Any) -> AutoencoderKLWan:
     """A copy of diffusers' `vae` sharing its weights whose `decode` is row parallel: every rank of `rows` calls it
     together with its block of the latent rows (`rows.shard(latents, dim=3)`, [B, C, F, h, W]) and gets its block
     of the video rows ([B, 3, T, 8h, 8W]): exactly those rows of `vae.decode` on the full latents.
@@ -366,7 +370,7 @@ _ROW_LOCAL_WAN_MODULES = ("WanDecoder3d", "WanMidBlock", "WanUpBlock", "WanResid
                           "WanResample", "WanRMS_norm", "DupUp3D")
 
 
-def _halo_conv(conv: nn.Conv2d | nn.Conv3d, rows: RowSplit, causal_conv3d: type) -> nn.Module | None:
+def _halo_conv(conv: nn.Conv2d | nn.Conv3d, rows: Any, causal_conv3d: type) -> nn.Module | None:
     """The halo wrapper of a convolution that mixes rows (None for one that does not: kernel height 1)."""
     is_causal_3d = isinstance(conv, causal_conv3d)
     if not is_causal_3d and not isinstance(conv, nn.Conv2d):
@@ -388,7 +392,7 @@ def _is_nearest_integer_upsample(module: nn.Upsample) -> bool:
 class _HaloCausalConv3d(nn.Module):
     """diffusers' WanCausalConv3d whose zero padding along H is replaced by the neighbouring blocks' rows."""
 
-    def __init__(self, conv: nn.Conv3d, rows: RowSplit) -> None:
+    def __init__(self, conv: nn.Conv3d, rows: Any) -> None:
         super().__init__()
         self.conv, self.rows = conv, rows
 
@@ -404,7 +408,7 @@ class _HaloCausalConv3d(nn.Module):
 class _HaloConv2d(nn.Module):
     """An nn.Conv2d on [N, C, h, W] blocks (WanResample's, after upsampling) with its H padding from the neighbours."""
 
-    def __init__(self, conv: nn.Conv2d, rows: RowSplit) -> None:
+    def __init__(self, conv: nn.Conv2d, rows: Any) -> None:
         super().__init__()
         self.conv, self.rows = conv, rows
 
@@ -418,7 +422,7 @@ class _HaloConv2d(nn.Module):
 class _GatheredAttention(nn.Module):
     """WanAttentionBlock (attention over each whole frame) on the all-gathered frame; keeps this rank's rows."""
 
-    def __init__(self, attn: nn.Module, rows: RowSplit) -> None:
+    def __init__(self, attn: nn.Module, rows: Any) -> None:
         super().__init__()
         self.attn, self.rows = attn, rows
 

@@ -16,14 +16,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from safetensors import safe_open
-from tessera.models import WanConfig
-from tessera.runtime.conditioning import WAN21_LATENTS, LatentFormat
-
-if TYPE_CHECKING:
-    from tessera.runtime.config import GenerateConfig
+from tessera.models.family import LatentFormat
+from tessera.models.wan.conditioning import WAN21_LATENTS
+from tessera.models.wan.config import WanConfig
 
 __all__ = [
     "Checkpoint", "arch_mismatches", "check_checkpoint_request", "check_expert_config", "checkpoint_latents",
@@ -331,34 +329,36 @@ def checkpoint_latents(ckpt: Checkpoint | None) -> LatentFormat:
     return WAN21_LATENTS if ckpt is None else ckpt.latents
 
 
-def starts_from_optional_image(cfg: GenerateConfig, ckpt: Checkpoint | None) -> bool:
+def starts_from_optional_image(ckpt: Checkpoint | None, preset: str) -> bool:
     """Whether the checkpoint is Wan2.2 TI2V-5B, which runs text-to-video and, given an image, image-to-video (the
     image's latents as the clean first latent frame): not its FastWan distillation, which is text-to-video only."""
-    return ckpt is not None and ckpt.is_ti2v and not _is_fastwan_ti2v(cfg, ckpt)
+    return ckpt is not None and ckpt.is_ti2v and not _is_fastwan_ti2v(ckpt, preset)
 
 
-def _is_fastwan_ti2v(cfg: GenerateConfig, ckpt: Checkpoint) -> bool:
-    return ckpt.pipeline_class == DMD_PIPELINE_CLASS or cfg.model.preset == FASTWAN_TI2V_PRESET
+def _is_fastwan_ti2v(ckpt: Checkpoint, preset: str) -> bool:
+    return ckpt.pipeline_class == DMD_PIPELINE_CLASS or preset == FASTWAN_TI2V_PRESET
 
 
-def check_checkpoint_request(cfg: GenerateConfig, ckpt: Checkpoint | None, *, image_given: bool) -> None:
+def check_checkpoint_request(
+    ckpt: Checkpoint | None, *, height: int, width: int, preset: str, image: str | None
+) -> None:
     """ValueError, before any weight loads, when a request does not fit the checkpoint's family: a size that the
-    VAE's compression x the DiT's patch does not divide (32 pixels for Wan2.2 TI2V-5B), or an image for
-    FastWan2.2-TI2V-5B (distilled for text-to-video only; the base TI2V-5B takes one)."""
+    VAE's compression x the DiT's patch does not divide (32 pixels for Wan2.2 TI2V-5B), or an image (`image`: its
+    name, None without one) for FastWan2.2-TI2V-5B (distilled for text-to-video only; the base TI2V-5B takes one)."""
     if ckpt is None:
         return
     patch = tuple((ckpt.arch or {}).get("patch_size", (1, 2, 2)))
-    for key, axis in (("height", 1), ("width", 2)):
-        value, multiple = getattr(cfg, key), ckpt.latents.spatial_stride * patch[axis]
+    for key, axis, value in (("height", 1, height), ("width", 2, width)):
+        multiple = ckpt.latents.spatial_stride * patch[axis]
         if value % multiple:
             raise ValueError(
                 f"{key}={value} must be a multiple of {multiple} for model.path={ckpt.path}: its VAE compresses "
                 f"{ckpt.latents.spatial_stride}x spatially and the DiT's patches are {patch[axis]} latent pixels. "
                 f"Fix: {key}={max(multiple, multiple * round(value / multiple))}."
             )
-    if image_given and ckpt.is_ti2v and _is_fastwan_ti2v(cfg, ckpt):
+    if image is not None and ckpt.is_ti2v and _is_fastwan_ti2v(ckpt, preset):
         raise ValueError(
-            f"image={cfg.image or '<an image object>'} was given but model.path={ckpt.path} is FastWan2.2-TI2V-5B "
+            f"image={image} was given but model.path={ckpt.path} is FastWan2.2-TI2V-5B "
             f"(the DMD sampler), which is distilled for text-to-video only. Fix: drop image, or load the base "
             f"Wan-AI/Wan2.2-TI2V-5B-Diffusers, which starts a video from an image."
         )

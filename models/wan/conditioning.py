@@ -1,51 +1,25 @@
-"""Conditioning around the DiT: text-encoder and latent-decoder interfaces, tiny stand-ins, initial noise.
-
-The real UMT5 encoder and Wan VAE plug in later behind `TextEncoder` / `LatentDecoder`. The tiny versions
-serve the `wan-tiny` preset: deterministic (CPU generators, same output on every rank), no weights to load.
-`draw_initial_noise` reproduces diffusers' `WanPipeline.prepare_latents` bit for bit for the same seed;
-`draw_dmd_noise` is FastVideo's DMD draw (frames before channels), used by `runtime.samplers.DMDSampler`.
+"""The Wan latent format and the tiny stand-ins for the text encoder and the VAE (`models.family`'s `TextEncoder` /
+`LatentDecoder`), which serve the `wan-tiny` preset: deterministic (CPU generators, same output on every rank), no
+weights to load. The real UMT5 encoder and Wan VAE are in `components.py`.
 Shape legend: B batch, L text tokens, C channels, F latent frames, H/W latent height/width.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
 
 import torch
+from tessera.models.family import LatentFormat
 from torch import Tensor
 
 __all__ = [
-    "LatentDecoder",
-    "TextEncoder",
-    "TinyLatentDecoder",
-    "TinyTextEncoder",
-    "WAN21_LATENTS",
-    "WAN21_LATENT_RGB_BIAS",
-    "WAN21_LATENT_RGB_FACTORS",
-    "LatentFormat",
-    "draw_dmd_noise",
-    "draw_initial_noise",
-    "latent_shape",
+    "TinyLatentDecoder", "TinyTextEncoder", "WAN21_LATENTS", "WAN21_LATENT_RGB_BIAS", "WAN21_LATENT_RGB_FACTORS",
     "num_video_frames",
 ]
 
 VAE_TEMPORAL_STRIDE = 4  # Wan VAE: first frame alone, then 4 frames per latent frame
 VAE_SPATIAL_STRIDE = 8
-
-
-@dataclass(frozen=True)
-class LatentFormat:
-    """A VAE's latent space: channels and compression (pixels per latent cell), from its config.json (`z_dim`,
-    `scale_factor_spatial`, `scale_factor_temporal`). Wan2.1's VAE (also Wan2.2 A14B's): 16 channels, 8x spatial;
-    Wan2.2's VAE (TI2V-5B): 48 channels, 16x spatial. Both pack 4 frames per latent frame after the first."""
-
-    channels: int = 16
-    spatial_stride: int = VAE_SPATIAL_STRIDE
-    temporal_stride: int = VAE_TEMPORAL_STRIDE
-
-
+# Wan2.1's VAE (also Wan2.2 A14B's): 16 channels, 8x spatial; Wan2.2's (TI2V-5B) has 48 channels, 16x spatial.
 WAN21_LATENTS = LatentFormat()
 
 # Linear latent -> RGB preview of Wan2.1 (16 channels, normalised latent space), from ComfyUI's
@@ -71,50 +45,9 @@ WAN21_LATENT_RGB_FACTORS: tuple[tuple[float, float, float], ...] = (
 WAN21_LATENT_RGB_BIAS: tuple[float, float, float] = (-0.1835, -0.0868, -0.3360)
 
 
-class TextEncoder(Protocol):
-    """Prompt encoder: `encode` -> [B, max_length, text_dim] on the encoder's device (fp32 or model dtype).
-
-    Positions past each prompt's token count are zero (as Wan's UMT5 path does); the DiT cross-attends to all
-    `max_length` positions without a mask.
-    """
-
-    text_dim: int
-    max_length: int
-
-    def encode(self, prompts: Sequence[str]) -> Tensor: ...
-
-
-class LatentDecoder(Protocol):
-    """Latents [B, C, F, H, W] (normalised, as the sampler produces them) -> frames uint8 [B, T, 8H, 8W, 3].
-
-    T = (F - 1) * 4 + 1; returned on the latents' device.
-    """
-
-    def decode(self, latents_BCFHW: Tensor) -> Tensor: ...
-
-
 def num_video_frames(num_latent_frames: int) -> int:
     """Pixel frames decoded from `num_latent_frames` latent frames: (F - 1) * 4 + 1."""
     return (num_latent_frames - 1) * VAE_TEMPORAL_STRIDE + 1
-
-
-def latent_shape(
-    num_frames: int, height: int, width: int, latents: LatentFormat = WAN21_LATENTS
-) -> tuple[int, int, int]:
-    """(F, H/s, W/s) latent grid of a video (s = `latents.spatial_stride`: 8, or 16 for the Wan2.2 VAE);
-    F = (num_frames - 1) // 4 + 1 as in WanPipeline."""
-    return (
-        (num_frames - 1) // latents.temporal_stride + 1,
-        height // latents.spatial_stride,
-        width // latents.spatial_stride,
-    )
-
-
-def token_grid(
-    num_frames: int, height: int, width: int, patch_size: tuple[int, int, int], latents: LatentFormat = WAN21_LATENTS
-) -> tuple[int, int, int]:
-    """(T, Hh, Ww) token grid after patchify of a video's latent grid (`latent_shape`)."""
-    return tuple(n // p for n, p in zip(latent_shape(num_frames, height, width, latents), patch_size, strict=True))
 
 
 class TinyTextEncoder:
@@ -190,35 +123,3 @@ class TinyLatentDecoder:
             VAE_SPATIAL_STRIDE, dim=3
         )
         return pixels.contiguous()
-
-
-def draw_initial_noise(
-    batch: int, num_frames: int, height: int, width: int, seed: int, latents: LatentFormat = WAN21_LATENTS
-) -> Tensor:
-    """Initial latents exactly as WanPipeline draws them with `generator=Generator("cpu").manual_seed(seed)`.
-
-    Returns float32 [batch, latents.channels, (num_frames - 1)//4 + 1, height//s, width//s] on the CPU (s the
-    VAE's spatial stride; move it to the device afterwards: drawing on the CPU keeps every rank and platform
-    identical).
-    """
-    for key, value in (("batch", batch), ("num_frames", num_frames), ("height", height), ("width", width)):
-        if value < 1:
-            raise ValueError(f"{key}={value} must be >= 1")
-    f, h, w = latent_shape(num_frames, height, width, latents)
-    if h < 1 or w < 1:
-        raise ValueError(f"height={height} and width={width} must be at least {latents.spatial_stride}")
-    gen = torch.Generator("cpu").manual_seed(seed)
-    # randn_tensor(shape, generator=cpu_gen, dtype=float32) with one generator = one torch.randn on the CPU.
-    return torch.randn((batch, latents.channels, f, h, w), generator=gen, dtype=torch.float32)
-
-
-def draw_dmd_noise(generator: torch.Generator, shape_BCFHW: tuple[int, int, int, int, int]) -> Tensor:
-    """One noise draw as FastVideo's DMD stage makes it: `torch.randn((B, F, C, H, W), float32)` from `generator`
-    (frames before channels: the stage holds latents as [B, F, C, H, W]), returned as contiguous [B, C, F, H, W].
-
-    `generator` is a CPU generator (the same numbers on every rank and platform); move the result to the device
-    afterwards. The draw order differs from `draw_initial_noise`, so the same seed gives other noise.
-    """
-    b, c, f, h, w = shape_BCFHW
-    noise_BFCHW = torch.randn((b, f, c, h, w), generator=generator, dtype=torch.float32)
-    return noise_BFCHW.permute(0, 2, 1, 3, 4).contiguous()
