@@ -47,7 +47,7 @@ def load(*, faults: FaultPlan = NO_FAULTS, **keys: Any) -> VideoPipeline:
     test-only fault injection for the load and every request (launch parses TESSERA_FAULT; runtime/faults.py)."""
     overrides = to_overrides(keys)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg, arch, ckpt = resolve_launch(overrides, world_size=world_size)  # the checkpoint, resolved once
+    cfg, model_cfg, ckpt = resolve_launch(overrides, world_size=world_size)  # the checkpoint, resolved once
     cfg.validate(world_size=world_size)
     owns_group = not dist.is_initialized()
     if owns_group:
@@ -57,8 +57,8 @@ def load(*, faults: FaultPlan = NO_FAULTS, **keys: Any) -> VideoPipeline:
     try:
         mesh = build_mesh(cfg=cfg.parallel.cfg, sp=cfg.parallel.sp, device=device)
         if cfg.model.memory_check:
-            check_request_memory(cfg, arch, device, sp=mesh.sp_size, rank=mesh.rank)
-        pipe = Pipeline(cfg, arch, mesh, faults=faults, checkpoint=ckpt)
+            check_request_memory(cfg, model_cfg, device, sp=mesh.sp_size, rank=mesh.rank)
+        pipe = Pipeline(cfg, model_cfg, mesh, faults=faults, checkpoint=ckpt)
         return VideoPipeline(pipe, overrides, world_size, owns_group, faults)
     except BaseException:
         if owns_group:

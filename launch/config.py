@@ -82,20 +82,21 @@ def parse_overrides(argv: list[str]) -> list[str]:
 
 def resolve_config(
     argv: list[str], world_size: int = 1, *, checkpoint: Any = None
-) -> tuple[GenerateConfig, dict]:
-    """Command-line overrides -> (validated-type GenerateConfig, preset architecture dict).
+) -> tuple[GenerateConfig, Any]:
+    """Command-line overrides -> (validated-type GenerateConfig, the model family's typed architecture config: the
+    checkpoint's, else the preset's).
 
     `world_size` is the number of ranks (torchrun's WORLD_SIZE): `parallel.sp=auto` becomes world_size //
     parallel.cfg here, so everything after launch sees an int (`validate(world_size=...)` reports a misfit).
     `checkpoint`: `model.path` already resolved (a launch's or a loaded pipeline's), used instead of reading the
     checkpoint's JSON and headers again when it is the same path."""
-    cfg, arch, _ = resolve_launch(argv, world_size, checkpoint=checkpoint)
-    return cfg, arch
+    cfg, model_cfg, _ = resolve_launch(argv, world_size, checkpoint=checkpoint)
+    return cfg, model_cfg
 
 
 def resolve_launch(
     argv: list[str], world_size: int = 1, *, checkpoint: Any = None
-) -> tuple[GenerateConfig, dict, Any]:
+) -> tuple[GenerateConfig, Any, Any]:
     """`resolve_config`, and the resolved checkpoint of `model.path` (None without one): resolved here once, to be
     passed down to the pre-flight checks and the pipeline."""
     dotlist = parse_overrides(argv)
@@ -136,7 +137,7 @@ def resolve_launch(
                                     image=None if cfg.image is None else str(cfg.image))
     if cfg.output.path is None:  # each run gets a new file; an explicit path is never silently renamed
         cfg = replace(cfg, output=replace(cfg.output, path=str(next_numbered_path())))
-    return cfg, arch, ckpt
+    return cfg, family.config(arch), ckpt  # the typed architecture from here on
 
 
 def _preset_of(family, arch: dict, dmd: bool, two_experts: bool = False) -> str | None:
@@ -310,15 +311,15 @@ def _format(value: Any) -> str:
 
 def resolve_requests(
     argv: list[str], world_size: int = 1
-) -> tuple[list[GenerateConfig], dict, Any]:
+) -> tuple[list[GenerateConfig], Any, Any]:
     """The launch's requests: one, or one per line of `prompts_file=` (each line a prompt, or a JSON object of
     per-request keys over the command line's). Every line is resolved and validated before anything loads; an
     error names the file, the line and the key. Outputs: `output.path` stem-001, -002, ... when given, else the
     next free numbers of outputs/video-NNN.mp4. Also the checkpoint, resolved once for all of them."""
-    cfg, arch, ckpt = resolve_launch(argv, world_size=world_size)
+    cfg, model_cfg, ckpt = resolve_launch(argv, world_size=world_size)
     cfg.validate(world_size=world_size)
     if cfg.prompts_file is None:
-        return [cfg], arch, ckpt
+        return [cfg], model_cfg, ckpt
     lines = _read_prompt_lines(Path(cfg.prompts_file))
     explicit = any(arg.partition("=")[0].strip().lstrip("+") == "output.path" for arg in argv)
     base = Path(cfg.output.path)
@@ -337,7 +338,7 @@ def resolve_requests(
         except (ValueError, TypeError) as err:
             raise type(err)(f"prompts_file={cfg.prompts_file} line {line_no}: {err}") from None
         requests.append(request)
-    return requests, arch, ckpt
+    return requests, model_cfg, ckpt
 
 
 def _read_prompt_lines(path: Path) -> list[tuple[int, list[str]]]:

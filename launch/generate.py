@@ -63,19 +63,20 @@ def _run(argv: list[str], rank: int, world_size: int, guard: _SignalGuard) -> in
     share_one_gpu = os.environ.get(ONE_GPU_ENV) == "1"  # test-only: every rank on cuda:0 over gloo (README)
     try:
         faults = parse_fault_spec(os.environ.get(FAULT_ENV, ""))  # test-only hook, parsed once (README)
-        requests, arch, ckpt = resolve_requests([*argv, *faults.overrides_for(rank)], world_size=world_size)
+        requests, model_cfg, ckpt = resolve_requests([*argv, *faults.overrides_for(rank)], world_size=world_size)
         cfg = requests[0]
         # Outputs writable and each request within memory: on every rank, before the group or any weights.
         device, sharing = _planned_device(share_one_gpu)
         for request in requests:
-            preflight_request(request, arch, rank=rank, device=device, ranks_sharing_device=sharing, checkpoint=ckpt)
+            preflight_request(request, model_cfg, rank=rank, device=device, ranks_sharing_device=sharing,
+                              checkpoint=ckpt)
     except (ValueError, TypeError) as err:
         return user_error(rank, err)
 
     try:
         _, _, _, device = init_process_group_from_env(cfg.parallel.timeout_s, share_one_gpu=share_one_gpu)
-        verify_same_config(cfg, arch)  # one all_gather_object: a rank with other arguments fails here
-        _generate_on_mesh(requests, arch, device, faults, ckpt)
+        verify_same_config(cfg, model_cfg)  # one all_gather_object: a rank with other arguments fails here
+        _generate_on_mesh(requests, model_cfg, device, faults, ckpt)
     except RankFailure as failure:
         guard.armed = False  # torchrun's SIGTERM to the survivors must not garble this report
         return _report_failure(rank, failure.phase, failure.cause, cfg.parallel.timeout_s)
@@ -87,11 +88,11 @@ def _run(argv: list[str], rank: int, world_size: int, guard: _SignalGuard) -> in
     return 0
 
 
-def _generate_on_mesh(requests, arch, device, faults, ckpt) -> None:
+def _generate_on_mesh(requests, model_cfg, device, faults, ckpt) -> None:
     """Build the mesh, load once and run the requests; the mesh (and its groups) is unreachable once this returns."""
     cfg = requests[0]
     mesh = build_mesh(cfg=cfg.parallel.cfg, sp=cfg.parallel.sp, device=device)
-    generate_many(requests, arch, mesh, faults=faults, checkpoint=ckpt)
+    generate_many(requests, model_cfg, mesh, faults=faults, checkpoint=ckpt)
 
 
 def _report_failure(rank: int, phase: str, cause: BaseException, timeout_s: float) -> int:

@@ -192,9 +192,10 @@ class ModelFamily(Protocol):
       check_checkpoint_request(checkpoint, *, height, width, preset, image): what the checkpoint alone decides.
       check_request(checkpoint, config, *, height, width, preset, image, where): size and image of a request.
       latents(checkpoint) -> LatentFormat; image_optional(checkpoint, preset) -> bool.
-      config(arch, *, gated) -> the typed config: `num_attention_heads`, `attention_head_dim`, `num_layers`,
-          `patch_size`, `text_dim`, `dim`, `ffn_dim`, `gate_compress`, `takes_image`, `parameter_count()`.
-      arch(config) -> the arch dict again (reports, the cross-rank config check).
+      config(arch) -> the typed config (a frozen dataclass): `num_attention_heads`, `attention_head_dim`,
+          `num_layers`, `patch_size`, `text_dim`, `dim`, `ffn_dim`, `takes_image`, `parameter_count()`.
+      with_gate(config) -> the config whose blocks carry a gate projection (backends with `uses_gate`).
+      arch(config) -> the arch dict again (the report).
     Weights and conditioning:
       build_dit(config, device, dtype, checkpoint, *, expert, seed) -> (a `DiT` module, load report dict).
       plan_conditioning(checkpoint, preset) -> which text encoder and latent decoder a run uses (`.text`,

@@ -26,18 +26,22 @@ def use_compile_cache(cache_dir: str | None) -> Path | None:
     return root
 
 
-def compile_cache_counters() -> dict[str, int]:
-    """Inductor's FX graph cache hits and misses so far in this process."""
-    from torch._dynamo.utils import counters
+def compile_cache_counters() -> dict[str, float]:
+    """Inductor's FX graph cache hits and misses so far in this process, and the seconds torch.compile has spent
+    (dynamo's `_compile.compile_inner`: tracing, guards, then compiling or loading the cached code)."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
 
     inductor = counters["inductor"]
-    return {"hits": int(inductor["fxgraph_cache_hit"]), "misses": int(inductor["fxgraph_cache_miss"])}
+    return {"hits": int(inductor["fxgraph_cache_hit"]), "misses": int(inductor["fxgraph_cache_miss"]),
+            "seconds": float(sum(compilation_time_metrics.get("_compile.compile_inner", ())))}
 
 
-def compile_cache_report(root: Path | None, before: dict[str, int]) -> dict:
-    """The report's `compile_cache`: the directory, this request's graph hits and misses, and a verdict: "hit"
-    (everything it compiled came from the cache), "miss", "partial", or "none" (nothing compiled: CPU, or warm)."""
+def compile_cache_report(root: Path | None, before: dict[str, float]) -> dict:
+    """The report's `compile_cache`: the directory, this request's graph hits and misses, the seconds it spent in
+    torch.compile, and a verdict: "hit" (everything it compiled came from the cache), "miss", "partial", or "none"
+    (nothing compiled: CPU, or warm)."""
     now = compile_cache_counters()
     hits, misses = now["hits"] - before["hits"], now["misses"] - before["misses"]
     status = "none" if hits + misses == 0 else "hit" if misses == 0 else "miss" if hits == 0 else "partial"
-    return {"dir": None if root is None else str(root), "graph_hits": hits, "graph_misses": misses, "status": status}
+    return {"dir": None if root is None else str(root), "graph_hits": hits, "graph_misses": misses,
+            "compile_seconds": round(now["seconds"] - before["seconds"], 3), "status": status}

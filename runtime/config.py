@@ -11,6 +11,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, 
 from pathlib import Path
 from typing import Any
 
+from tessera.attention import backend_names
 from tessera.models import preset_names, random_weight_presets
 
 PRESETS = preset_names()  # every model family's (configs/models/<name>.yaml)
@@ -27,7 +28,7 @@ ENCODER_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medi
 DEFAULT_ENCODER_PRESET = "veryfast"
 SCHEDULERS = ("unipc", "euler", "dmd")
 DEFAULT_DMD_TIMESTEPS = (1000, 757, 522)  # FastVideo's dmd_denoising_steps for the FastWan checkpoints
-BACKENDS = ("dense", "vsa", "sla", "auto")
+BACKENDS = (*backend_names(), "auto")  # the registered attention backends, and auto
 SLA_FEATURE_MAPS = ("softmax", "elu", "relu")
 CUDA_GRAPHS = ("auto", "true", "false")  # OmegaConf turns true/on into "True": compared lower-cased
 OFFLOAD_EXPERTS = ("auto", "true", "false")  # compared lower-cased, as CUDA_GRAPHS

@@ -127,6 +127,7 @@ class ExpertRun:
         reports = [forward.report() for forward in self.forwards]
         merged = dict(reports[0])
         merged["graphs"] = sum(r["graphs"] for r in reports)
+        merged["capture_seconds"] = round(sum(r["capture_seconds"] for r in reports), 3)
         merged["disabled_because"] = next((r["disabled_because"] for r in reports if r["disabled_because"]), None)
         merged["probes"] = [probe for r in reports for probe in r["probes"]]
         return merged

@@ -59,6 +59,7 @@ class GraphedForward:
         self.probes: dict[tuple, dict] = {}  # adaptive: per plan and shape, the timed eager call and the decision
         self._calls: dict[tuple, int] = {}
         self._pool = None
+        self.capture_seconds = 0.0  # warm-up forwards and captures, host time (they run inside a step)
 
     def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                  image: torch.Tensor | None = None, *, ctx: Any):
@@ -103,10 +104,17 @@ class GraphedForward:
     def report(self) -> dict:
         """What ran, for the run's JSON report."""
         return {"enabled": self.enabled, "adaptive": self.adaptive, "graphs": len(self.graphs),
-                "disabled_because": self.disabled_because,
+                "disabled_because": self.disabled_because, "capture_seconds": round(self.capture_seconds, 3),
                 "probes": list(self.probes.values())}
 
     def _capture(self, key: tuple, inputs: tuple[torch.Tensor, ...], ctx: Any) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            return self._warm_up_and_capture(key, inputs, ctx)
+        finally:
+            self.capture_seconds += time.perf_counter() - t0
+
+    def _warm_up_and_capture(self, key: tuple, inputs: tuple[torch.Tensor, ...], ctx: Any) -> torch.Tensor:
         static_inputs = tuple(x.clone() for x in inputs)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -129,7 +129,7 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
         out[prefix.rstrip(".")] = json.dumps(value, default=str, sort_keys=True)
 
 
-def verify_same_config(cfg: Any, arch: dict, group: dist.ProcessGroup | None = None) -> None:
+def verify_same_config(cfg: Any, model_cfg: Any, group: dist.ProcessGroup | None = None) -> None:
     """Check that every rank resolved the same config, architecture and checkpoint (one all_gather_object).
 
     Raises ValueError on every rank naming the ranks and keys that differ from rank 0. No-op on one rank.
@@ -138,7 +138,7 @@ def verify_same_config(cfg: Any, arch: dict, group: dist.ProcessGroup | None = N
         return
     values: dict[str, str] = {}
     _flatten("", asdict(cfg), values)
-    _flatten("arch.", arch, values)
+    _flatten("arch.", asdict(model_cfg), values)
     _flatten("checkpoint.", checkpoint_identity(cfg.model.path), values)
     digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
     gathered: list[Any] = [None] * dist.get_world_size(group)

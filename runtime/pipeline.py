@@ -134,7 +134,7 @@ class Pipeline:
     """
 
     def __init__(
-        self, cfg: GenerateConfig, arch: dict, mesh: ParallelMesh, *, prompts: Sequence[str] = (),
+        self, cfg: GenerateConfig, model_cfg, mesh: ParallelMesh, *, prompts: Sequence[str] = (),
         keep_text_encoder: bool = True, faults: FaultPlan = NO_FAULTS, progress: Progress | None = None,
         checkpoint=None,
     ) -> None:
@@ -144,8 +144,9 @@ class Pipeline:
         check_quant_supported(cfg.model.quant, mesh.device)  # FP8 on this device, before anything loads
         self.family = family = family_for(cfg.model.path, cfg.model.preset)
         candidates = backend_names() if cfg.attention.backend == "auto" else (cfg.attention.backend,)
-        # Gated (VSA) blocks carry the gate projection; zero-initialised when the checkpoint lacks it.
-        self.model_cfg = model_cfg = family.config(arch, gated=any(get_backend(n).uses_gate for n in candidates))
+        if any(get_backend(name).uses_gate for name in candidates):  # gated (VSA) blocks: a gate projection,
+            model_cfg = family.with_gate(model_cfg)  # zero-initialised when the checkpoint lacks it
+        self.model_cfg = model_cfg
         # The checkpoint, resolved once (JSON and safetensors headers) and passed to whatever loads a part of it.
         self.checkpoint = family.checkpoint_at(cfg.model.path, checkpoint)  # the launch's, when it passes it
         self.latents = family.latents(self.checkpoint)  # channels and compression of the VAE's latent space
@@ -368,14 +369,14 @@ class Pipeline:
         return frames, encoded
 
 
-def generate(cfg: GenerateConfig, arch: dict, mesh: ParallelMesh, faults: FaultPlan = NO_FAULTS) -> GenerateResult:
+def generate(cfg: GenerateConfig, model_cfg, mesh: ParallelMesh, faults: FaultPlan = NO_FAULTS) -> GenerateResult:
     """The CLI's one request: load (text first, the encoder freed before the DiT), generate, and on rank 0 write
     the video, the JSON report and optionally the latents. See `generate_many`."""
-    return generate_many([cfg], arch, mesh, faults)[0]
+    return generate_many([cfg], model_cfg, mesh, faults)[0]
 
 
 def generate_many(
-    cfgs: Sequence[GenerateConfig], arch: dict, mesh: ParallelMesh, faults: FaultPlan = NO_FAULTS,
+    cfgs: Sequence[GenerateConfig], model_cfg, mesh: ParallelMesh, faults: FaultPlan = NO_FAULTS,
     checkpoint=None,
 ) -> list[GenerateResult]:
     """Load once, then run every request in turn, rank 0 writing each one's files (`prompts_file=`).
@@ -389,7 +390,7 @@ def generate_many(
     progress = Progress()
     try:
         prompts = [p for cfg in cfgs for p in request_prompts(cfg)]
-        pipe = Pipeline(cfgs[0], arch, mesh, prompts=prompts, keep_text_encoder=False, faults=faults,
+        pipe = Pipeline(cfgs[0], model_cfg, mesh, prompts=prompts, keep_text_encoder=False, faults=faults,
                         progress=progress, checkpoint=checkpoint)
         results = []
         for cfg in cfgs:

@@ -149,8 +149,6 @@ def check_request_memory(
     fit; returns the estimate otherwise. `ranks_sharing_device`: ranks of this job on the same memory (CPU ranks
     of one host, or several ranks on one GPU). `already_loaded`: bytes of this request's weights that are resident
     already (a loaded pipeline), so not counted twice."""
-    if isinstance(model_cfg, dict):  # the architecture dict too
-        model_cfg = family_for(cfg.model.path, cfg.model.preset).config(model_cfg)
     text_bytes = _safetensors_bytes(text_encoder_dir, _DTYPE_BYTES[cfg.model.dtype]) if text_encoder_dir else 0
     estimate = estimate_request_memory(cfg, model_cfg, sp=sp, rank=rank, text_encoder_bytes=text_bytes,
                                        latents=latents)
@@ -192,7 +190,7 @@ def _safetensors_bytes(directory: Path, target_dtype_bytes: int) -> int:
 
 
 def preflight_request(
-    cfg: GenerateConfig, arch: dict, *, rank: int, device: torch.device, ranks_sharing_device: int = 1,
+    cfg: GenerateConfig, model_cfg, *, rank: int, device: torch.device, ranks_sharing_device: int = 1,
     checkpoint=None,
 ) -> MemoryEstimate | None:
     """Every check that needs no process group and no weights, on every rank: the output files can be created
@@ -202,7 +200,6 @@ def preflight_request(
     check_output_files(cfg.output.path, cfg.output.save_latents, cfg.output.overwrite)
     check_quant_supported(cfg.model.quant, device)
     family = family_for(cfg.model.path, cfg.model.preset)
-    model_cfg = family.config(arch)
     ckpt = family.checkpoint_at(cfg.model.path, checkpoint)  # the launch's, when it passes it
     where = f"model.path={cfg.model.path}" if cfg.model.path else f"model.preset={cfg.model.preset}"
     family.check_request(ckpt, model_cfg, height=cfg.height, width=cfg.width, preset=cfg.model.preset,

@@ -49,7 +49,7 @@ class Checkpoint:
 
     path: Path
     kind: str  # "diffusers" | "native" | "file"
-    weights: Path  # what `models.load_wan_weights_` reads: transformer/ dir, native dir or the file
+    weights: Path  # what `load_wan_weights_` (loading.py) reads: transformer/ dir, native dir or the file
     arch: dict[str, Any] | None  # WanConfig fields from the checkpoint's config, None for a bare file
     text_encoder: Path | None = None
     tokenizer: Path | None = None

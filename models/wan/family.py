@@ -58,11 +58,14 @@ class WanFamily:
     def latents(self, ckpt: Checkpoint | None) -> LatentFormat:
         return ckpt_mod.checkpoint_latents(ckpt)
 
-    def config(self, arch: dict[str, Any], *, gated: bool = False) -> WanConfig:
-        """The typed config; `gated`: the blocks carry the VSA gate (`to_gate_compress`, zero-initialised when the
-        checkpoint lacks it)."""
-        config = WanConfig(**arch)
-        return dataclasses.replace(config, gate_compress=True) if gated and not config.gate_compress else config
+    def config(self, arch: dict[str, Any]) -> WanConfig:
+        """The typed config of an arch dict (a preset's `arch:` or a checkpoint's config)."""
+        return WanConfig(**arch)
+
+    def with_gate(self, config: WanConfig) -> WanConfig:
+        """`config` whose blocks carry the VSA gate (`to_gate_compress`: zero-initialised when the checkpoint lacks
+        it)."""
+        return config if config.gate_compress else dataclasses.replace(config, gate_compress=True)
 
     def arch(self, config: WanConfig) -> dict[str, Any]:
         return asdict(config)

@@ -35,9 +35,9 @@ def test_overrides_and_preset_defaults_merge():
     cfg, arch = resolve_config(["model.preset=wan2.1-t2v-1.3b", "num_steps=3", "attention.sparsity=[0.5,0.8,0.9]"])
     assert (cfg.height, cfg.width, cfg.num_frames) == (480, 832, 81)  # preset defaults
     assert cfg.num_steps == 3 and list(cfg.attention.sparsity) == [0.5, 0.8, 0.9]
-    assert arch["num_attention_heads"] == 12 and arch["num_layers"] == 30 and arch["ffn_dim"] == 8960
+    assert arch.num_attention_heads == 12 and arch.num_layers == 30 and arch.ffn_dim == 8960
     cfg, arch = resolve_config(["model.preset=wan2.1-t2v-14b", "height=720"])
-    assert arch["num_attention_heads"] == 40 and arch["num_layers"] == 40 and cfg.flow_shift == 5.0
+    assert arch.num_attention_heads == 40 and arch.num_layers == 40 and cfg.flow_shift == 5.0
 
 
 def test_vsa_sparsity_alias_and_default():

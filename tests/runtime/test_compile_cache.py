@@ -40,7 +40,8 @@ def test_second_process_hits_the_cache(tmp_path):
 
 def test_report_verdicts():
     before = compile_cache_counters()
-    assert compile_cache_report(None, before) == {"dir": None, "graph_hits": 0, "graph_misses": 0, "status": "none"}
+    assert compile_cache_report(None, before) == {"dir": None, "graph_hits": 0, "graph_misses": 0,
+                                                  "compile_seconds": 0.0, "status": "none"}
 
 
 def test_cli_report_names_the_cache(tmp_path):

@@ -197,7 +197,7 @@ def test_fastwan_checkpoint_defaults(tmp_path, size, preset, sparsity):
     vsa = fake_checkpoint(tmp_path / "vsa", size, "WanDMDPipeline", gated=True)
     cfg, arch = resolve_config([f"model.path={vsa}"])
     cfg.validate(world_size=1)
-    assert cfg.model.preset == preset and arch["gate_compress"]
+    assert cfg.model.preset == preset and arch.gate_compress
     assert (cfg.scheduler, list(cfg.dmd_timesteps), cfg.num_steps, cfg.guidance_scale) == ("dmd", list(FASTWAN), 3, 1.0)
     assert (cfg.height, cfg.width, cfg.num_frames) == (448, 832, 61)
     assert (cfg.attention.backend, cfg.attention.sparsity) == ("vsa", sparsity)

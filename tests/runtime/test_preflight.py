@@ -30,7 +30,7 @@ def test_parameter_count_matches_the_model(preset, gate):
 
 def test_activations_per_rank_fall_with_sp_and_weights_do_not():
     cfg, arch = resolve_config(["model.preset=wan2.1-t2v-1.3b", "attention.backend=dense"])
-    model_cfg = WanConfig(**arch)
+    model_cfg = arch
     one = estimate_request_memory(cfg, model_cfg, sp=1, rank=0)
     four = estimate_request_memory(cfg, model_cfg, sp=4, rank=1)
     assert one.weights == four.weights == model_cfg.parameter_count() * 4  # fp32

@@ -109,9 +109,9 @@ def test_every_proj_l_spelling_loads_the_same_weights(ckpt, sla_ckpts):
 def test_proj_l_in_a_checkpoint_defaults_to_sla(sla_ckpts, ckpt):
     for name, path in sla_ckpts.items():
         cfg, arch = resolve_config([f"model.path={path}"])
-        assert cfg.attention.backend == "sla" and arch["sla_proj_l"], name
+        assert cfg.attention.backend == "sla" and arch.sla_proj_l, name
     cfg, arch = resolve_config([f"model.path={ckpt}"])
-    assert cfg.attention.backend != "sla" and not arch["sla_proj_l"]
+    assert cfg.attention.backend != "sla" and not arch.sla_proj_l
     cfg, _ = resolve_config([f"model.path={sla_ckpts['attn_op']}", "attention.backend=dense"])
     assert cfg.attention.backend == "dense"  # an explicit choice wins
 

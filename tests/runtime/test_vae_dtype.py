@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from tessera.launch.config import resolve_config
-from tessera.models.wan import WanConfig
 from tessera.runtime.preflight import estimate_request_memory
 
 pytest.importorskip("diffusers")
@@ -91,7 +90,7 @@ def test_memory_estimate_counts_the_vae_in_its_dtype():
     for dtype in ("float32", "bfloat16", "float16"):
         # a (pretend) checkpoint: the estimate counts the Wan VAE only when there is one
         with_vae = replace(cfg, model=replace(cfg.model, path="/ckpt", vae_dtype=dtype))
-        decode[dtype] = estimate_request_memory(with_vae, WanConfig(**arch), sp=1, rank=1).decode  # rank 1: no gather
+        decode[dtype] = estimate_request_memory(with_vae, arch, sp=1, rank=1).decode  # rank 1: no gather
     frames = (4 * 3 + 3) * 81 * 480 * 832  # this rank's float32 and uint8 frames, whatever the VAE's dtype
     assert decode["bfloat16"] - frames == decode["float16"] - frames == (decode["float32"] - frames) // 2 > 0
 

@@ -170,7 +170,7 @@ def test_14b_i2v_checkpoint_gets_its_preset(tmp_path, folder, preset, size, shif
     (root / "model_index.json").write_text(json.dumps({"_class_name": "WanImageToVideoPipeline"}))
     cfg, arch = resolve_config([f"model.path={root}"])
     assert cfg.model.preset == preset and (cfg.height, cfg.width, cfg.num_frames) == (*size, 81)
-    assert (cfg.flow_shift, cfg.guidance_scale, arch["image_dim"], arch["in_channels"]) == (shift, 5.0, 1280, 36)
+    assert (cfg.flow_shift, cfg.guidance_scale, arch.image_dim, arch.in_channels) == (shift, 5.0, 1280, 36)
 
 
 # --- bad inputs: clear errors before any weights load -----------------------------------------------------------
