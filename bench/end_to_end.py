@@ -24,7 +24,8 @@ import torch
 from tessera.launch.generate import main as generate_main  # noqa: E402
 from tessera.models.wan import WanConfig, build_wan_on_meta, load_wan_weights_  # noqa: E402
 from tessera.models.wan.checkpoint import resolve_checkpoint  # noqa: E402
-from tessera.models.wan.components import UMT5TextEncoder, WanVAEDecoder  # noqa: E402
+from tessera.models.wan.components import UMT5TextEncoder  # noqa: E402
+from tessera.models.wan.vae import WanVAEDecoder  # noqa: E402
 
 DIT_13B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, eps=1e-6)
@@ -131,7 +132,8 @@ def main() -> None:
     assert generate_main(argv) == 0
     result["generate_wall_seconds"] = time.perf_counter() - t0
     report = json.loads(out.with_suffix(".json").read_text())
-    for key in ("total_seconds", "denoise_seconds", "peak_memory_bytes", "step_seconds", "cuda_graphs"):
+    for key in ("total_seconds", "denoise_seconds", "peak_memory_bytes", "step_seconds", "cuda_graphs",
+                "compile_cache"):
         result[f"generate_{key}"] = report.get(key)
 
     # 4. VAE decode of the final latents, alone.

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 SIZES = ((61, 448, 832), (81, 480, 832))  # (frames, height, width): the preset's, then Wan2.1's 480p
 SMOKE_SIZES = ((13, 64, 64), (17, 64, 96))  # >= one 4x4x4 VSA tile after patchify
 SECOND_PROMPT = "a red fox running through fresh snow in the forest"
-REPORT_KEYS = ("stage_seconds", "step_seconds", "peak_memory_bytes", "sampler")
+REPORT_KEYS = ("stage_seconds", "step_seconds", "peak_memory_bytes", "sampler", "compile_cache", "cuda_graphs")
 
 
 def make_fastwan(root: Path, smoke: bool) -> None:

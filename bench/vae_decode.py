@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tessera.models.wan.components import build_row_parallel_vae
+from tessera.models.wan.vae import build_row_parallel_vae
 from tessera.parallel import (
     build_mesh,
     build_row_split,

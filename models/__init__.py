@@ -9,9 +9,11 @@ from tessera.models.family import (
     preset_names,
     random_weight_presets,
     register_family,
+    unregister_family,
 )
 from tessera.models.wan.family import WAN
 
 register_family(WAN)
 
-__all__ = ["family_for", "family_names", "get_family", "preset_names", "random_weight_presets", "register_family"]
+__all__ = ["family_for", "family_names", "get_family", "preset_names", "random_weight_presets", "register_family",
+           "unregister_family"]

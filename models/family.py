@@ -25,7 +25,7 @@ __all__ = [
     "DEFAULT_LATENTS", "TEXT_ONLY", "DiT", "ForwardContext", "ImageCondition", "LatentDecoder", "LatentFormat",
     "ModelFamily",
     "SelfAttention", "TextEncoder", "family_for", "family_names", "get_family", "latent_shape", "preset_names",
-    "random_weight_presets", "register_family", "token_grid",
+    "random_weight_presets", "register_family", "token_grid", "unregister_family",
 ]
 
 
@@ -221,6 +221,11 @@ def register_family(family: ModelFamily) -> ModelFamily:
         raise ValueError(f"model family {family.name!r} is already registered")
     _FAMILIES[family.name] = family
     return family
+
+
+def unregister_family(name: str) -> None:
+    """Remove a family (tests that register one)."""
+    del _FAMILIES[name]
 
 
 def family_names() -> tuple[str, ...]:

@@ -6,7 +6,9 @@ Shape legend: B batch, L text tokens, C channels, F latent frames, H/W latent he
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
+from types import ModuleType
 
 import torch
 from tessera.models.family import LatentFormat
@@ -14,7 +16,7 @@ from torch import Tensor
 
 __all__ = [
     "TinyLatentDecoder", "TinyTextEncoder", "WAN21_LATENTS", "WAN21_LATENT_RGB_BIAS", "WAN21_LATENT_RGB_FACTORS",
-    "num_video_frames",
+    "hf_progress_bars", "num_video_frames",
 ]
 
 VAE_TEMPORAL_STRIDE = 4  # Wan VAE: first frame alone, then 4 frames per latent frame
@@ -123,3 +125,19 @@ class TinyLatentDecoder:
             VAE_SPATIAL_STRIDE, dim=3
         )
         return pixels.contiguous()
+
+
+@contextlib.contextmanager
+def hf_progress_bars(hf_logging: ModuleType, show: bool) -> Iterator[None]:
+    """Hide the loading bars of transformers or diffusers (`hf_logging` is its utils.logging) unless `show`.
+
+    The switch is process-global in both libraries: the state before is restored on exit.
+    """
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not show and was_enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not show and was_enabled:
+            hf_logging.enable_progress_bar()

@@ -80,7 +80,7 @@ class WanFamily:
     ) -> None:
         """ValueError before any weight loads when a request does not fit: its size (the VAE's compression x the
         patch), or its image (`image`: its name, None without one; `where`: the model's key for the message)."""
-        ckpt_mod.check_checkpoint_request(ckpt, height=height, width=width, preset=preset, image=image)
+        self.check_checkpoint_request(ckpt, height=height, width=width, preset=preset, image=image)
         check_image_request(config, image, where=where, image_optional=self.image_optional(ckpt, preset))
 
     # ---- weights and conditioning ----

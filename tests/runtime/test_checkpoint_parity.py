@@ -23,7 +23,7 @@ from _wan_checkpoint import FLOW_SHIFT, write_diffusers_checkpoint, write_native
 from tessera.launch.generate import main  # noqa: E402
 from tessera.models.wan import WanConfig, build_wan_on_meta, load_wan_weights_  # noqa: E402
 from tessera.models.wan.checkpoint import resolve_checkpoint  # noqa: E402
-from tessera.models.wan.components import WanVAEDecoder  # noqa: E402
+from tessera.models.wan.vae import WanVAEDecoder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -64,7 +64,7 @@ def test_pipeline_encodes_while_decoding_on_one_rank(tmp_path: Path) -> None:
     import sys
 
     import tessera
-    from tessera.models.wan.components import WanVAEDecoder
+    from tessera.models.wan.vae import WanVAEDecoder
 
     sys.path.insert(0, str(Path(__file__).parent))
     from _wan_checkpoint import write_diffusers_checkpoint

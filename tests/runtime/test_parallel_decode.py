@@ -21,7 +21,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))  # the multirank harness, tests/parallel
 
 from _dist import run_multirank  # noqa: E402
-from tessera.models.wan.components import WanVAEDecoder, build_row_parallel_vae  # noqa: E402
+from tessera.models.wan.vae import WanVAEDecoder, build_row_parallel_vae  # noqa: E402
 from tessera.parallel import RowSplit, build_mesh, build_row_split, split_sizes  # noqa: E402
 
 pytestmark = [

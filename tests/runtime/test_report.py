@@ -119,18 +119,18 @@ def test_progress_bars_hidden_for_the_load_then_restored():
     pytest.importorskip("diffusers")
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
-    from tessera.models.wan.components import _progress_bars
+    from tessera.models.wan.conditioning import hf_progress_bars
 
     for hf_logging in (transformers_logging, diffusers_logging):
         assert hf_logging.is_progress_bar_enabled()
-        with _progress_bars(hf_logging, show=True):
+        with hf_progress_bars(hf_logging, show=True):
             assert hf_logging.is_progress_bar_enabled()
-        with _progress_bars(hf_logging, show=False):
+        with hf_progress_bars(hf_logging, show=False):
             assert not hf_logging.is_progress_bar_enabled()
         assert hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # switched off by the user: a load must not switch it back on
         try:
-            with _progress_bars(hf_logging, show=False):
+            with hf_progress_bars(hf_logging, show=False):
                 pass
             assert not hf_logging.is_progress_bar_enabled()
         finally:

@@ -18,7 +18,7 @@ from tessera.runtime.preflight import estimate_request_memory
 
 pytest.importorskip("diffusers")
 
-from tessera.models.wan.components import WanVAEDecoder  # noqa: E402
+from tessera.models.wan.vae import WanVAEDecoder  # noqa: E402
 
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
 # dtype -> (max |diff| of [0, 1] frames, norm-relative diff, uint8 levels): about 2.5x the measured errors

@@ -34,7 +34,7 @@ from tessera.launch.config import resolve_config  # noqa: E402
 from tessera.launch.generate import main  # noqa: E402
 from tessera.models.family import LatentFormat  # noqa: E402
 from tessera.models.wan.checkpoint import resolve_checkpoint  # noqa: E402
-from tessera.models.wan.components import WanVAEDecoder  # noqa: E402
+from tessera.models.wan.vae import WanVAEDecoder  # noqa: E402
 from test_dmd import dmd_reference  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

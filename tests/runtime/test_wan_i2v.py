@@ -28,7 +28,7 @@ from tessera.launch.config import resolve_config  # noqa: E402
 from tessera.launch.generate import main  # noqa: E402
 from tessera.models.wan import WanConfig, build_wan_on_meta, load_wan_weights_  # noqa: E402
 from tessera.models.wan.checkpoint import resolve_checkpoint  # noqa: E402
-from tessera.models.wan.components import WanVAEDecoder  # noqa: E402
+from tessera.models.wan.vae import WanVAEDecoder  # noqa: E402
 from tessera.runtime.image_conditioning import aspect_warning, request_image_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
