@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session: carried wheels, GPU-tier tests, attention micro-benchmark (with the FastVideo peer),
 # DiT forward benchmarks. Run from the repo root on the device machine; results land in ${OUT:-bench_out}.
-#   bash bench/gpu_suite.sh [tests] [product] [attention] [variants] [profile] [dit13] [dit14] [sp13] [e2e] [vae] [fp8]
+#   bash bench/gpu_suite.sh [tests] [product] [families_tests] [attention] [variants] [profile] [dit13] [dit14] [sp13] [e2e] [vae] [fp8]
 #       [sla] [fastwan] [families] [experts] [sp2 (2 GPUs)]   (default: tests attention dit13 dit14)
 set -uo pipefail
 OUT=${OUT:-bench_out}

@@ -31,6 +31,7 @@ from tessera.launch.config import help_text, load_preset, resolve_config  # noqa
 from tessera.launch.generate import main  # noqa: E402
 from tessera.models.wan import WanConfig, build_wan_on_meta, materialize_random_  # noqa: E402
 from tessera.models.wan.checkpoint import resolve_checkpoint  # noqa: E402
+from tessera.models.wan.vae import WanVAEDecoder  # noqa: E402
 from tessera.runtime.config import GenerateConfig, ModelConfig  # noqa: E402
 from tessera.runtime.experts import Experts, build_expert_schedule  # noqa: E402
 from tessera.runtime.preflight import choose_expert_offload, estimate_request_memory  # noqa: E402
@@ -63,13 +64,14 @@ def diffusers_pipe(ckpt):
     return WanPipeline.from_pretrained(str(ckpt))
 
 
-def diffusers_latents(pipe, **overrides) -> torch.Tensor:
+def diffusers_latents(pipe, output_type: str = "latent", **overrides):
+    """diffusers' final latents (or, output_type="np", its frames in [0, 1]) for RUN with `overrides`."""
     run = {**RUN, **overrides}
     return pipe(
         PROMPT, NEGATIVE, height=run["height"], width=run["width"], num_frames=run["num_frames"],
         num_inference_steps=run["num_steps"], guidance_scale=run["guidance_scale"],
         guidance_scale_2=run["guidance_scale_2"], generator=torch.Generator("cpu").manual_seed(run["seed"]),
-        output_type="latent",
+        output_type=output_type,
     ).frames
 
 
@@ -123,6 +125,14 @@ def test_one_rank_matches_diffusers_and_a_wrong_switch_does_not(one_rank, refere
     finally:
         pipe.register_to_config(boundary_ratio=BOUNDARY)
     assert rel_err(ours, strict) > WRONG
+
+
+def test_decoded_frames_match_diffusers(ckpt, one_rank, diffusers_pipe):
+    """Our VAE decode of our final latents against diffusers' whole pipeline with output_type="np"."""
+    frames = WanVAEDecoder(ckpt / "vae", device=torch.device("cpu")).decode_float(one_rank[0])
+    ref = torch.from_numpy(diffusers_latents(diffusers_pipe, output_type="np"))
+    assert frames.shape == ref.shape == (1, RUN["num_frames"], RUN["height"], RUN["width"], 3) and ref.std() > 0.05
+    assert (frames - ref).abs().max().item() < 1e-3
 
 
 def test_offloaded_experts_give_bit_identical_latents(ckpt, one_rank):
