@@ -41,12 +41,11 @@ class WanFamily:
     def claims(self, path: Path) -> bool:
         """A diffusers directory whose model_index.json names a Wan pipeline or whose transformer is Wan's, a native
         Wan directory (config.json with `dim` and `num_heads`); not a bare weights file (the preset decides)."""
-        for file, key, accepted in ((path / "model_index.json", "_class_name", _PIPELINE_CLASSES),
-                                    (path / "transformer" / "config.json", "_class_name", ("WanTransformer3DModel",))):
-            if file.is_file():
-                return _json_field(file, key) in accepted
-        config = path / "config.json"
-        return config.is_file() and {"dim", "num_heads"} <= set(_json_keys(config))
+        for file, accepted in ((path / "model_index.json", _PIPELINE_CLASSES),
+                               (path / "transformer" / "config.json", ("WanTransformer3DModel",))):
+            if _json_object(file).get("_class_name") in accepted:
+                return True
+        return {"dim", "num_heads"} <= set(_json_object(path / "config.json"))
 
     resolve = staticmethod(ckpt_mod.resolve_checkpoint)
     checkpoint_at = staticmethod(ckpt_mod.checkpoint_at)
@@ -120,16 +119,13 @@ class WanFamily:
         return plan_image_conditioning(config, ckpt, preset)
 
 
-def _json_keys(file: Path) -> dict:
+def _json_object(file: Path) -> dict:
+    """The JSON object in `file`; {} when it is missing or not a JSON object (resolution reports those)."""
     try:
         data = json.loads(file.read_text())
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _json_field(file: Path, key: str) -> Any:
-    return _json_keys(file).get(key)
 
 
 WAN = WanFamily()
