@@ -2,7 +2,7 @@
 (vs FP8 block linears).
 
     python bench/dit_forward.py --preset 1.3b --out bench_dit.json [--diffusers] [--sparsity 0.9] [--sp 2 4 8]
-        [--sla-topk 0.1] [--fp8 [--quality-steps 10]]
+        [--sla-topk 0.1] [--fp8 [--quality-steps 10]] [--stages fast compiled composite]
 
 Random bf16 weights, B=1, latents for 480x832x81 (Wan2.1 1.3B), 720x1280x81 (14B: Wan2.1 14B, or one Wan2.2 A14B
 expert, the same architecture) or 704x1280x121 (ti2v5b: Wan2.2 TI2V-5B, 48-channel latents of the Wan2.2 VAE, 16x
@@ -29,6 +29,7 @@ import dataclasses
 import gc
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -47,6 +48,9 @@ SHAPES = {
     "14b": dict(heads=40, layers=40, ffn=13824, channels=16, vae=8, frames=81, height=720, width=1280),
     "ti2v5b": dict(heads=24, layers=30, ffn=14336, channels=48, vae=16, frames=121, height=704, width=1280),
 }
+
+
+STAGE_MODES = ("fast", "compiled", "composite")
 
 
 def model_config(shape: dict, sla_proj_l: bool = False) -> WanConfig:
@@ -146,8 +150,10 @@ def bench_ours(model, cfg: WanConfig, backend: str, sparsity: float, inputs, ite
     device = torch.device("cuda")
     latents, timestep, text = inputs
     ctx = forward_context(model, cfg, backend, sparsity, latents, sp)
+    t0 = time.perf_counter()
     model(latents, timestep, text, ctx=ctx)  # compile + Triton autotune (its benchmark buffers) before the peak
     torch.cuda.synchronize()
+    first_forward_s = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
     forward_ms = cuda_time_ms(lambda: model(latents, timestep, text, ctx=ctx), iters=iters)
     peak = torch.cuda.max_memory_allocated()
@@ -188,7 +194,8 @@ def bench_ours(model, cfg: WanConfig, backend: str, sparsity: float, inputs, ite
     return {
         "backend": backend, "sparsity": sparsity if backend == "vsa" else None,
         "sla_topk": sparsity if backend == "sla" else None, "sp": sp,
-        "packing_ms": packing, "forward_ms": forward_ms, "graphed_forward_ms": graphed_ms, "attention_ms": attention_ms,
+        "packing_ms": packing, "first_forward_s": first_forward_s,
+        "forward_ms": forward_ms, "graphed_forward_ms": graphed_ms, "attention_ms": attention_ms,
         "attention_share": attention_ms / forward_ms,
         "layout_ms": layout_ms, "layout_share": layout_ms / forward_ms, "peak_gib": peak / 2**30,
         "peak_inside_attention_gib": peaks["attention"] / 2**30, "peak_outside_attention_gib": peaks["outside"] / 2**30,
@@ -262,7 +269,9 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.9])
     parser.add_argument("--diffusers", action="store_true")
     parser.add_argument("--iters", type=int, default=5, help="timed forwards (median) after 2 warm-ups")
-    parser.add_argument("--no-compile", action="store_true", help="eager token-local stages")
+    parser.add_argument("--stages", nargs="+", choices=STAGE_MODES, default=["fast"],
+                        help="token-local stages: fast (Triton ops, eager: the runtime's default), compiled (also "
+                             "torch.compile: model.compile=true), composite (plain torch ops); each times all backends")
     parser.add_argument("--sp", type=int, nargs="+", default=[1],
                         help="sequence-parallel degrees; > 1: one rank's work under a fake process group (see above)")
     parser.add_argument("--cuda-graph", action="store_true", help="also time the forward replayed from a CUDA graph")
@@ -283,8 +292,7 @@ def main() -> None:
     model = build_wan_on_meta(cfg)
     materialize_random_(model, seed=0, device=device, dtype=torch.bfloat16)
     model.eval()
-    if not args.no_compile:
-        model.compile_blocks()
+    set_stages(model, args.stages[0])
     inputs = random_inputs(shape, device)
     latents = inputs[0]
 
@@ -301,13 +309,17 @@ def main() -> None:
             from torch.testing._internal.distributed.fake_pg import FakeStore
 
             torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=sp)
-        runs = all_backends(model, cfg, args, inputs, sp)
+        for stages in args.stages:
+            set_stages(model, stages)
+            runs = all_backends(model, cfg, args, inputs, sp)
+            for run in runs:
+                run["stages"] = stages
+                run["speedup_vs_our_dense"] = runs[0]["forward_ms"] / run["forward_ms"]
+                print(json.dumps(run))
+            results["runs"] += runs
+        set_stages(model, args.stages[0])
         if sp > 1:
             torch.distributed.destroy_process_group()
-        for run in runs:
-            run["speedup_vs_our_dense"] = runs[0]["forward_ms"] / run["forward_ms"]
-            print(json.dumps(run))
-        results["runs"] += runs
     if args.diffusers:
         ours_out = model(*inputs, ctx=None)
         ref = bench_diffusers(model, cfg, inputs, args.iters)
@@ -320,6 +332,15 @@ def main() -> None:
         bench_fp8(model, cfg, args, inputs, results)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+def set_stages(model, mode: str) -> None:
+    """One of STAGE_MODES for the token-local block stages."""
+    if mode == "composite":
+        model.use_fast_stages(compile=False)
+        model._fused_ops = False  # the plain torch ops (what CPUs run)
+    else:
+        model.use_fast_stages(compile=mode == "compiled")
 
 
 def all_backends(model, cfg: WanConfig, args, inputs, sp: int = 1) -> list[dict]:

@@ -5,7 +5,7 @@
 
 Two random bf16 experts of the 14B architecture (seeds 0 and 1; no VSA gate, as the A14B checkpoints), latents
 16x21x90x160 (720x1280x81), 512 text tokens, CFG as one batch-2 forward with guidance 4.0 / 3.0 (the A14B defaults).
-The blocks compile (CUDA) and warm up on both experts, then a short flow-matching Euler run (the first half of the
+The blocks warm up on both experts, then a short flow-matching Euler run (the first half of the
 steps on the high-noise expert, the rest on the low-noise one) runs twice through the product's `Experts`
 (runtime/experts.py):
   resident: both experts on the device; the run's peak memory and seconds per step.
@@ -116,7 +116,7 @@ def main() -> None:
         t0 = time.perf_counter()
         model = materialize_random_(build_wan_on_meta(cfg), seed=seed, device=device, dtype=torch.bfloat16).eval()
         if device.type == "cuda":
-            model.compile_blocks()
+            model.use_fast_stages(compile=False)
         models.append(model)
         _sync(device)
         build_seconds.append(time.perf_counter() - t0)

@@ -20,21 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
-from end_to_end import DIT_13B, DIT_SMOKE, PROMPT, write_checkpoint
+from end_to_end import DIT_13B, DIT_SMOKE, launch_matrix, summary, write_checkpoint
 from safetensors.torch import save_file
-from tessera.launch.config import all_keys
 
-REPO = Path(__file__).resolve().parents[1]
 SIZES = ((61, 448, 832), (81, 480, 832))  # (frames, height, width): the preset's, then Wan2.1's 480p
 SMOKE_SIZES = ((13, 64, 64), (17, 64, 96))  # >= one 4x4x4 VSA tile after patchify
-SECOND_PROMPT = "a red fox running through fresh snow in the forest"
-REPORT_KEYS = ("stage_seconds", "step_seconds", "peak_memory_bytes", "sampler", "compile_cache", "cuda_graphs")
 
 
 def make_fastwan(root: Path, smoke: bool) -> None:
@@ -58,49 +52,6 @@ def make_fastwan(root: Path, smoke: bool) -> None:
         {"_class_name": "WanDMDPipeline", "scheduler": ["diffusers", "UniPCMultistepScheduler"]}))
 
 
-def run_launch(argv: list[str], out: Path) -> dict:
-    """One `launch/generate.py` process: wall seconds and its report's numbers."""
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "generate.py"), *argv, f"output.path={out}",
-                           "output.overwrite=true"], capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"generate failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    report = json.loads(out.with_suffix(".json").read_text())
-    return {"process_wall_seconds": wall, **{key: report.get(key) for key in REPORT_KEYS},
-            "attention": {k: report["attention"][k] for k in ("backend", "sparsity_per_step")}}
-
-
-def api_worker(spec: dict) -> dict:
-    """In a fresh process: load once, then two requests (generate + save), each timed from the caller's side."""
-    import tessera
-
-    t0 = time.perf_counter()
-    pipe = tessera.load(**spec["load"])
-    result: dict = {"load_call_seconds": time.perf_counter() - t0, "requests": []}
-    for index, (prompt, seed) in enumerate(((PROMPT, 0), (SECOND_PROMPT, 1))):
-        t0 = time.perf_counter()
-        video = pipe.generate(prompt=prompt, seed=seed, **spec["request"])
-        generate_seconds = time.perf_counter() - t0
-        video.save(Path(spec["out_dir"]) / f"api-{index}.mp4", overwrite=True)
-        result["requests"].append({"generate_call_seconds": generate_seconds,
-                                   "prompt_to_mp4_seconds": time.perf_counter() - t0,
-                                   **{key: video.report.get(key) for key in REPORT_KEYS}})
-    pipe.close()
-    return result
-
-
-def run_api(spec: dict, out_dir: Path) -> dict:
-    spec_file, result_file = out_dir / "api_spec.json", out_dir / "api_result.json"
-    spec_file.write_text(json.dumps(spec))
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--api-worker", str(spec_file), "--out", str(result_file)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"API worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return {"process_wall_seconds": time.perf_counter() - t0, **json.loads(result_file.read_text())}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -110,13 +61,10 @@ def main() -> None:
     parser.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra model.* keys for every run, e.g. vae_dtype=bfloat16 quant=fp8")
     parser.add_argument("--api-only", action="store_true", help="skip the cold and warm launches")
+    parser.add_argument("--profile", action="store_true", help="cProfile each API request (profile-*.txt)")
     parser.add_argument("--sizes", nargs="*", default=None, metavar="HxWxF",
                         help="only these sizes (default: 448x832x61 480x832x81)")
-    parser.add_argument("--api-worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.api_worker:
-        Path(args.out).write_text(json.dumps(api_worker(json.loads(Path(args.api_worker).read_text()))))
-        return
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     root, out_dir = Path(args.dir), Path(args.out).resolve().parent / (Path(args.out).stem + "_runs")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -128,36 +76,26 @@ def main() -> None:
     result["checkpoint_written_now"] = fresh
 
     dtype = "float32" if args.smoke else "bfloat16"
-    # The smoke DiT matches no preset, so it gets no preset sparsity: give it the 1.3B one.
-    extra = {"attention": {"sparsity": 0.8}} if args.smoke else {}
-    has_cache_key = "model.cache_dir" in all_keys()  # the persistent compile cache, where this tree has it
+    # The checkpoint's own defaults (DMD, VSA 0.8); the smoke DiT matches no preset, so give it the 1.3B sparsity.
+    attention = {"sparsity": 0.8} if args.smoke else {}
     for frames, height, width in SMOKE_SIZES if args.smoke else SIZES:
         tag = f"{height}x{width}x{frames}"
         if args.sizes is not None and tag not in args.sizes:
             continue
-        cache = {"cache_dir": str(out_dir / f"compile_cache_{tag}_{time.time_ns()}")} if has_cache_key else {}
-        model = {"path": str(root), "dtype": dtype, **cache, **dict(kv.split("=", 1) for kv in args.model)}
-        argv = [f"model.{k}={v}" for k, v in model.items()] + [
-            f"prompt={PROMPT}", f"num_frames={frames}", f"height={height}", f"width={width}",
-            *(["attention.sparsity=0.8"] if args.smoke else [])]
-        regime: dict = {"size": tag, "model_keys": args.model}
-        if not args.api_only:
-            regime["cold_launch"] = run_launch(argv, out_dir / f"cold-{tag}.mp4")
-            regime["warm_launch"] = run_launch(argv, out_dir / f"warm-{tag}.mp4")
-        spec = {"load": {"model": model, **extra}, "out_dir": str(out_dir),
-                "request": {"num_frames": frames, "height": height, "width": width}}
-        regime["api"] = run_api(spec, out_dir)
+        model = {"path": str(root), "dtype": dtype, "cache_dir": str(out_dir / f"cache_{tag}_{time.time_ns()}"),
+                 **dict(kv.split("=", 1) for kv in args.model)}
+        request = {"num_frames": frames, "height": height, "width": width}
+        regime = {"size": tag, "model_keys": args.model,
+                  **launch_matrix(tag, model, request, attention, out_dir, not args.api_only, args.profile)}
         sampler = regime["api"]["requests"][0]["sampler"]
         assert sampler["name"] == "dmd" and sampler["timesteps"] == [1000, 757, 522], sampler
         if not args.api_only:
-            attention = regime["cold_launch"]["attention"]
-            assert attention["backend"] == "vsa" and set(attention["sparsity_per_step"]) == {0.8}, attention
+            used = regime["cold_launch"]["attention"]
+            assert used["backend"] == "vsa" and set(used["sparsity_per_step"]) == {0.8}, used
+        regime["summary"] = summary(regime)
         result["regimes"].append(regime)
-        runs = [k for k in ("cold_launch", "warm_launch", "api") if k in regime]
-        print(json.dumps({tag: {k: regime[k]["process_wall_seconds"] for k in runs},
-                          "second_request": regime["api"]["requests"][1]["prompt_to_mp4_seconds"]}))
+        print(json.dumps({tag: regime["summary"]}, indent=1), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session: carried wheels, GPU-tier tests, attention micro-benchmark (with the FastVideo peer),
 # DiT forward benchmarks. Run from the repo root on the device machine; results land in ${OUT:-bench_out}.
-#   bash bench/gpu_suite.sh [tests] [product] [families_tests] [attention] [variants] [profile] [dit13] [dit14] [sp13] [e2e] [vae] [fp8]
+#   bash bench/gpu_suite.sh [tests] [product] [families_tests] [attention] [variants] [profile] [dit13] [dit14] [sp13] [e2e] [stages] [vae] [fp8]
 #       [sla] [fastwan] [families] [experts] [sp2 (2 GPUs)]   (default: tests attention dit13 dit14)
 set -uo pipefail
 OUT=${OUT:-bench_out}
@@ -27,7 +27,8 @@ for part in $parts; do
     variants) python3 bench/attention.py --sparsity 0.9 --variants --out "$OUT/variants.json" 2>&1 | tee "$OUT/variants.log" ;;
     profile) python3 bench/profile_vsa.py --forward 2>&1 | tee "$OUT/profile.log" ;;
     dit13) python3 bench/dit_forward.py --preset 1.3b --diffusers --cuda-graph --out "$OUT/dit_1.3b.json" 2>&1 | tee "$OUT/dit_1.3b.log" ;;
-    e2e) python3 bench/end_to_end.py --text-layers 2 --steps 10 --backend vsa --out "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" ;;
+    e2e) python3 bench/end_to_end.py --diffusers --model vae_dtype=bfloat16 --out "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" ;;
+    stages) python3 bench/dit_forward.py --preset 1.3b --stages fast compiled composite --out "$OUT/dit_stages.json" 2>&1 | tee "$OUT/dit_stages.log" ;;
     vae) python3 bench/vae_decode.py --variants --out "$OUT/vae.json" 2>&1 | tee "$OUT/vae.log" ;;
     fp8) python3 bench/fp8_gemm.py --out "$OUT/fp8_gemm.json" 2>&1 | tee "$OUT/fp8_gemm.log"
          python3 bench/dit_forward.py --preset 1.3b --fp8 --quality-steps 10 --out "$OUT/dit_1.3b_fp8.json" 2>&1 | tee "$OUT/dit_1.3b_fp8.log" ;;

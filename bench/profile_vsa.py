@@ -3,7 +3,8 @@
     python bench/profile_vsa.py [--forward] [--host]
 
 Prints torch.profiler's CUDA-time table for one VSA attention call (coarse stage + fine kernel) and, with
---forward, for one whole DiT forward (random bf16 weights, compiled token-local stages, sparsity 0.9).
+--forward, for one whole DiT forward (random bf16 weights, sparsity 0.9; the runtime's eager token-local stages,
+their Triton ops).
 With --host, cProfile's table for the host side of 200 eager VSA calls (the launch work, which an eager call
 exposes when it outlasts the kernels queued before the fine kernel).
 """
@@ -65,7 +66,7 @@ def main() -> None:
         cfg = WanConfig(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30,
                         gate_compress=True)
         model = materialize_random_(build_wan_on_meta(cfg), seed=0, device="cuda", dtype=torch.bfloat16).eval()
-        model.compile_blocks()
+        model.use_fast_stages(compile=False)
         device = torch.device("cuda")
         plan = build_attention_plan(AttentionConfig(backend="vsa", sparsity=0.9), num_layers=30, num_steps=1,
                                     grid_thw=GRID, head_dim=128, dtype=torch.bfloat16, device=device)

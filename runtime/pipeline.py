@@ -20,7 +20,12 @@ from tessera.models import family_for
 from tessera.models.family import TEXT_ONLY, DiT, token_grid
 from tessera.models.fp8 import check_quant_supported, quantize_blocks_fp8_
 from tessera.parallel import ParallelMesh, build_row_split, warmup_collectives
-from tessera.runtime.compile_cache import compile_cache_counters, compile_cache_report, use_compile_cache
+from tessera.runtime.compile_cache import (
+    DeviceWarmup,
+    compile_cache_counters,
+    compile_cache_report,
+    use_compile_cache,
+)
 from tessera.runtime.config import GenerateConfig
 from tessera.runtime.denoise import denoise, elapsed_synced, log_main
 from tessera.runtime.experts import EXPERT_NAMES, ExpertRun, Experts, build_expert_schedule
@@ -78,7 +83,7 @@ def build_model(
         load_info["quant"] = quantize_blocks_fp8_(model).as_dict()
     load_info["parameter_bytes"] = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     if device.type == "cuda":
-        model.compile_blocks()  # fuses the token-local elementwise work; compiled once, on the first step
+        model.use_fast_stages(compile=cfg.model.compile)  # Triton ops for the token-local elementwise work
     return model.eval(), load_info
 
 
@@ -163,6 +168,8 @@ class Pipeline:
         _reset_peak_memory(mesh.device)
         progress.stage = "load"
         faults.fire_phase("load", mesh.rank)
+        self.compile_cache = use_compile_cache(cfg.model.cache_dir)  # before anything compiles
+        warmup = DeviceWarmup(mesh.device, self.dtype).start()  # the libraries' start-up, while the weights load
         with exact_fp32(self.dtype, mesh.device):
             t0 = time.perf_counter()
             if mesh.rank == mesh.node_leader:
@@ -178,8 +185,8 @@ class Pipeline:
             self._pending = {"text_encode": elapsed_synced(t0, mesh.device)}  # reported by the first request
             log_main(mesh, "text encoded in %.2f s", self._pending["text_encode"])
             t0 = time.perf_counter()
-            self.compile_cache = use_compile_cache(cfg.model.cache_dir)  # before anything compiles
             self.experts, self.load_info = build_experts(cfg, family, model_cfg, mesh, self.checkpoint)
+            self.warmup = warmup.join()  # normally done by now
             self._pending["load"] = elapsed_synced(t0, mesh.device)
         _note_missing_layer_weights(cfg, self.model, self.load_info)
         log_main(mesh, "weights loaded: %.2f GiB in %.2f s", self.load_info["parameter_bytes"] / 2**30,
@@ -291,7 +298,8 @@ class Pipeline:
         report["sampler"] = scheduler.describe()  # its name, the model timestep and the sigma of each step
         report.update(provenance=provenance, ranks=ranks, step_seconds=step_seconds, denoise_seconds=loop_seconds,
                       stage_seconds=stage_seconds, cuda_graphs=run.cuda_graphs_report(),
-                      compile_cache=compile_cache_report(self.compile_cache, compiled_before),
+                      compile_cache={**compile_cache_report(self.compile_cache, compiled_before),
+                                     "device_warmup": self.warmup},
                       conditioning={"text_encoder": self.conditioning.text, "decoder": self.conditioning.decoder})
         if image_cond is not TEXT_ONLY:
             report["image"] = image_cond.report  # rank 0's: source, size, encode seconds, aspect warning

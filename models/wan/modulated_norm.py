@@ -1,5 +1,8 @@
 """LayerNorm with fp32 statistics followed by a per-channel affine map, in one pass: the composite and a Triton kernel.
 
+Also the gated residual ``(x.float() + y.float() * gate).to(x.dtype)`` that closes each half of a block, so that
+on CUDA every token-local op of a block is a Triton kernel or a cuBLAS GEMM and the blocks need no torch.compile.
+
 Each Wan block normalises its hidden states three times, always as ``LN(x.float()) * a + b`` rounded to x's dtype:
 norm1 and norm3 (no affine of their own) with the timestep modulation ``a = 1 + scale``, ``b = shift`` per batch
 row, and norm2 (cross-attention) with its affine ``a = weight``, ``b = bias``. torch.compile left them as three
@@ -19,6 +22,11 @@ import torch.nn.functional as F
 def modulated_layer_norm_reference(x_BSC: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
     """``(LayerNorm(x.float()) * a + b).to(x.dtype)``; a, b fp32, [B, 1, C] or [C]."""
     return (F.layer_norm(x_BSC.float(), (x_BSC.shape[-1],), eps=eps) * a + b).to(x_BSC.dtype)
+
+
+def gated_residual_reference(x_BSC: torch.Tensor, y_BSC: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``(x.float() + y.float() * gate).to(x.dtype)``; gate fp32, [B, 1, C] (one row per batch row) or [B, S, C]."""
+    return (x_BSC.float() + y_BSC.float() * gate).to(x_BSC.dtype)
 
 
 @functools.cache
@@ -49,7 +57,20 @@ def _kernel():
         b = tl.load(B + ab, mask=ok, other=0.0)
         tl.store(OUT + row * C + cols, (centred * rstd * a + b).to(OUT.dtype.element_ty), mask=ok)
 
-    return triton, modulated_layer_norm_kernel
+    @triton.jit
+    def gated_residual_kernel(
+        X, Y, G, OUT,  # X, Y, OUT: [rows, C] row-major (rows = batch * seq_len); G: fp32 [batch, C]
+        seq_len, C: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_C)
+        ok = cols < C
+        x = tl.load(X + row * C + cols, mask=ok, other=0.0).to(tl.float32)
+        y = tl.load(Y + row * C + cols, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(G + (row // seq_len) * C + cols, mask=ok, other=0.0)
+        tl.store(OUT + row * C + cols, (x + y * g).to(OUT.dtype.element_ty), mask=ok)
+
+    return triton, modulated_layer_norm_kernel, gated_residual_kernel
 
 
 def modulated_layer_norm_triton(
@@ -57,7 +78,7 @@ def modulated_layer_norm_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel: one program per token row. Returns (x + residual, the normalised x + residual) with a
     residual, else (x, the normalised x)."""
-    triton, kernel = _kernel()
+    triton, kernel, _ = _kernel()
     batch, seq_len, width = x_BSC.shape
     a_rows, b_rows = (t.float().reshape(-1, width).contiguous() for t in (a, b))
     if a_rows.shape != b_rows.shape or a_rows.shape[0] not in (1, batch):
@@ -73,6 +94,40 @@ def modulated_layer_norm_triton(
         C=width, BLOCK_C=block, HAS_RESIDUAL=residual_BSC is not None, num_warps=max(1, min(16, block // 256)),
     )
     return x_sum, out
+
+
+def gated_residual_triton(x_BSC: torch.Tensor, y_BSC: torch.Tensor, gate_B1C: torch.Tensor) -> torch.Tensor:
+    """The kernel: one program per token row, gate [B, 1, C] (one row per batch row)."""
+    triton, _, kernel = _kernel()
+    batch, seq_len, width = x_BSC.shape
+    if tuple(gate_B1C.shape) != (batch, 1, width):
+        raise ValueError(f"gated_residual: gate must be [{batch}, 1, {width}], got {tuple(gate_B1C.shape)}")
+    x = x_BSC.contiguous()
+    out = torch.empty_like(x)
+    block = triton.next_power_of_2(width)
+    kernel[(batch * seq_len,)](
+        x, y_BSC.contiguous(), gate_B1C.float().contiguous(), out, seq_len,
+        C=width, BLOCK_C=block, num_warps=max(1, min(16, block // 256)),
+    )
+    return out
+
+
+@torch.library.custom_op("tessera::gated_residual", mutates_args=())
+def _gated_residual_op(x_BSC: torch.Tensor, y_BSC: torch.Tensor, gate_B1C: torch.Tensor) -> torch.Tensor:
+    return gated_residual_triton(x_BSC, y_BSC, gate_B1C)
+
+
+@_gated_residual_op.register_fake
+def _gated_residual_fake(x_BSC, y_BSC, gate_B1C):
+    return torch.empty_like(x_BSC, memory_format=torch.contiguous_format)
+
+
+def gated_residual(x_BSC: torch.Tensor, y_BSC: torch.Tensor, gate: torch.Tensor, fused: bool) -> torch.Tensor:
+    """``(x.float() + y.float() * gate).to(x.dtype)`` for x, y [B, S, C]; gate fp32 [B, 1, C] (``fused``: the
+    Triton op) or [B, S, C] (per-token modulation: always the composite)."""
+    if not fused or gate.shape[1] != 1:
+        return gated_residual_reference(x_BSC, y_BSC, gate)
+    return _gated_residual_op(x_BSC, y_BSC, gate)
 
 
 @torch.library.custom_op("tessera::modulated_layer_norm", mutates_args=())

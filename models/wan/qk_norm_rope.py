@@ -1,7 +1,7 @@
 """q/k RMSNorm over all heads + RoPE in one pass: the torch composite (the spec) and a Triton kernel.
 
 Wan normalises q and k over the full model width (all heads), then rotates head-dim pairs (2i, 2i+1) with
-fp32 cos/sin tables. The composite is what eager code and CPUs run; on CUDA, ``WanTransformer.compile_blocks``
+fp32 cos/sin tables. The composite is what eager code and CPUs run; on CUDA, ``WanTransformer.use_fast_stages``
 switches to ``tessera::qk_norm_rope``, one launch for q and k that reads each once and writes each once
 (torch.compile left the two as a reduction kernel at ~3x the bandwidth floor).
 Legend: B batch, S tokens, C model width (N heads x D head dim).

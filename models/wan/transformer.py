@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tessera.attention.dense import DenseAttention
 from tessera.models.family import ForwardContext, SelfAttention
 from tessera.models.wan.config import WanConfig, wan_param_dtype
-from tessera.models.wan.modulated_norm import add_modulated_layer_norm, modulated_layer_norm
+from tessera.models.wan.modulated_norm import add_modulated_layer_norm, gated_residual, modulated_layer_norm
 from tessera.models.wan.qk_norm_rope import qk_norm_rope
 
 # --------------------------------------------------------------------------------------------------
@@ -291,13 +291,14 @@ class WanBlock(nn.Module):
         return self.attn1.self_attention_inputs(h_BSC, rope, with_gate, fused)
 
     def attention_residual(
-        self, x_BSC: torch.Tensor, out_BSND: torch.Tensor, modulation_B6C: torch.Tensor | TokenModulation
+        self, x_BSC: torch.Tensor, out_BSND: torch.Tensor, modulation_B6C: torch.Tensor | TokenModulation,
+        fused: bool = False,
     ) -> torch.Tensor:
         """Stage 1b (token-local): out-projection + gated residual. Its own stage, so that the attention output
-        and the block's input are freed before the FFN (the forward's memory peak)."""
+        and the block's input are freed before the FFN (the forward's memory peak). ``fused``: the Triton op for
+        the gated residual, else the composite."""
         (gate,) = self._modulation(modulation_B6C, 2, 3)
-        out_BSC = self.attn1.to_out[0](out_BSND.flatten(2).type_as(x_BSC))
-        return (x_BSC.float() + out_BSC * gate).type_as(x_BSC)
+        return gated_residual(x_BSC, self.attn1.to_out[0](out_BSND.flatten(2).type_as(x_BSC)), gate, fused)
 
     def text_and_ffn(
         self, x_BSC: torch.Tensor, text_BLC: torch.Tensor, modulation_B6C: torch.Tensor | TokenModulation,
@@ -314,8 +315,7 @@ class WanBlock(nn.Module):
         x_BSC, h_BSC = add_modulated_layer_norm(
             x_BSC, self.attn2.cross_attention(h_BSC, text_BLC, image_BIC), 1 + c_scale, c_shift, self.norm3.eps,
             fused and not isinstance(modulation_B6C, TokenModulation))
-        out_BSC = self.ffn(h_BSC)
-        return (x_BSC.float() + out_BSC.float() * c_gate).type_as(x_BSC)
+        return gated_residual(x_BSC, self.ffn(h_BSC), c_gate, fused)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,18 +339,24 @@ class WanTransformer(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
         self._dense = _LocalSelfAttention(DenseAttention())
         self._block_stages = (WanBlock.attention_inputs, WanBlock.attention_residual, WanBlock.text_and_ffn)
-        self._fused_ops = False  # compile_blocks sets it on CUDA
+        self._fused_ops = False  # use_fast_stages sets it on CUDA
 
-    def compile_blocks(self) -> None:
-        """torch.compile the token-local block stages (norms, modulation, RoPE, GELU fuse into few kernels).
+    def use_fast_stages(self, compile: bool) -> None:
+        """The token-local block stages' fast path. On CUDA their elementwise work runs as Triton ops: q/k RMSNorm
+        + RoPE as one (``tessera::qk_norm_rope``), each LayerNorm with its modulation or affine as another
+        (``tessera::modulated_layer_norm``, the cross-attention residual add inside norm3's), each gated residual
+        as a third (``tessera::gated_residual``); with the GEMMs (the FFN's GELU in cuBLASLt's epilogue) that is
+        every op of a block, so eager stages run about as fast as compiled ones and start without compiling.
+        ``compile``: also torch.compile the stages (the small modulation math fuses; costs seconds on the first
+        forward of each shape, a cache hit less). Call after the weights are on their device.
 
-        The attention call between them stays eager (collectives, custom kernels). Blocks share parameters'
-        shapes, so one graph per stage serves all blocks (dynamo treats module parameters as inputs). On CUDA,
-        q/k RMSNorm + RoPE run as one Triton op (``tessera::qk_norm_rope``) and each LayerNorm with its
-        modulation or affine as another (``tessera::modulated_layer_norm``). Call after the weights are on
-        their device.
+        The attention call between the stages stays eager (collectives, custom kernels). Blocks share parameters'
+        shapes, so one graph per stage serves all blocks (dynamo treats module parameters as inputs).
         """
         self._fused_ops = next(self.parameters()).device.type == "cuda"  # the Triton norm kernels
+        self._block_stages = (WanBlock.attention_inputs, WanBlock.attention_residual, WanBlock.text_and_ffn)
+        if not compile:
+            return
         # The functions themselves, not wrappers: dynamo caches compiled graphs per code object, up to its
         # recompile limit (8), and functools.partial objects all share one wrapper's code. Shared, three stages
         # x (gate or not) x a few video shapes hit the limit and fell back to eager (device run 4, sp 8).
@@ -451,7 +457,7 @@ class WanTransformer(nn.Module):
             image_BIC = self.condition_embedder.image_embedder(encoder_hidden_states_image_BIC.to(dtype))
 
         # 3. Blocks, on the local token shard. Only `attn` mixes tokens (and communicates, under SP); the
-        #    token-local stages around it are plain or, after `compile_blocks()`, torch.compile'd functions.
+        #    token-local stages around it run the composites or, after `use_fast_stages()`, the Triton ops.
         #    No names hold q, k, v, gate or the attention output: each is freed as soon as its last consumer
         #    returns (named, they would live on through the FFN and the next block's projections). The residual
         #    stage is split from cross-attention + FFN so that the attention output and the block's input are
@@ -464,6 +470,7 @@ class WanTransformer(nn.Module):
                 local_x_BSC,
                 attn(*attention_inputs(block, local_x_BSC, modulation_B6C, rope, attn.uses_gate, fused)),
                 modulation_B6C,
+                fused,
             )
             local_x_BSC = text_and_ffn(block, local_x_BSC, text_BLC, modulation_B6C, fused, image_BIC)
 
@@ -472,7 +479,8 @@ class WanTransformer(nn.Module):
         if clean_S1 is not None:  # per token: [B, S_local, C]
             clean_shift, clean_scale = (self.scale_shift_table + clean_temb_BC.unsqueeze(1)).chunk(2, dim=1)
             shift, scale = modulation_B6C.select(shift, clean_shift), modulation_B6C.select(scale, clean_scale)
-        local_x_BSC = (self.norm_out(local_x_BSC.float()) * (1 + scale) + shift).type_as(local_x_BSC)
+        local_x_BSC = modulated_layer_norm(local_x_BSC, 1 + scale, shift, self.norm_out.eps,
+                                           fused and clean_S1 is None)
         local_out_BSP = self.proj_out(local_x_BSC)
 
         # 5. Back to the full sequence in raster order.

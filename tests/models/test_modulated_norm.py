@@ -14,7 +14,7 @@ import torch
 
 
 def _check(dtype: torch.dtype, device: str = "cpu") -> None:
-    from tessera.models.wan.modulated_norm import add_modulated_layer_norm, modulated_layer_norm
+    from tessera.models.wan.modulated_norm import add_modulated_layer_norm, gated_residual, modulated_layer_norm
 
     gen = torch.Generator().manual_seed(5)
     # widths no power of two; a per-batch modulation ([B, 1, C]) and one shared affine ([C]); an offset mean
@@ -49,6 +49,19 @@ def _check(dtype: torch.dtype, device: str = "cpu") -> None:
         if not shared:
             swapped = modulated_layer_norm(x, a.flip(0), b.flip(0), 1e-6, fused=True)
             assert not torch.equal(swapped, got)
+        # the gated residual x + y * gate, one gate row per batch row
+        gate = torch.randn(batch, 1, width, generator=gen).to(device)
+        got = gated_residual(x, residual, gate, fused=True)
+        expected = gated_residual(x, residual, gate, fused=False)
+        assert got.shape == x.shape and got.dtype == dtype
+        if dtype == torch.float32:  # an FMA may round once where the composite rounds twice
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        else:
+            torch.testing.assert_close(got.float(), expected.float(), rtol=2**-7, atol=2**-7)
+            if device == "cuda":
+                assert (got != expected).float().mean() < 0.01
+        if batch > 1:
+            assert not torch.equal(gated_residual(x, residual, gate.flip(0), fused=True), got)
 
 
 def _check_model_wiring() -> None:
@@ -79,9 +92,33 @@ def _check_model_wiring() -> None:
     got = block.text_and_ffn(x, text, modulation, fused=True)
     expected = block.text_and_ffn(x, text, modulation, fused=False)
     assert rel(got, expected) < 1e-5, rel(got, expected)
+    out = torch.randn(1, seq_len, cfg.num_attention_heads, cfg.attention_head_dim, generator=gen)
+    got = block.attention_residual(x, out, modulation, fused=True)
+    expected = block.attention_residual(x, out, modulation, fused=False)
+    assert rel(got, expected) < 1e-5, rel(got, expected)
+    assert rel(block.attention_residual(x, out, modulation.roll(1, 1), fused=True), expected) > 1e-2  # its own gate
 
 
-@pytest.mark.parametrize("what", ["float32", "bfloat16", "model"])
+def _check_model_forward() -> None:
+    """The whole DiT forward with the fast stages (every token-local op a Triton kernel, no torch.compile) equals
+    the composite forward on an awkward grid."""
+    from tessera.models.wan import WanConfig, build_wan_on_meta, materialize_random_
+
+    cfg = WanConfig(num_attention_heads=2, attention_head_dim=16, ffn_dim=48, num_layers=2, text_dim=24,
+                    freq_dim=32)
+    model = materialize_random_(build_wan_on_meta(cfg), seed=6, device="cpu", dtype=torch.float32)
+    gen = torch.Generator().manual_seed(8)
+    latents, text = torch.randn(1, 16, 3, 6, 10, generator=gen), torch.randn(1, 7, 24, generator=gen)
+    timestep = torch.tensor([417.0])
+    with torch.no_grad():
+        expected = model(latents, timestep, text)
+        model._fused_ops = True  # what use_fast_stages(compile=False) sets on CUDA
+        got = model(latents, timestep, text)
+    rel = ((got - expected).norm() / expected.norm()).item()
+    assert rel < 1e-5, rel
+
+
+@pytest.mark.parametrize("what", ["float32", "bfloat16", "model", "forward"])
 def test_interpreted_kernel_matches_composite(run_triton_interpreted, what: str) -> None:
     proc = run_triton_interpreted(__file__, what)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -115,5 +152,6 @@ def test_gpu_kernel_matches_composite() -> None:
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    _check_model_wiring() if sys.argv[1] == "model" else _check(getattr(torch, sys.argv[1]))
+    {"model": _check_model_wiring, "forward": _check_model_forward}.get(
+        sys.argv[1], lambda: _check(getattr(torch, sys.argv[1])))()
     print("ok")

@@ -215,7 +215,7 @@ def test_attention_tensors_are_freed_before_the_next_block(compiled):
     peak memory)."""
     ours, _ = _pair(gate_compress=True)
     if compiled:
-        ours.compile_blocks()
+        ours.use_fast_stages(compile=True)
     x, t, text = _inputs()
     rope = ours.rope_tables(ours.grid_thw(x.shape[2:]), "cpu")
     probe = _LivenessProbe()
@@ -253,7 +253,7 @@ def test_materialize_random_is_deterministic_and_order_independent():
 
 @pytest.mark.slow
 def test_compiled_block_stages_match_eager():
-    """compile_blocks() (used on GPUs) fuses the token-local stages without changing the math."""
+    """use_fast_stages(compile=True) (used on GPUs) fuses the token-local stages without changing the math."""
     torch.manual_seed(3)
     cfg = WanConfig(num_attention_heads=2, attention_head_dim=16, ffn_dim=48, num_layers=3, text_dim=24,
                     freq_dim=32, gate_compress=True)
@@ -264,7 +264,7 @@ def test_compiled_block_stages_match_eager():
     other = torch.randn(1, 16, 2, 4, 6)  # a second video shape
     eager, eager_other = model(latents, timestep, text), model(other, timestep, text)
     torch._dynamo.reset()  # earlier tests compiled the same stage functions (caches are per code object)
-    model.compile_blocks()
+    model.use_fast_stages(compile=True)
     # Each stage is its own code object with its own dynamo cache: with a limit of 2 graphs per code object,
     # two video shapes compile (a cache shared by the three stages holds 3 graphs after one shape and would
     # fail here, where by default it silently falls back to eager).

@@ -10,8 +10,9 @@ import sys
 import textwrap
 
 import pytest
+import torch
 from tessera.launch.generate import main
-from tessera.runtime.compile_cache import compile_cache_counters, compile_cache_report
+from tessera.runtime.compile_cache import DeviceWarmup, compile_cache_counters, compile_cache_report
 
 _COMPILE_ONCE = textwrap.dedent("""
     import json, sys, torch
@@ -50,3 +51,24 @@ def test_cli_report_names_the_cache(tmp_path):
                  f"model.cache_dir={tmp_path / 'c'}"]) == 0
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["compile_cache"]["dir"] == str(tmp_path / "c") and report["compile_cache"]["status"] == "none"
+    warmup = report["compile_cache"]["device_warmup"]  # the libraries' start-up ran beside the load
+    assert warmup["error"] is None and warmup["seconds"] >= 0
+
+
+def test_device_warmup_keys_triton_once_in_the_background():
+    """The thread leaves Triton's cache key computed for the process (every kernel's first launch reuses it)."""
+    triton_key = pytest.importorskip("triton.runtime.cache").triton_key
+    triton_key.cache_clear()
+    warmup = DeviceWarmup(torch.device("cpu"), torch.float32).start()
+    entry = warmup.join()
+    assert entry["error"] is None and entry["seconds"] > 0
+    assert triton_key.cache_info().currsize == 1
+
+
+def test_device_warmup_failure_is_recorded_not_raised(monkeypatch):
+    def broken(self):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(DeviceWarmup, "_triton", broken)
+    entry = DeviceWarmup(torch.device("cpu"), torch.float32).start().join()
+    assert entry["error"] == "OSError: disk on fire" and entry["seconds"] is not None

@@ -56,7 +56,7 @@ def _request(device, num_steps=3):
 def test_gpu_replays_equal_the_eager_forward():
     device = torch.device("cuda")
     model, state, grid = _request(device)
-    model.compile_blocks()
+    model.use_fast_stages(compile=True)
     forward = GraphedForward(model, enabled=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     text = torch.randn(2, 7, 24, device=device, generator=gen, dtype=torch.bfloat16)
