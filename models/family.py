@@ -173,6 +173,9 @@ class DiT(Protocol):
 
     def first_frame_tokens(self, grid_thw: tuple[int, int, int], device: torch.device) -> Tensor: ...
 
+    def use_fast_stages(self, compile: bool) -> None:
+        """Called once the weights are on a CUDA device: switch to the fast kernels; `compile` is `model.compile`."""
+
 
 class ModelFamily(Protocol):
     """One model family, as the runtime asks for it (`models/wan/family.py` is the reference). Checkpoints and

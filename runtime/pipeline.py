@@ -126,7 +126,7 @@ def request_prompts(cfg: GenerateConfig) -> list[str]:
 
 
 class Pipeline:
-    """A loaded model on this rank of the mesh: DiT weights (compiled stages), text encoder, decoder and the VSA
+    """A loaded model on this rank of the mesh: DiT weights (its kernels loaded once), text encoder, decoder and the VSA
     metadata cache, reused by every `generate` (the Python API and the server keep one; the CLI makes one per
     launch). SPMD: every rank of the mesh builds it and makes the same calls.
 

@@ -11,7 +11,7 @@ EXACT_KEYS = {
     "prompt", "negative_prompt", "image", "seed", "num_frames", "height", "width", "num_steps", "guidance_scale",
     "flow_shift", "scheduler", "prompts_file", "model.preset", "model.path", "model.dtype", "model.cuda_graphs",
     "model.memory_check", "model.cache_dir", "model.offload_text_encoder", "model.vae_dtype", "model.quant",
-    "guidance_scale_2", "model.boundary_ratio", "model.offload_experts",
+    "model.compile", "guidance_scale_2", "model.boundary_ratio", "model.offload_experts",
     "parallel.sp", "parallel.cfg", "parallel.timeout_s",
     "attention.backend", "attention.sparsity", "attention.dense_blocks", "attention.dense_steps",
     "attention.sla_topk", "attention.sla_block_q", "attention.sla_block_k", "attention.sla_feature_map",
