@@ -72,6 +72,13 @@ MAX_CACHED_PROMPTS = 64
 RANDOM_WEIGHTS_SEED = 0  # random-weight presets' weights, text encoder and preview decoder: part of the model
 
 
+def compiles_stages(cfg: GenerateConfig) -> bool:
+    """Whether the DiT's block stages are torch.compiled: `model.compile`, and always with `model.quant=fp8`, whose
+    per-token activation quantisation (plain torch in models/fp8.py) is only fast once inductor fuses it into the op
+    that produces the activation (the FFN's GELU above all); eager it is five extra passes over every GEMM input."""
+    return cfg.model.compile or cfg.model.quant == "fp8"
+
+
 def build_model(
     cfg: GenerateConfig, family, model_cfg, device: torch.device, ckpt, expert: int = 0
 ) -> tuple[DiT, dict]:
@@ -82,8 +89,8 @@ def build_model(
     if cfg.model.quant == "fp8":
         load_info["quant"] = quantize_blocks_fp8_(model).as_dict()
     load_info["parameter_bytes"] = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    if device.type == "cuda":
-        model.use_fast_stages(compile=cfg.model.compile)  # Triton ops for the token-local elementwise work
+    if device.type == "cuda":  # Triton ops for the token-local elementwise work
+        model.use_fast_stages(compile=compiles_stages(cfg))
     return model.eval(), load_info
 
 

@@ -359,7 +359,7 @@ class WanTransformer(nn.Module):
             return
         # The functions themselves, not wrappers: dynamo caches compiled graphs per code object, up to its
         # recompile limit (8), and functools.partial objects all share one wrapper's code. Shared, three stages
-        # x (gate or not) x a few video shapes hit the limit and fell back to eager (device run 4, sp 8).
+        # x (gate or not) x a few video shapes hit the limit and fell back to eager (seen at sp 8 on a GPU).
         stages = (WanBlock.attention_inputs, WanBlock.attention_residual, WanBlock.text_and_ffn)
         self._block_stages = tuple(torch.compile(fn, dynamic=False) for fn in stages)
 

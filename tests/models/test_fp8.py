@@ -117,6 +117,15 @@ def test_quant_config_errors_name_the_key():
     check_quant_supported("none", torch.device("cpu"))
 
 
+def test_fp8_compiles_the_block_stages():
+    """Eager, the per-token quantisation is five extra passes over every FP8 GEMM's input: fp8 always compiles."""
+    from tessera.runtime.pipeline import compiles_stages
+
+    assert not compiles_stages(GenerateConfig(model=ModelConfig(dtype="bfloat16")))
+    assert compiles_stages(GenerateConfig(model=ModelConfig(dtype="bfloat16", compile=True)))
+    assert compiles_stages(GenerateConfig(model=ModelConfig(dtype="bfloat16", quant="fp8")))
+
+
 def test_fp8_on_cpu_is_refused_before_weights_load(tmp_path):
     from tessera.launch import api
 
