@@ -4,7 +4,7 @@ One SLA call (``SLAAttention`` with impl="triton") is five launches and a few ti
 1. ``sla_pooled_scores``: fp32 block means of q and of k (one Triton launch each); in torch, the sequence mean of k
    is subtracted from the key-block means and the scores are one fp32 matmul ([Q, D] x [D, K] per head: tiny).
 2. ``sla_topk_blocks``: the top-J key blocks per query block, ties to the lower index: VSA's radix-select kernel
-   (``vsa_triton.vsa_topk_lower_index_wins``), which keeps NaN rows on real, distinct block indices.
+   (``vsa_coarse_triton.vsa_topk_lower_index_wins``), which keeps NaN rows on real, distinct block indices.
 3. ``sla_linear_state``: phi(k)^T v [D, D] and sum_s phi(k_s) [D] per head, in sequence chunks (partials summed in
    torch, deterministic).
 4. ``sla_sparse_attention``: FlashAttention-style online softmax over the selected key blocks; the epilogue adds
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 from tessera.attention.sla import SLA_FEATURE_MAPS, SLA_LINEAR_EPS
-from tessera.attention.vsa_triton import vsa_topk_lower_index_wins
+from tessera.attention.vsa_coarse_triton import vsa_topk_lower_index_wins
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * log2(e)), folded into the softmax scale

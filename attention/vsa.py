@@ -295,12 +295,8 @@ class VSAAttention:
         self._fine = None
         self.kernel = "torch"  # what runs the fine stage: "torch" (reference), "triton" or "gluon"; reported
         if impl == "triton":
-            from tessera.attention.vsa_triton import (
-                gluon_fine_available,
-                vsa_fine_attention,
-                vsa_select_from_means,
-                vsa_tile_means,
-            )
+            from tessera.attention.vsa_coarse_triton import vsa_select_from_means, vsa_tile_means
+            from tessera.attention.vsa_triton import gluon_fine_available, vsa_fine_attention
 
             self._fine, self._select, self._tile_means = vsa_fine_attention, vsa_select_from_means, vsa_tile_means
             gluon = fine_kernel != "triton" and gluon_fine_available(metadata.device, dtype, head_dim)

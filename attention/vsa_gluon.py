@@ -9,9 +9,9 @@ compiler does not produce (measured in ``bench/attention.py --variants``):
   64-row key block, so partial tiles share blocks instead of each padding one (a whole tile at a block start
   moves as one 64-row box). The producer writes which rows of a slot are real keys beside the slot, and the
   consumer masks the rest. Random inputs select partial tiles often: 40.5 blocks instead of 63 tiles per query
-  tile at Wan-1.3B / 0.9, and 1.51-1.69 ms against 2.11 with a block per tile (session 3's kernel); 24.5-24.7
-  against 35.5 ms at 14B. On a uniform draw of tiles (52.2 blocks), 1.89 against 2.28 ms with a 64-row box per
-  tile (session 4, device runs 1 and 5).
+  tile at Wan-1.3B / 0.9, and 1.51-1.69 ms against 2.11 with a block per tile (an earlier form of this kernel);
+  24.5-24.7 against 35.5 ms at 14B. On a uniform draw of tiles (52.2 blocks), 1.89 against 2.28 ms with a 64-row
+  box per tile (``python bench/attention.py --variants`` prints both draws).
 - Iteration j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back and waits only for S_j
   (FlashAttention-3's order); ptxas still moves the second wait ahead of the exponentials, so the overlap
   inside one program is partial. Q is the register operand of Q K^T, so its buffer takes the gate tile early.
@@ -54,7 +54,7 @@ from tessera.attention.vsa_triton import _TILE_TOKENS as BLOCK  # noqa: E402  (q
 STAGES = 3  # K/V ring depth: block j + 2 loads while block j is processed
 ROW_BOX = 16  # rows per TMA box of the packed key stream (32: 1.87 / 29.1 ms against 1.69 / 24.7 at 16)
 # registers per thread of the TMA warp; the consumer warpgroup gets the rest of MAX_REGS (216). 24 measured
-# -3% / +1% at Wan-1.3B / 14B (session 3, device run 15): noise, so the tutorial-safe 40 stays.
+# -3% / +1% at Wan-1.3B / 14B: noise, so the tutorial-safe 40 stays.
 PRODUCER_REGS = gl.constexpr(40) if HAVE_GLUON else 40
 MAX_REGS = 128  # per thread at launch: 2 programs of 4 + 4 warps (the TMA warp counts as a warpgroup) per SM
 

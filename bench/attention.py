@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from _timing import cuda_time_ms  # noqa: E402
 from tessera import attention  # noqa: E402
-from tessera.attention import sla_triton, vsa_triton  # noqa: E402
+from tessera.attention import sla_triton, vsa_coarse_triton, vsa_triton  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 SHAPES = {"wan1.3b-480p": ((21, 30, 52), 12), "wan14b-720p": ((21, 45, 80), 40)}
@@ -236,11 +236,11 @@ def bench_shape(name: str, sparsities: list[float], args, results: dict) -> None
         add(f"vsa fine triton tile ids s={sparsity}", ms_fine,
             {"topk": metadata.topk, "real_tflops": real_flops / ms_fine / 1e9})
         def select(metadata=metadata):
-            means = vsa_triton.vsa_tile_means((q, k, v), metadata.tile_offsets, metadata.num_tiles)
-            return vsa_triton.vsa_select_from_means(*means, metadata.topk)
+            means = vsa_coarse_triton.vsa_tile_means((q, k, v), metadata.tile_offsets, metadata.num_tiles)
+            return vsa_coarse_triton.vsa_select_from_means(*means, metadata.topk)
 
         def select_torch(metadata=metadata):  # the spec's selection on the Triton means (the old path)
-            means = vsa_triton.vsa_tile_means((q, k, v), metadata.tile_offsets, metadata.num_tiles)
+            means = vsa_coarse_triton.vsa_tile_means((q, k, v), metadata.tile_offsets, metadata.num_tiles)
             return attention.select_from_tile_means(*means, metadata.topk)
 
         add(f"vsa select s={sparsity}", time_ms(select))
@@ -284,9 +284,10 @@ def bench_shape(name: str, sparsities: list[float], args, results: dict) -> None
 
 def time_variants(name, q, k, v, gate, metadata, block_index, coarse, reference, add) -> None:
     """Fine-kernel pipeline depths, coarse-stage configs (each checked against the default's output), top-k
-    warps per row, and the tile-means launch alone: the measurements behind the defaults in vsa_triton.py."""
-    means = vsa_triton.vsa_tile_means((q, k, v), metadata.tile_offsets, metadata.num_tiles)
-    ref_index, ref_coarse, spans = vsa_triton.vsa_select_from_means(*means, metadata.topk, metadata.tile_offsets)
+    warps per row, and the tile-means launch alone: the measurements behind the defaults in vsa_triton.py and
+    vsa_coarse_triton.py."""
+    means = vsa_coarse_triton.vsa_tile_means((q, k, v), metadata.tile_offsets, metadata.num_tiles)
+    ref_index, ref_coarse, spans = vsa_coarse_triton.vsa_select_from_means(*means, metadata.topk, metadata.tile_offsets)
     for use_spans in (False, True):
         for stages in (2, 3, 4):
             def call(stages=stages, use_spans=use_spans):
@@ -323,7 +324,7 @@ def time_variants(name, q, k, v, gate, metadata, block_index, coarse, reference,
                                                (64, 64, "tf32x3", 4), (32, 64, "tf32x3", 8)):
         config = dict(BLOCK_Q=block_q, BLOCK_K=block_k, COARSE_PRECISION=precision, num_warps=warps)
         def select(config=config):
-            return vsa_triton.vsa_select_from_means(*means, metadata.topk, config=config)
+            return vsa_coarse_triton.vsa_select_from_means(*means, metadata.topk, config=config)
         got_index, got_coarse, _ = select()
         err = ((got_coarse - ref_coarse).norm() / ref_coarse.norm()).item()
         same = (got_index == ref_index).all(-1).float().mean().item()
@@ -332,11 +333,11 @@ def time_variants(name, q, k, v, gate, metadata, block_index, coarse, reference,
     scores = torch.randn(q.shape[0] * q.shape[1], metadata.num_tiles, metadata.num_tiles, device=q.device)
     for warps in (1, 2, 4):
         def topk(warps=warps):
-            return vsa_triton.vsa_topk_lower_index_wins(scores, metadata.topk, warps)
+            return vsa_coarse_triton.vsa_topk_lower_index_wins(scores, metadata.topk, warps)
         add(f"topk only w{warps}", time_ms(topk))
     for warps in (1, 2, 4, 8):
         def means_call(warps=warps):
-            return vsa_triton.vsa_tile_means((q, k, v), metadata.tile_offsets, metadata.num_tiles, warps)
+            return vsa_coarse_triton.vsa_tile_means((q, k, v), metadata.tile_offsets, metadata.num_tiles, warps)
         add(f"tile means q,k,v w{warps}", time_ms(means_call))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 _SCRIPT = """
 import torch
-from tessera.attention.vsa_triton import vsa_select_from_means
+from tessera.attention.vsa_coarse_triton import vsa_select_from_means
 B, N, T, D = 1, 2, 40, 16
 g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(B, N, T, D, generator=g) for _ in range(3))

@@ -82,7 +82,8 @@ def _check_layouts_and_means() -> None:
     """[B, S, N, D] tensors viewed as BNSD are read in place and the output keeps that layout; the Triton
     tile means equal the torch spec (fp32 accumulation, rounded to the input dtype) on partial tiles."""
     from tessera.attention.vsa import _tile_means, build_vsa_metadata
-    from tessera.attention.vsa_triton import vsa_fine_attention, vsa_tile_means
+    from tessera.attention.vsa_coarse_triton import vsa_tile_means
+    from tessera.attention.vsa_triton import vsa_fine_attention
 
     gen = torch.Generator().manual_seed(11)
     metadata = build_vsa_metadata((5, 6, 7), 0.5, "cpu")  # partial tiles on every axis
@@ -133,7 +134,7 @@ def _check_select() -> None:
     """The Triton top-k equals the torch spec exactly (ties to the lower index), and the Triton coarse
     stage equals select_from_tile_means on means whose dot products are exact in any summation order."""
     from tessera.attention.vsa import _topk_lower_index_wins, select_from_tile_means
-    from tessera.attention.vsa_triton import vsa_select_from_means, vsa_topk_lower_index_wins
+    from tessera.attention.vsa_coarse_triton import vsa_select_from_means, vsa_topk_lower_index_wins
 
     gen = torch.Generator().manual_seed(3)
     # (rows, cols): widths that are not powers of two, up to several warps per row on GPUs
@@ -202,7 +203,7 @@ def test_reference_equals_dense_at_full_selection() -> None:
 
 
 def test_coarse_stage_rejects_mismatched_inputs() -> None:
-    from tessera.attention.vsa_triton import vsa_select_from_means
+    from tessera.attention.vsa_coarse_triton import vsa_select_from_means
 
     means = torch.zeros(1, 2, 5, 16)
     with pytest.raises(ValueError, match="share one"):
@@ -344,14 +345,14 @@ def test_gpu_gluon_kernel_runs_two_programs_per_sm() -> None:
     """The occupancy the Gluon schedule is built for, as the driver computes it for the compiled kernel."""
     import ctypes
 
-    from tessera.attention import build_vsa_metadata, vsa_gluon, vsa_triton
+    from tessera.attention import build_vsa_metadata, vsa_coarse_triton, vsa_gluon, vsa_triton
 
     q = torch.randn(1, 2, 64 * 24, 128, device="cuda", dtype=torch.bfloat16)
     if not vsa_gluon.gluon_fine_supported(q):
         pytest.skip("the Gluon kernel needs compute capability 9.x and triton with Gluon")
     metadata = build_vsa_metadata((4, 8, 48), 0.5, "cuda")
-    means = vsa_triton.vsa_tile_means((q, q, q), metadata.tile_offsets, metadata.num_tiles)
-    _, coarse, spans = vsa_triton.vsa_select_from_means(*means, metadata.topk, metadata.tile_offsets)
+    means = vsa_coarse_triton.vsa_tile_means((q, q, q), metadata.tile_offsets, metadata.num_tiles)
+    _, coarse, spans = vsa_coarse_triton.vsa_select_from_means(*means, metadata.topk, metadata.tile_offsets)
     vsa_triton._launch(q, q, q, metadata.tile_offsets, spans, coarse, q, load_mode=3, spans=True)
     kernel = list(vsa_gluon._vsa_fine_gluon_kernel.device_caches[q.device.index][0].values())[-1]
     kernel._init_handles()
@@ -366,7 +367,7 @@ def test_gpu_gluon_kernel_runs_two_programs_per_sm() -> None:
 def test_gpu_tile_means_match_spec_bf16() -> None:
     """On GPUs fp32 -> bf16 rounds to nearest, so only summation-order ties may differ (rarely)."""
     from tessera.attention.vsa import _tile_means, build_vsa_metadata
-    from tessera.attention.vsa_triton import vsa_tile_means
+    from tessera.attention.vsa_coarse_triton import vsa_tile_means
 
     metadata = build_vsa_metadata((9, 14, 22), 0.9, "cuda")
     x = torch.randn(1, metadata.total_seq_length, 12, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
@@ -382,7 +383,7 @@ def test_gpu_topk_and_coarse_stage_match_spec() -> None:
     """At the Wan-1.3B tile count: the top-k equals the spec exactly on tied scores; the whole coarse stage
     equals it on exactly representable means, and on random bf16 means up to rare summation-order flips."""
     from tessera.attention.vsa import _topk_lower_index_wins, select_from_tile_means
-    from tessera.attention.vsa_triton import vsa_select_from_means, vsa_topk_lower_index_wins
+    from tessera.attention.vsa_coarse_triton import vsa_select_from_means, vsa_topk_lower_index_wins
 
     gen = torch.Generator().manual_seed(4)
     scores = _tied_scores((4, 624, 624), gen).cuda()
