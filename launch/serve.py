@@ -32,7 +32,8 @@ import torch.distributed as dist
 from tessera.launch.api import Video, VideoPipeline, load
 from tessera.launch.config import TEXT_KEYS, parse_overrides, to_overrides
 from tessera.launch.generate import user_error
-from tessera.launch.video_jobs import STOP, STOP_REASONS, Job, VideoJobs, build_http_server
+from tessera.launch.video_jobs import STOP, STOP_REASONS, Job, VideoJobs
+from tessera.launch.videos_http import build_http_server
 from tessera.runtime.faults import FAULT_ENV, parse_fault_spec
 from tessera.runtime.guards import Cancelled, Interrupted, NonFiniteLatentsError, RankFailure, is_peer_loss
 from tessera.runtime.image_conditioning import request_image_path
