@@ -6,7 +6,7 @@ matrices (Hopper's fast accumulation) and applies both scale vectors and the bia
 model dtype (bfloat16). Row-wise activation scales keep one outlier token from crushing every other token's precision,
 and per-channel weight scales do the same for outlier output channels. The quantisation of x is a row amax and a
 divide in plain torch: with model.quant=fp8 the block stages are always compiled on CUDA
-(runtime/pipeline.py `compiles_stages`), and inductor fuses it with the op that produced x
+(runtime/build.py `compiles_stages`), and inductor fuses it with the op that produced x
 (the FFN's GELU above all). Two things measured worse on an H200 and were dropped: a one-row-per-program Triton
 kernel for it (python bench/fp8_gemm.py: 2.22 ms vs inductor's 0.875 ms at 32760 x 8960), and q/k/v/gate fused
 into one GEMM (its strided outputs cost the attention more than the GEMM saved: in one run the FP8 VSA forward took

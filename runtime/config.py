@@ -58,7 +58,7 @@ class ModelConfig:
                               "weight loads", example="false")
     # On CUDA every token-local op of a DiT block is a Triton kernel or a GEMM (models/wan/transformer.py,
     # `use_fast_stages`), so the eager stages start at once; true also torch.compiles them. model.quant=fp8 always
-    # compiles them (runtime/pipeline.py `compiles_stages`).
+    # compiles them (runtime/build.py `compiles_stages`).
     compile: bool = _key(False, doc="torch.compile the DiT blocks' token-local stages on CUDA (seconds of compiling "
                          "on the first step of each shape, fewer from model.cache_dir; always on with "
                          "model.quant=fp8)", example="true")

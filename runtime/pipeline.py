@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,8 +17,9 @@ import torch.distributed as dist
 from tessera.attention import MetadataCache, backend_names, get_backend
 from tessera.models import family_for
 from tessera.models.family import TEXT_ONLY, DiT, token_grid
-from tessera.models.fp8 import check_quant_supported, quantize_blocks_fp8_
+from tessera.models.fp8 import check_quant_supported
 from tessera.parallel import ParallelMesh, build_row_split, warmup_collectives
+from tessera.runtime.build import RANDOM_WEIGHTS_SEED, build_experts, note_missing_layer_weights
 from tessera.runtime.compile_cache import (
     DeviceWarmup,
     compile_cache_counters,
@@ -28,7 +28,7 @@ from tessera.runtime.compile_cache import (
 )
 from tessera.runtime.config import GenerateConfig
 from tessera.runtime.denoise import denoise, elapsed_synced, log_main
-from tessera.runtime.experts import EXPERT_NAMES, ExpertRun, Experts, build_expert_schedule
+from tessera.runtime.experts import ExpertRun, build_expert_schedule
 from tessera.runtime.faults import NO_FAULTS, FaultPlan
 from tessera.runtime.graphs import GraphedForward, resolve_cuda_graphs
 from tessera.runtime.guards import (
@@ -47,9 +47,14 @@ from tessera.runtime.output import (
 )
 from tessera.runtime.plan import AttentionPlan, build_attention_plan
 from tessera.runtime.precision import exact_fp32
-from tessera.runtime.preflight import choose_expert_offload
-from tessera.runtime.report import collect_provenance, gather_rank_stats
-from tessera.runtime.request import RequestState, build_request_state
+from tessera.runtime.report import (
+    collect_provenance,
+    gather_rank_stats,
+    peak_memory,
+    request_report,
+    reset_peak_memory,
+)
+from tessera.runtime.request import build_request_state
 from tessera.runtime.samplers import build_sampler
 
 # The report's `stage_seconds`: text_encode includes loading the encoder, load is the DiT's weights, denoise
@@ -69,64 +74,6 @@ class GenerateResult:
 
 # Text embeddings kept per pipeline while its encoder is loaded: UMT5's [512, 4096] bf16 is 4 MiB a prompt.
 MAX_CACHED_PROMPTS = 64
-RANDOM_WEIGHTS_SEED = 0  # random-weight presets' weights, text encoder and preview decoder: part of the model
-
-
-def compiles_stages(cfg: GenerateConfig) -> bool:
-    """Whether the DiT's block stages are torch.compiled: `model.compile`, and always with `model.quant=fp8`, whose
-    per-token activation quantisation (plain torch in models/fp8.py) is only fast once inductor fuses it into the op
-    that produces the activation (the FFN's GELU above all); eager it is five extra passes over every GEMM input."""
-    return cfg.model.compile or cfg.model.quant == "fp8"
-
-
-def build_model(
-    cfg: GenerateConfig, family, model_cfg, device: torch.device, ckpt, expert: int = 0
-) -> tuple[DiT, dict]:
-    """The DiT on `device`, from `ckpt` (`cfg.model.path` resolved by `family`; None: seeded random weights);
-    `expert` 1 is a two-expert model's low-noise one (random: seed + 1)."""
-    model, load_info = family.build_dit(model_cfg, device, getattr(torch, cfg.model.dtype), ckpt, expert=expert,
-                                        seed=RANDOM_WEIGHTS_SEED)
-    if cfg.model.quant == "fp8":
-        load_info["quant"] = quantize_blocks_fp8_(model).as_dict()
-    load_info["parameter_bytes"] = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    if device.type == "cuda":  # Triton ops for the token-local elementwise work
-        model.use_fast_stages(compile=compiles_stages(cfg))
-    return model.eval(), load_info
-
-
-def build_experts(cfg: GenerateConfig, family, model_cfg, mesh: ParallelMesh, ckpt) -> tuple[Experts, dict]:
-    """The DiT, or both experts of a two-expert model (`model.boundary_ratio`), loaded one after the other; with
-    `model.offload_experts` (or `auto` and a device too small for both) each waits in host memory once loaded.
-    Returns them and the load report (two experts: the sum of their parameter bytes and one entry per expert)."""
-    family.check_expert_config(cfg.model.boundary_ratio, ckpt)  # ValueError before any weight loads
-    num_experts = 1 if cfg.model.boundary_ratio is None else 2
-    offload, reason = choose_expert_offload(cfg, model_cfg, mesh.device, sp=mesh.sp_size, rank=mesh.rank)
-    experts = Experts(mesh.device, offload=offload, offload_reason=reason)
-    infos = []
-    for index in range(num_experts):
-        model, info = build_model(cfg, family, model_cfg, mesh.device, ckpt, expert=index)
-        experts.add(model)
-        infos.append({**info, "component": EXPERT_NAMES[index]} if num_experts > 1 else info)
-    if num_experts == 1:
-        return experts, infos[0]
-    return experts, {**infos[0], "parameter_bytes": sum(info["parameter_bytes"] for info in infos), "experts": infos}
-
-
-def _note_missing_layer_weights(cfg: GenerateConfig, model: DiT, load_info: dict) -> None:
-    """A backend with per-layer weights (SLA's proj_l) on a checkpoint without them runs with zeros: warn, naming
-    them, and list them with the report's zero-initialised parameters."""
-    if cfg.attention.backend == "auto":
-        return  # auto never picks a backend with per-layer weights (their auto_problem)
-    name = get_backend(cfg.attention.backend).layer_weight
-    if name is None or getattr(model.blocks[0].attn1, name, None) is not None:
-        return
-    entry = f"blocks.*.attn1.{name}"
-    warnings.warn(f"attention.backend={cfg.attention.backend}: the checkpoint has no {entry} weights, so that "
-                  f"backend's {name} is zero in every block (its linear branch adds nothing). Use a checkpoint "
-                  f"trained with attention.backend={cfg.attention.backend}.", stacklevel=3)
-    load_info.setdefault("zero_initialised", []).append(entry)
-
-
 def request_prompts(cfg: GenerateConfig) -> list[str]:
     """The prompts one request encodes: the prompt, and the negative one when it uses CFG."""
     return [cfg.prompt, cfg.negative_prompt] if cfg.guidance_scale != 1.0 else [cfg.prompt]
@@ -172,7 +119,7 @@ class Pipeline:
         self._text_encoder = None
         self._encoder_released = False
         self._decoder = None
-        _reset_peak_memory(mesh.device)
+        reset_peak_memory(mesh.device)
         progress.stage = "load"
         faults.fire_phase("load", mesh.rank)
         self.compile_cache = use_compile_cache(cfg.model.cache_dir)  # before anything compiles
@@ -195,7 +142,7 @@ class Pipeline:
             self.experts, self.load_info = build_experts(cfg, family, model_cfg, mesh, self.checkpoint)
             self.warmup = warmup.join()  # normally done by now
             self._pending["load"] = elapsed_synced(t0, mesh.device)
-        _note_missing_layer_weights(cfg, self.model, self.load_info)
+        note_missing_layer_weights(cfg, self.model, self.load_info)
         log_main(mesh, "weights loaded: %.2f GiB in %.2f s", self.load_info["parameter_bytes"] / 2**30,
                   self._pending["load"])
 
@@ -300,8 +247,8 @@ class Pipeline:
         stage_seconds["first_step"], stage_seconds["denoise"] = step_seconds[0], loop_seconds
         # Every rank, once per request (never per step): rank 0 alone goes on to decode.
         ranks = gather_rank_stats({"rank": mesh.rank, "step_seconds": step_seconds,
-                                   "peak_memory_bytes": _peak_memory(device), "device": str(device)}, mesh)
-        report = _build_report(cfg, self.family, model_cfg, mesh, plan, run.states[0], self.load_info)
+                                   "peak_memory_bytes": peak_memory(device), "device": str(device)}, mesh)
+        report = request_report(cfg, self.family, model_cfg, mesh, plan, run.states[0], self.load_info)
         report["sampler"] = scheduler.describe()  # its name, the model timestep and the sigma of each step
         report.update(provenance=provenance, ranks=ranks, step_seconds=step_seconds, denoise_seconds=loop_seconds,
                       stage_seconds=stage_seconds, cuda_graphs=run.cuda_graphs_report(),
@@ -356,8 +303,8 @@ class Pipeline:
                 split_rows=lambda height: build_row_split(height, mesh), dtype=self.vae_dtype)
         if mesh.is_main:
             faults.fire_phase("decode", 0)  # rank 0's; the other ranks then fail on the exchange with it
-        peak_before_decode = _peak_memory(device)
-        _reset_peak_memory(device)
+        peak_before_decode = peak_memory(device)
+        reset_peak_memory(device)
         encoded = None
         if mesh.is_main and every_rank_decodes and self._decoder.streams(latents.shape[3]):
             stream = VideoEncodeStream(cfg.output.fps, cfg.output.encoder_preset)
@@ -368,7 +315,7 @@ class Pipeline:
             decoded = torch.cat(stream.host_frames)[None]
         else:
             decoded = self._decoder.decode(latents)  # the frames on rank 0, None on the others
-        decode_peak = _peak_memory(device)
+        decode_peak = peak_memory(device)
         if not mesh.is_main:
             return None, None
         frames = decoded[0].cpu()
@@ -421,33 +368,6 @@ def generate_many(
         raise RankFailure(mesh.rank, progress.phase, err) from err
 
 
-def _build_report(
-    cfg: GenerateConfig, family, model_cfg, mesh: ParallelMesh, plan: AttentionPlan, state: RequestState,
-    load_info: dict,
-) -> dict:
-    """The request's part of the JSON report; the loop's measurements are added by the caller."""
-    return {
-        "config": asdict(cfg),
-        "family": family.name,
-        "architecture": family.arch(model_cfg),
-        "world_size": mesh.world_size,
-        "sp": mesh.sp_size,
-        "cfg": mesh.cfg_size,
-        "device": str(mesh.device),
-        "weights": load_info,
-        "token_grid": list(state.grid_thw),
-        "num_tokens": state.seq_plan.seq_len,
-        "attention": {
-            "backend": plan.backend,
-            "reason": plan.reason,
-            "backend_per_block": [list(blocks) for blocks in plan.blocks_per_step],
-            "sparsity_per_step": list(plan.sparsity_per_step),
-            **({"options": dict(plan.options)} if plan.options else {}),
-            "kernels": dict(state.kernels),
-        },
-    }
-
-
 def write_outputs(cfg: GenerateConfig, result: GenerateResult, faults: FaultPlan = NO_FAULTS) -> list[Path]:
     """Rank 0: the video, the latents (with `output.save_latents`) and last the JSON report, all or none, at
     `cfg.output.path` with its overwrite rule. Returns the files written."""
@@ -488,16 +408,3 @@ def free_device_memory(device: torch.device) -> None:
     """Return cached blocks to the driver after dropping a large module (a no-op off CUDA)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def _reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB

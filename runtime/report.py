@@ -1,7 +1,8 @@
 """What the JSON report records beyond the request: where it came from and what every rank measured.
 
 `collect_provenance` (versions, git commit, device, host, start time) runs once per request;
-`gather_rank_stats` collects every rank's step seconds and peak memory once, after the denoising loop.
+`gather_rank_stats` collects every rank's step seconds and peak memory once, after the denoising loop;
+`request_report` is the request's own part (config, model, mesh, attention plan, kernels).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import platform
 import socket
 import subprocess
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from tessera.parallel import ParallelMesh
+from tessera.runtime.config import GenerateConfig
+from tessera.runtime.plan import AttentionPlan
+from tessera.runtime.request import RequestState
 
-__all__ = ["collect_provenance", "gather_rank_stats"]
+__all__ = ["collect_provenance", "gather_rank_stats", "peak_memory", "request_report", "reset_peak_memory"]
 
 _SOURCE_DIR = Path(__file__).resolve().parents[1]  # the repository root of an editable or source install
 _GIT_TIMEOUT_S = 2.0  # a report must never wait on a slow file system or a hung git
@@ -90,3 +95,45 @@ def _git(directory: Path, *args: str) -> str:
     done = subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, check=True,
                           timeout=_GIT_TIMEOUT_S, env=env)
     return done.stdout.strip()
+
+
+def request_report(
+    cfg: GenerateConfig, family, model_cfg, mesh: ParallelMesh, plan: AttentionPlan, state: RequestState,
+    load_info: dict,
+) -> dict:
+    """The request's part of the JSON report; the loop's measurements are added by the caller."""
+    return {
+        "config": asdict(cfg),
+        "family": family.name,
+        "architecture": family.arch(model_cfg),
+        "world_size": mesh.world_size,
+        "sp": mesh.sp_size,
+        "cfg": mesh.cfg_size,
+        "device": str(mesh.device),
+        "weights": load_info,
+        "token_grid": list(state.grid_thw),
+        "num_tokens": state.seq_plan.seq_len,
+        "attention": {
+            "backend": plan.backend,
+            "reason": plan.reason,
+            "backend_per_block": [list(blocks) for blocks in plan.blocks_per_step],
+            "sparsity_per_step": list(plan.sparsity_per_step),
+            **({"options": dict(plan.options)} if plan.options else {}),
+            "kernels": dict(state.kernels),
+        },
+    }
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory measurement on `device` (CUDA; the process maximum elsewhere cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes since the last reset: CUDA's allocated maximum, or the process's maximum resident set."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB

@@ -119,7 +119,7 @@ def test_quant_config_errors_name_the_key():
 
 def test_fp8_compiles_the_block_stages():
     """Eager, the per-token quantisation is five extra passes over every FP8 GEMM's input: fp8 always compiles."""
-    from tessera.runtime.pipeline import compiles_stages
+    from tessera.runtime.build import compiles_stages
 
     assert not compiles_stages(GenerateConfig(model=ModelConfig(dtype="bfloat16")))
     assert compiles_stages(GenerateConfig(model=ModelConfig(dtype="bfloat16", compile=True)))
