@@ -30,6 +30,8 @@ class Backend:
         ``proj_l``), or None (the default) when every block shares the one callable.
     layer_weight: the attribute of a block's self-attention module that holds those weights (``"proj_l"``), None when
         there are none; the runtime reports a checkpoint without them (the backend then runs with zeros).
+    reference_bytes(batch, heads, tokens, head_dim, **options) -> the bytes its PyTorch reference (the CPU path) holds
+        at its peak beyond q, k, v, for the memory pre-flight; None: no more than dense SDPA's.
     """
 
     name: str
@@ -44,6 +46,7 @@ class Backend:
     takes_sparsity: bool = True  # False: attention.sparsity does not apply (build_metadata then gets None)
     bind_layer: Callable[[AttentionBackend, Any], AttentionBackend] | None = None
     layer_weight: str | None = None
+    reference_bytes: Callable[..., int] | None = None
 
 
 def triton_kernel_problem(

@@ -327,6 +327,23 @@ def _bind_proj_l(attn: SLAAttention, attention_module) -> SLAAttention:
     return attn.for_layer(None, None) if proj_l is None else attn.for_layer(proj_l.weight, proj_l.bias)
 
 
+def sla_reference_bytes(
+    batch: int, heads: int, tokens: int, head_dim: int, *, sla_topk: float, sla_block_q: int = 128,
+    sla_block_k: int = 64, sla_feature_map: str = "softmax",
+) -> int:
+    """Peak bytes ``sla_attention_reference`` allocates beyond its inputs, the larger of its two phases. Sparse: the
+    fp32 output, fp32 copies of q, k, v (16-bit inputs), the block scores [B, N, Q, K] and one query block's fp32
+    scores, their masked copy and the probabilities [B, N, block_q, J * block_k] with its gathered fp32 keys and
+    values [B, N, J * block_k, D] and their int64 indices. Linear: the output, phi(q), phi(k), the numerator and the
+    denominator's product, each an fp32 [B, N, S, D]."""
+    num_q_blocks, num_k_blocks = -(-tokens // sla_block_q), -(-tokens // sla_block_k)
+    keys = sla_num_selected(sla_topk, num_k_blocks) * sla_block_k
+    sequence = tokens * head_dim * 4  # one fp32 [S, D] per head
+    sparse = (4 * sequence + num_q_blocks * num_k_blocks * 4
+              + sla_block_q * keys * 3 * 4 + keys * head_dim * 4 * 2 + keys * 8)
+    return batch * heads * max(sparse, 5 * sequence)
+
+
 def _sla_backend_metadata(
     grid_thw: tuple[int, int, int], sparsity: float | None, device: torch.device, **options
 ) -> SLAMetadata:
@@ -350,4 +367,5 @@ SLA_BACKEND = register_backend(Backend(
     takes_sparsity=False,
     bind_layer=_bind_proj_l,
     layer_weight="proj_l",
+    reference_bytes=sla_reference_bytes,
 ))

@@ -371,4 +371,6 @@ VSA_BACKEND = register_backend(Backend(
     token_order=lambda m: (m.tile_partition_indices.to(m.device), m.reverse_tile_partition_indices.to(m.device)),
     # consume_q: q is dead after the DiT's self-attention, so the output may overwrite it
     build=lambda metadata, dtype, head_dim: VSAAttention(metadata, consume_q=True, dtype=dtype, head_dim=head_dim),
+    # vsa_attention_reference: fp32 scores, their masked copy and the probabilities, and a bool mask: [B, N, S, S]
+    reference_bytes=lambda batch, heads, tokens, head_dim: batch * heads * tokens * tokens * (3 * 4 + 1),
 ))

@@ -1,7 +1,7 @@
 """Memory pre-flight: estimate what one request needs on this rank and refuse it before any weight loads.
 
-The estimate is a sum of the big, shape-determined buffers (weights, the forward's peak activations, the VSA
-reference's score matrix on CPU, the decode), not a simulation: it exists to turn an impossible request
+The estimate is a sum of the big, shape-determined buffers (weights, the forward's peak activations, a sparse
+backend's reference on CPU, the decode), not a simulation: it exists to turn an impossible request
 (`num_frames=100001 height=16384 width=16384`) into a clear error in seconds instead of an allocator traceback
 minutes later. `model.memory_check=false` skips it.
 """
@@ -80,11 +80,12 @@ def estimate_request_memory(
     # q/k/v/gate and the two all-to-all buffers of the full sequence over this rank's heads.
     per_token = (model_cfg.ffn_dim + 8 * dim) * dsize + 2 * dim * 4
     activations = batch * local_tokens * per_token + batch * tokens * 8 * (dim // max(1, min(sp, heads))) * dsize
-    forced_sparse = cfg.attention.backend != "auto" and get_backend(cfg.attention.backend).sparse
-    if forced_sparse and cfg.model.path is None and not torch.cuda.is_available():
-        # The CPU reference of a sparse backend (VSA's) materialises [B, N_local, S, S] fp32 scores, probabilities
-        # and a mask. TODO: a per-backend memory estimate on the Backend object once a second sparse backend lands.
-        activations += batch * math.ceil(heads / sp) * tokens * tokens * 9
+    backend = None if cfg.attention.backend == "auto" else get_backend(cfg.attention.backend)
+    if backend is not None and backend.reference_bytes is not None and not torch.cuda.is_available():
+        # Without a GPU a sparse backend runs its PyTorch reference, over the full sequence and this rank's heads
+        # (VSA's materialises [B, N, S, S] scores); auto picks no sparse backend on a CPU.
+        options = {key: getattr(cfg.attention, key) for key in backend.config_keys}
+        activations += backend.reference_bytes(batch, math.ceil(heads / sp), tokens, dim // heads, **options)
     pixels = cfg.height * cfg.width
     decode = 0
     if cfg.model.path is not None:  # a real VAE: every rank decodes a block of rows (at least sp ranks)

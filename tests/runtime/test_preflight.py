@@ -3,8 +3,10 @@ memory. Both fail in seconds with exit 2 and one `error:` line naming the key, a
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -93,3 +95,54 @@ def test_existing_output_under_torchrun_prints_one_error(tmp_path):
     assert "already exists" in errors[0] and "output.overwrite=true" in errors[0]
     assert "interrupted by" not in proc.stderr and "during load" not in proc.stderr
     assert out.read_bytes() == b"not a video"
+
+
+def test_a_sparse_backends_cpu_reference_is_estimated_by_that_backend():
+    """On a CPU a sparse backend runs its PyTorch reference: VSA's holds [B, N, S, S] scores, SLA's one query block's
+    scores at a time, so at 480x832x81 (32,760 tokens) VSA's estimate is about 1.3 TiB more and SLA's a few GiB."""
+    if torch.cuda.is_available():
+        pytest.skip("the reference's term applies without a GPU")
+    size = ["model.preset=wan2.1-t2v-1.3b", "num_frames=81", "height=480", "width=832", "guidance_scale=1"]
+    activations = {}
+    for backend in ("dense", "vsa", "sla"):
+        cfg, model_cfg = resolve_config([*size, f"attention.backend={backend}"])
+        activations[backend] = estimate_request_memory(cfg, model_cfg, sp=2, rank=0).activations
+    heads, tokens = 12 // 2, 21 * 30 * 52
+    assert activations["vsa"] - activations["dense"] == heads * tokens * tokens * 13
+    assert 0 < activations["sla"] - activations["dense"] < 8 * 1024**3
+
+
+def _allocated_peak(run) -> int:
+    """Peak bytes the CPU allocator holds during `run()` beyond what it held before: the profiler's memory events
+    (exact accounting of every tensor allocation and free, unlike a process's resident set)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        events = json.loads(Path(f"{tmp}/trace.json").read_text())["traceEvents"]
+    memory = [event["args"] for event in events if event.get("name") == "[memory]"]
+    before = memory[0]["Total Allocated"] - memory[0]["Bytes"]
+    return max(args["Total Allocated"] for args in memory) - before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend,low,high", [("vsa", 0.98, 1.05), ("sla", 0.85, 1.1)])
+def test_reference_bytes_match_the_allocated_peak(backend, low, high, dtype):
+    """A sparse backend's `reference_bytes` (the pre-flight's term) against what its reference really allocates."""
+    from tessera.attention import build_sla_metadata, build_vsa_metadata, get_backend
+    from tessera.attention.sla import sla_attention_reference
+    from tessera.attention.vsa import vsa_attention_reference
+
+    heads, dim = 3, 48
+    grid = (7, 20, 36) if backend == "sla" else (5, 18, 30)  # partial last blocks (5,040 tokens) and tiles
+    tokens = grid[0] * grid[1] * grid[2]
+    q, k, v = torch.randn(3, 1, heads, tokens, dim, generator=torch.Generator().manual_seed(0)).to(dtype)
+    options = dict(sla_topk=0.25, sla_block_q=64, sla_block_k=32) if backend == "sla" else {}
+    if backend == "sla":
+        metadata, weight = build_sla_metadata(grid, "cpu", **options), torch.randn(dim, dim)
+        peak = _allocated_peak(lambda: sla_attention_reference(q, k, v, metadata, proj_l_weight=weight))
+    else:
+        metadata = build_vsa_metadata(grid, 0.5, "cpu")
+        peak = _allocated_peak(lambda: vsa_attention_reference(q, k, v, q, metadata))
+    ratio = peak / get_backend(backend).reference_bytes(1, heads, tokens, dim, **options)
+    assert low < ratio < high
