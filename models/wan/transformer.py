@@ -9,7 +9,7 @@ the model itself never communicates. Reference numbers (presets live in ``config
                    (CLIP ViT-H/14 penultimate states, 257 tokens) and added_kv_proj_dim 5120 (the image branch).
 
 Legend: B batch, C channels, F latent frames, H/W latent height/width, S video tokens, L text tokens,
-N heads, D head dim, I image tokens; ``local_*`` is this rank's contiguous shard of the token sequence.
+N heads, D head dim, I image tokens, E the FFN width; ``local_*`` is this rank's contiguous shard of the token sequence.
 """
 
 from __future__ import annotations
@@ -167,16 +167,14 @@ def linear_gelu_tanh(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
 
 
 class _FeedForward(nn.Module):
-    """diffusers FeedForward(activation_fn="gelu-approximate"): ``net.0.proj`` -> GELU(tanh) -> ``net.2``."""
+    """diffusers FeedForward(activation_fn="gelu-approximate")'s parameters: ``net.0.proj`` -> GELU(tanh) -> ``net.2``
+    (``WanBlock.text_and_ffn`` runs them, freeing each input as it goes)."""
 
     def __init__(self, dim: int, ffn_dim: int) -> None:
         super().__init__()
         proj = nn.Module()
         proj.proj = nn.Linear(dim, ffn_dim)
         self.net = nn.ModuleList([proj, nn.Identity(), nn.Linear(ffn_dim, dim)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](linear_gelu_tanh(x, self.net[0].proj))
 
 
 class WanAttention(nn.Module):
@@ -315,7 +313,13 @@ class WanBlock(nn.Module):
         x_BSC, h_BSC = add_modulated_layer_norm(
             x_BSC, self.attn2.cross_attention(h_BSC, text_BLC, image_BIC), 1 + c_scale, c_shift, self.norm3.eps,
             fused and not isinstance(modulation_B6C, TokenModulation))
-        return gated_residual(x_BSC, self.ffn(h_BSC), c_gate, fused)
+        # The FFN is the forward's memory peak: each input is dropped as soon as its consumer has run, so neither
+        # the normalised input lives through the down projection nor the wide activation through the residual.
+        hidden_BSE = linear_gelu_tanh(h_BSC, self.ffn.net[0].proj)
+        del h_BSC
+        y_BSC = self.ffn.net[2](hidden_BSE)
+        del hidden_BSE
+        return gated_residual(x_BSC, y_BSC, c_gate, fused)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -209,26 +209,44 @@ class _LivenessProbe(_BSND):
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_attention_tensors_are_freed_before_the_next_block(compiled):
+def test_attention_tensors_are_freed_before_the_next_block(compiled, monkeypatch):
     """The forward keeps no name on q, k, v, the gate or the attention output: a block's five [B, S, N, D]
     tensors are gone before its FFN runs and before the next block projects its own (else they raise the
-    peak memory)."""
+    peak memory). Inside the FFN (the memory peak), the normalised input is gone before the down projection and
+    the wide activation before the residual."""
+    from tessera.models.wan import transformer
+
     ours, _ = _pair(gate_compress=True)
     if compiled:
         ours.use_fast_stages(compile=True)
     x, t, text = _inputs()
     rope = ours.rope_tables(ours.grid_thw(x.shape[2:]), "cpu")
     probe = _LivenessProbe()
-    alive_at_ffn = []
-    if not compiled:  # eager: a hook sees the FFN's start (the memory peak)
+    alive_at_ffn, ffn_inputs, ffn_input_alive, hidden_alive = [], [], [], []
+    if not compiled:  # eager: hooks see the FFN's GEMMs
+        def at_up_projection(module, args):
+            alive_at_ffn.append(sum(ref() is not None for ref in probe.previous))
+            ffn_inputs[:] = [weakref.ref(args[0])]
+
+        def at_down_projection(module, args):
+            ffn_input_alive.append(ffn_inputs[0]() is not None)
+            ffn_inputs[:] = [weakref.ref(args[0])]  # the wide activation
+
+        def residual(x_BSC, y_BSC, gate, fused):
+            hidden_alive.append(ffn_inputs[0]() is not None if ffn_inputs else None)
+            return gated_residual(x_BSC, y_BSC, gate, fused)
+
+        gated_residual = transformer.gated_residual
+        monkeypatch.setattr(transformer, "gated_residual", residual)
         for block in ours.blocks:
-            block.ffn.register_forward_pre_hook(
-                lambda *_: alive_at_ffn.append(sum(ref() is not None for ref in probe.previous))
-            )
+            block.ffn.net[0].proj.register_forward_pre_hook(at_up_projection)
+            block.ffn.net[2].register_forward_pre_hook(at_down_projection)
     with torch.no_grad():
         ours(x, t, text, ctx=ForwardContext(rope=rope, attn=[probe] * 2))
     assert probe.alive == [0, 0]
     assert alive_at_ffn == ([] if compiled else [0, 0])  # not even the attention output
+    assert ffn_input_alive == ([] if compiled else [False, False])
+    assert hidden_alive == ([] if compiled else [None, False, False, False])  # attention's, FFN's residual per block
 
 
 def test_materialize_random_is_deterministic_and_order_independent():
