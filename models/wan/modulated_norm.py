@@ -77,7 +77,8 @@ def modulated_layer_norm_triton(
     x_BSC: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, residual_BSC: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel: one program per token row. Returns (x + residual, the normalised x + residual) with a
-    residual, else (x, the normalised x)."""
+    residual, the sum written into x itself (each program reads its row before it writes it), else (x, the
+    normalised x)."""
     triton, kernel, _ = _kernel()
     batch, seq_len, width = x_BSC.shape
     a_rows, b_rows = (t.float().reshape(-1, width).contiguous() for t in (a, b))
@@ -85,15 +86,16 @@ def modulated_layer_norm_triton(
         raise ValueError(f"modulated_layer_norm: a and b must be [{batch}, 1, {width}] or [{width}], "
                          f"got {tuple(a.shape)} and {tuple(b.shape)}")
     x = x_BSC.contiguous()
-    x_sum = x if residual_BSC is None else torch.empty_like(x)
     out = torch.empty_like(x)
     block = triton.next_power_of_2(width)
     kernel[(batch * seq_len,)](
-        x, x if residual_BSC is None else residual_BSC.to(x.dtype).contiguous(), a_rows, b_rows, x_sum, out,
+        x, x if residual_BSC is None else residual_BSC.to(x.dtype).contiguous(), a_rows, b_rows, x, out,
         seq_len, width if a_rows.shape[0] > 1 else 0, eps,
         C=width, BLOCK_C=block, HAS_RESIDUAL=residual_BSC is not None, num_warps=max(1, min(16, block // 256)),
     )
-    return x_sum, out
+    if residual_BSC is not None and x is not x_BSC:  # a strided x: its contiguous copy took the sum
+        x_BSC.copy_(x)
+    return x_BSC, out
 
 
 def gated_residual_triton(x_BSC: torch.Tensor, y_BSC: torch.Tensor, gate_B1C: torch.Tensor) -> torch.Tensor:
@@ -140,17 +142,16 @@ def _modulated_layer_norm_fake(x_BSC, a, b, eps):
     return torch.empty_like(x_BSC, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("tessera::add_modulated_layer_norm", mutates_args=())
+@torch.library.custom_op("tessera::add_modulated_layer_norm_", mutates_args=("x_BSC",))
 def _add_modulated_layer_norm_op(
     x_BSC: torch.Tensor, residual_BSC: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return modulated_layer_norm_triton(x_BSC, a, b, eps, residual_BSC)
+) -> torch.Tensor:
+    return modulated_layer_norm_triton(x_BSC, a, b, eps, residual_BSC)[1]
 
 
 @_add_modulated_layer_norm_op.register_fake
 def _add_modulated_layer_norm_fake(x_BSC, residual_BSC, a, b, eps):
-    return (torch.empty_like(x_BSC, memory_format=torch.contiguous_format),
-            torch.empty_like(x_BSC, memory_format=torch.contiguous_format))
+    return torch.empty_like(x_BSC, memory_format=torch.contiguous_format)
 
 
 def modulated_layer_norm(x_BSC: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float,
@@ -162,11 +163,11 @@ def modulated_layer_norm(x_BSC: torch.Tensor, a: torch.Tensor, b: torch.Tensor, 
     return _modulated_layer_norm_op(x_BSC, a, b, eps)
 
 
-def add_modulated_layer_norm(x_BSC: torch.Tensor, residual_BSC: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                             eps: float, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x + residual`` and ``modulated_layer_norm`` of it, in one pass when ``fused`` (the residual add of
-    cross-attention with norm3 and its modulation)."""
+def add_modulated_layer_norm_(x_BSC: torch.Tensor, residual_BSC: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                              eps: float, fused: bool) -> torch.Tensor:
+    """``x += residual`` in place, then returns ``modulated_layer_norm`` of the sum, in one pass when ``fused``
+    (cross-attention's residual add with norm3 and its modulation). In place, so the block's hidden states before
+    the add do not live on beside the sum through the FFN, the forward's memory peak."""
     if not fused:
-        x_BSC = x_BSC + residual_BSC
-        return x_BSC, modulated_layer_norm_reference(x_BSC, a, b, eps)
+        return modulated_layer_norm_reference(x_BSC.add_(residual_BSC), a, b, eps)
     return _add_modulated_layer_norm_op(x_BSC, residual_BSC, a, b, eps)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tessera.attention.dense import DenseAttention
 from tessera.models.family import ForwardContext, SelfAttention
 from tessera.models.wan.config import WanConfig, wan_param_dtype
-from tessera.models.wan.modulated_norm import add_modulated_layer_norm, gated_residual, modulated_layer_norm
+from tessera.models.wan.modulated_norm import add_modulated_layer_norm_, gated_residual, modulated_layer_norm
 from tessera.models.wan.qk_norm_rope import qk_norm_rope
 
 # --------------------------------------------------------------------------------------------------
@@ -304,17 +304,19 @@ class WanBlock(nn.Module):
     ) -> torch.Tensor:
         """Stages 2-3 (token-local): cross-attention to the (unsharded) text tokens and, for I2V, image tokens, no
         RoPE, no mask; then the modulated FFN. ``fused``: the Triton op for the two norms, else the composites (the
-        modulated norm's always for a per-token ``TokenModulation``)."""
+        modulated norm's always for a per-token ``TokenModulation``). ``x_BSC`` takes the cross-attention residual
+        in place; the returned hidden states (after the FFN's residual) are a new tensor."""
         c_shift, c_scale, c_gate = self._modulation(modulation_B6C, 3, 6)
         h_BSC = x_BSC
         if self.norm2 is not None:
             h_BSC = (modulated_layer_norm(x_BSC, self.norm2.weight, self.norm2.bias, self.norm2.eps, fused)
                      if fused else self.norm2(x_BSC.float()).type_as(x_BSC))
-        x_BSC, h_BSC = add_modulated_layer_norm(
+        h_BSC = add_modulated_layer_norm_(  # x_BSC += the cross-attention output, in place
             x_BSC, self.attn2.cross_attention(h_BSC, text_BLC, image_BIC), 1 + c_scale, c_shift, self.norm3.eps,
             fused and not isinstance(modulation_B6C, TokenModulation))
-        # The FFN is the forward's memory peak: each input is dropped as soon as its consumer has run, so neither
-        # the normalised input lives through the down projection nor the wide activation through the residual.
+        # The FFN is the forward's memory peak: one residual buffer (the add above is in place), and each input is
+        # dropped as soon as its consumer has run, so neither the normalised input lives through the down projection
+        # nor the wide activation through the residual.
         hidden_BSE = linear_gelu_tanh(h_BSC, self.ffn.net[0].proj)
         del h_BSC
         y_BSC = self.ffn.net[2](hidden_BSE)

@@ -14,7 +14,7 @@ import torch
 
 
 def _check(dtype: torch.dtype, device: str = "cpu") -> None:
-    from tessera.models.wan.modulated_norm import add_modulated_layer_norm, gated_residual, modulated_layer_norm
+    from tessera.models.wan.modulated_norm import add_modulated_layer_norm_, gated_residual, modulated_layer_norm
 
     gen = torch.Generator().manual_seed(5)
     # widths no power of two; a per-batch modulation ([B, 1, C]) and one shared affine ([C]); an offset mean
@@ -32,10 +32,15 @@ def _check(dtype: torch.dtype, device: str = "cpu") -> None:
             torch.testing.assert_close(got.float(), expected.float(), rtol=2**-6, atol=2**-6)
             if device == "cuda":
                 assert (got != expected).float().mean() < 0.05
-        # with the residual add in the same pass: the sum rounded to x's dtype, then normalised
+        # with the residual add in the same pass, in place: the sum rounded to x's dtype, then normalised
         residual = (torch.randn(batch, seq_len, width, generator=gen) * 2).to(device=device, dtype=dtype)
-        got_sum, got_h = add_modulated_layer_norm(x, residual, a, b, 1e-6, fused=True)
-        expected_sum, expected_h = add_modulated_layer_norm(x, residual, a, b, 1e-6, fused=False)
+        got_sum, expected_sum = x.clone(), x.clone()
+        got_h = add_modulated_layer_norm_(got_sum, residual, a, b, 1e-6, fused=True)
+        expected_h = add_modulated_layer_norm_(expected_sum, residual, a, b, 1e-6, fused=False)
+        assert not torch.equal(got_sum, x)  # the sum is in x's own buffer
+        strided_sum = x.transpose(0, 1).clone().transpose(0, 1)  # x's values in a non-contiguous layout
+        strided_h = add_modulated_layer_norm_(strided_sum, residual, a, b, 1e-6, fused=True)
+        assert torch.equal(strided_sum, got_sum) and torch.equal(strided_h, got_h)
         if dtype == torch.float32 or device == "cuda":  # one fp32 add, one rounding: the same bits
             torch.testing.assert_close(got_sum, expected_sum, rtol=0, atol=0)
         else:  # the interpreter truncates fp32 -> bf16: one ulp apart at most
@@ -89,9 +94,11 @@ def _check_model_wiring() -> None:
     composite = block.attention_inputs(x, modulation, rope, True, fused=False)
     for got, expected in zip(fused[:3], composite[:3], strict=True):  # q, k, v (the gate starts at zero)
         assert rel(got, expected) < 1e-5, rel(got, expected)
-    got = block.text_and_ffn(x, text, modulation, fused=True)
-    expected = block.text_and_ffn(x, text, modulation, fused=False)
+    x_fused, x_composite = x.clone(), x.clone()  # text_and_ffn adds the cross-attention output into x in place
+    got = block.text_and_ffn(x_fused, text, modulation, fused=True)
+    expected = block.text_and_ffn(x_composite, text, modulation, fused=False)
     assert rel(got, expected) < 1e-5, rel(got, expected)
+    assert rel(x_fused, x_composite) < 1e-5 and rel(x_composite, x) > 1e-3
     out = torch.randn(1, seq_len, cfg.num_attention_heads, cfg.attention_head_dim, generator=gen)
     got = block.attention_residual(x, out, modulation, fused=True)
     expected = block.attention_residual(x, out, modulation, fused=False)
@@ -133,15 +140,14 @@ def test_bad_modulation_shape_is_named() -> None:
 
 
 def test_fake_impl_keeps_shape_and_dtype() -> None:
-    from tessera.models.wan.modulated_norm import add_modulated_layer_norm, modulated_layer_norm
+    from tessera.models.wan.modulated_norm import add_modulated_layer_norm_, modulated_layer_norm
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
         x = torch.empty(2, 7, 48, dtype=torch.bfloat16)
         out = modulated_layer_norm(x, torch.empty(2, 1, 48), torch.empty(2, 1, 48), 1e-6, fused=True)
-        both = add_modulated_layer_norm(x, x, torch.empty(48), torch.empty(48), 1e-6, fused=True)
-    assert out.shape == (2, 7, 48) and out.dtype == torch.bfloat16
-    assert all(t.shape == (2, 7, 48) and t.dtype == torch.bfloat16 for t in both)
+        h = add_modulated_layer_norm_(x, x, torch.empty(48), torch.empty(48), 1e-6, fused=True)
+    assert out.shape == h.shape == (2, 7, 48) and out.dtype == h.dtype == torch.bfloat16
 
 
 @pytest.mark.gpu

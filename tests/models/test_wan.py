@@ -1,5 +1,6 @@
 """models.wan against diffusers' WanTransformer3DModel, and the token-order / context contract."""
 
+import gc
 import weakref
 
 import pytest
@@ -213,7 +214,7 @@ def test_attention_tensors_are_freed_before_the_next_block(compiled, monkeypatch
     """The forward keeps no name on q, k, v, the gate or the attention output: a block's five [B, S, N, D]
     tensors are gone before its FFN runs and before the next block projects its own (else they raise the
     peak memory). Inside the FFN (the memory peak), the normalised input is gone before the down projection and
-    the wide activation before the residual."""
+    the wide activation before the residual, and the block's hidden states live in one buffer."""
     from tessera.models.wan import transformer
 
     ours, _ = _pair(gate_compress=True)
@@ -222,7 +223,7 @@ def test_attention_tensors_are_freed_before_the_next_block(compiled, monkeypatch
     x, t, text = _inputs()
     rope = ours.rope_tables(ours.grid_thw(x.shape[2:]), "cpu")
     probe = _LivenessProbe()
-    alive_at_ffn, ffn_inputs, ffn_input_alive, hidden_alive = [], [], [], []
+    alive_at_ffn, ffn_inputs, ffn_input_alive, hidden_alive, residuals = [], [], [], [], []
     if not compiled:  # eager: hooks see the FFN's GEMMs
         def at_up_projection(module, args):
             alive_at_ffn.append(sum(ref() is not None for ref in probe.previous))
@@ -231,6 +232,9 @@ def test_attention_tensors_are_freed_before_the_next_block(compiled, monkeypatch
         def at_down_projection(module, args):
             ffn_input_alive.append(ffn_inputs[0]() is not None)
             ffn_inputs[:] = [weakref.ref(args[0])]  # the wide activation
+            hidden_shape = (args[0].shape[0], args[0].shape[1], ours.config.dim)
+            residuals.append(len({t.untyped_storage().data_ptr() for t in gc.get_objects()
+                                  if isinstance(t, torch.Tensor) and t.shape == hidden_shape}))
 
         def residual(x_BSC, y_BSC, gate, fused):
             hidden_alive.append(ffn_inputs[0]() is not None if ffn_inputs else None)
@@ -247,6 +251,7 @@ def test_attention_tensors_are_freed_before_the_next_block(compiled, monkeypatch
     assert alive_at_ffn == ([] if compiled else [0, 0])  # not even the attention output
     assert ffn_input_alive == ([] if compiled else [False, False])
     assert hidden_alive == ([] if compiled else [None, False, False, False])  # attention's, FFN's residual per block
+    assert residuals == ([] if compiled else [1, 1])  # one [B, S, C] buffer: the cross-attention residual in place
 
 
 def test_materialize_random_is_deterministic_and_order_independent():
