@@ -3,15 +3,16 @@
 Each block launches ~20 kernels through Python (torch.compile's wrappers, four VSA launches with TMA descriptors,
 the Ulysses copies). When a rank's GPU work per block gets short, the host sets the pace: one rank of an 8-rank
 1.3B VSA forward took 97 ms eager and 34 ms replayed (`bench/dit_forward.py --sp 8 --cuda-graph`, fake process
-group, session 5). A replay launches the whole forward at once. Build one GraphedForward per request: graphs are
+group, H200). A replay launches the whole forward at once. Build one GraphedForward per request: graphs are
 keyed by the forward context's identity.
 
 One graph per (forward context, input shapes): a request has one context per distinct step plan (dense steps,
 per-step sparsity), all graphs share one memory pool (they never run at once, and each keeps only its static
 inputs and output alive between replays). Capturing costs a warm-up forward plus the capture, 3.6 s at 1.3B /
-480p (session 5, device run 6), and saves only where the host sets the pace: ``adaptive`` (``model.cuda_graphs=
-auto``) times the second eager call of each plan (the first compiles) and captures from the third only when
-issuing the forward took the host most of the time the GPU took to finish it (``host_bound``). The first
+480p on an H200 (the report's `cuda_graphs.capture_seconds`), and saves only where the host sets the pace:
+``adaptive`` (``model.cuda_graphs=auto``) times the second eager call of each plan (the first compiles) and
+captures from the third only when issuing the forward took the host most of the time the GPU took to finish it
+(``host_bound``). The first
 captured call returns a warm-up forward's output; later calls copy the inputs into the static buffers and replay.
 A capture that fails (an op that syncs, a collective that cannot be captured) is reported once as a warning and
 the forward runs eagerly from then on.

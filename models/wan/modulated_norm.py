@@ -6,7 +6,7 @@ on CUDA every token-local op of a block is a Triton kernel or a cuBLAS GEMM and 
 Each Wan block normalises its hidden states three times, always as ``LN(x.float()) * a + b`` rounded to x's dtype:
 norm1 and norm3 (no affine of their own) with the timestep modulation ``a = 1 + scale``, ``b = shift`` per batch
 row, and norm2 (cross-attention) with its affine ``a = weight``, ``b = bias``. torch.compile left them as three
-reduction kernels at 2.2-2.8x the bandwidth floor (0.14-0.18 ms each at Wan-1.3B 480p, session 4, device run 2);
+reduction kernels at 2.2-2.8x the bandwidth floor (0.14-0.18 ms each at Wan-1.3B 480p, H100 profile);
 the kernel reads x once and writes the result once. The composite is the spec and what CPUs run.
 Legend: B batch, S tokens, C model width.
 """
