@@ -75,10 +75,9 @@ def _kernel():
 
 def modulated_layer_norm_triton(
     x_BSC: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, residual_BSC: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel: one program per token row. Returns (x + residual, the normalised x + residual) with a
-    residual, the sum written into x itself (each program reads its row before it writes it), else (x, the
-    normalised x)."""
+) -> torch.Tensor:
+    """The kernel: one program per token row. Returns the normalised x; with a residual, x + residual is written
+    into x itself first (each program reads its row before it writes it) and normalised."""
     triton, kernel, _ = _kernel()
     batch, seq_len, width = x_BSC.shape
     a_rows, b_rows = (t.float().reshape(-1, width).contiguous() for t in (a, b))
@@ -95,7 +94,7 @@ def modulated_layer_norm_triton(
     )
     if residual_BSC is not None and x is not x_BSC:  # a strided x: its contiguous copy took the sum
         x_BSC.copy_(x)
-    return x_BSC, out
+    return out
 
 
 def gated_residual_triton(x_BSC: torch.Tensor, y_BSC: torch.Tensor, gate_B1C: torch.Tensor) -> torch.Tensor:
@@ -134,7 +133,7 @@ def gated_residual(x_BSC: torch.Tensor, y_BSC: torch.Tensor, gate: torch.Tensor,
 
 @torch.library.custom_op("tessera::modulated_layer_norm", mutates_args=())
 def _modulated_layer_norm_op(x_BSC: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
-    return modulated_layer_norm_triton(x_BSC, a, b, eps)[1]
+    return modulated_layer_norm_triton(x_BSC, a, b, eps)
 
 
 @_modulated_layer_norm_op.register_fake
@@ -146,7 +145,7 @@ def _modulated_layer_norm_fake(x_BSC, a, b, eps):
 def _add_modulated_layer_norm_op(
     x_BSC: torch.Tensor, residual_BSC: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    return modulated_layer_norm_triton(x_BSC, a, b, eps, residual_BSC)[1]
+    return modulated_layer_norm_triton(x_BSC, a, b, eps, residual_BSC)
 
 
 @_add_modulated_layer_norm_op.register_fake

@@ -118,7 +118,8 @@ def test_quant_config_errors_name_the_key():
 
 
 def test_fp8_compiles_the_block_stages():
-    """Eager, the per-token quantisation is five extra passes over every FP8 GEMM's input: fp8 always compiles."""
+    """Eager, the per-token quantisation is a chain of separate kernels over every FP8 GEMM's input: fp8 always
+    compiles the stages."""
     from tessera.runtime.build import compiles_stages
 
     assert not compiles_stages(GenerateConfig(model=ModelConfig(dtype="bfloat16")))
