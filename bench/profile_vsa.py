@@ -1,10 +1,10 @@
 """Kernel-level profile of the VSA path at the Wan-1.3B 480p shape: where the milliseconds go.
 
-    python bench/profile_vsa.py [--forward] [--host]
+    python bench/profile_vsa.py [--forward [--fp8]] [--host]
 
 Prints torch.profiler's CUDA-time table for one VSA attention call (coarse stage + fine kernel) and, with
 --forward, for one whole DiT forward (random bf16 weights, sparsity 0.9; the runtime's eager token-local stages,
-their Triton ops).
+their Triton ops); --fp8 then again with the block linears in FP8 (models/fp8.py, `model.quant=fp8`'s stages).
 With --host, cProfile's table for the host side of 200 eager VSA calls (the launch work, which an eager call
 exposes when it outlasts the kernels queued before the fine kernel).
 """
@@ -36,6 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--forward", action="store_true")
     parser.add_argument("--host", action="store_true")
+    parser.add_argument("--fp8", action="store_true", help="with --forward: also profile the FP8 forward")
     args = parser.parse_args()
     metadata = attention.build_vsa_metadata(GRID, 0.9, "cuda")
     S = metadata.total_seq_length
@@ -77,6 +78,11 @@ def main() -> None:
         t = torch.tensor([500.0], device="cuda")
         ctx = state.context_for_step(0)
         table(lambda: model(latents, t, text, ctx=ctx), "one DiT forward, VSA 0.9", rows=30)
+        if args.fp8:
+            from tessera.models.fp8 import quantize_blocks_fp8_
+            quantize_blocks_fp8_(model)
+            model.use_fast_stages(compile=False)
+            table(lambda: model(latents, t, text, ctx=ctx), "one DiT forward, VSA 0.9, model.quant=fp8", rows=30)
 
 
 if __name__ == "__main__":

@@ -4,30 +4,38 @@ Recipe: each weight row (output channel) gets its own scale, amax / 448, fixed a
 gets its own scale, computed on the fly from that row's amax. ``torch._scaled_mm`` multiplies the two e4m3
 matrices (Hopper's fast accumulation) and applies both scale vectors and the bias in its epilogue, writing the
 model dtype (bfloat16). Row-wise activation scales keep one outlier token from crushing every other token's precision,
-and per-channel weight scales do the same for outlier output channels. The quantisation of x is a row amax and a
-divide in plain torch: with model.quant=fp8 the block stages are always compiled on CUDA
-(runtime/build.py `compiles_stages`), and inductor fuses it with the op that produced x
-(the FFN's GELU above all). Two things measured worse on an H200 and were dropped: a one-row-per-program Triton
-kernel for it (python bench/fp8_gemm.py: 2.22 ms vs inductor's 0.875 ms at 32760 x 8960), and q/k/v/gate fused
-into one GEMM (its strided outputs cost the attention more than the GEMM saved: in one run the FP8 VSA forward took
-232.6 ms against bf16's 219.4 ms, its attention 86.0 ms against 63.9 ms).
+and per-channel weight scales do the same for outlier output channels.
+
+The activations are quantised inside the kernel that produces them, so the blocks need no torch.compile: the
+LayerNorm kernels write e4m3 rows and their scales (models/wan/modulated_norm.py) for the q/k/v/gate, cross-attention
+q and FFN-up GEMMs, and one Triton kernel applies the FFN's GELU and quantises its wide output in one read
+(``quantize_activation(..., gelu=True)``). The same kernel without GELU quantises the inputs that come from elsewhere
+(the attention outputs before the out-projections). ``Fp8Rows`` carries a quantised activation between them.
+Measured before (``python bench/profile_vsa.py --forward --fp8``, H200, 1.3B 480x832x81): inductor's fused
+quantisation took 49 ms of a 195 ms forward, 1.1 ms per FFN (GELU + quantise at width 8960).
 
 What is quantised: the q/k/v/out projections of self- and cross-attention, VSA's gate projection, I2V's image
 key/value projections and both FFN layers, in every block. What stays in the model dtype: the patch embedding,
 the time/text/image embedders (modulation), norms, SLA's per-head `proj_l`, the output head, and attention itself.
 A layer whose in or out features are not multiples of 16 (the FP8 GEMM's alignment) stays in the model dtype.
+One thing measured worse and dropped: q/k/v/gate fused into one GEMM (its strided outputs cost the attention more
+than the GEMM saved: in one run the FP8 VSA forward took 232.6 ms against bf16's 219.4 ms).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "FP8_DTYPE", "FP8_MAX", "Fp8Linear", "Fp8Report", "check_quant_supported", "dequantize_rows",
-    "fp8_linear_reference", "quantize_blocks_fp8_", "quantize_rows",
+    "FP8_DTYPE", "FP8_MAX", "Fp8Linear", "Fp8Report", "Fp8Rows", "check_quant_supported", "dequantize_rows",
+    "fp8_linear_reference", "quantize_activation", "quantize_blocks_fp8_", "quantize_rows", "takes_fp8",
 ]
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -45,11 +53,123 @@ _BLOCK_LINEARS = (
 )
 
 
+# The Triton interpreter (CPU) rounds some fp32 -> e4m3 casts wrongly (126.0 became 64.0 in one check): under it the
+# kernels write the scaled fp32 values and torch casts them; on a GPU they write e4m3 themselves (Triton's cast
+# there lands one e4m3 step from torch's on about 0.2% of values: tests/models/test_fp8.py on an H200).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class Fp8Rows(NamedTuple):
+    """An activation quantised per token: ``data`` [..., K] e4m3 and ``scale`` [..., 1] float32, x ~= data * scale.
+    What the fused kernels hand an ``Fp8Linear`` instead of the model-dtype activation."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        return self.data.float() * self.scale
+
+
 def quantize_rows(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise e4m3 quantisation: (x_fp8 [M, K], scale [M, 1] float32) with x ~= x_fp8 * scale."""
+    """Row-wise e4m3 quantisation: (x_fp8 [..., K], scale [..., 1] float32) with x ~= x_fp8 * scale; from x's
+    values as float32 (no rounding to the model dtype first). The spec of every quantising kernel: per row
+    ``amax = max(max|x|, 1e-12)``, ``x_fp8 = clamp(x * (448 / amax))``, ``scale = amax / 448``."""
     x = x_MK.float()
-    scale_M1 = x.abs().amax(dim=-1, keepdim=True).clamp(min=_MIN_SCALE) / FP8_MAX
-    return (x / scale_M1).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale_M1
+    amax_M1 = x.abs().amax(dim=-1, keepdim=True).clamp(min=_MIN_SCALE)
+    return (x * (FP8_MAX / amax_M1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), amax_M1 / FP8_MAX
+
+
+def row_blocks(width: int) -> tuple[int, int]:
+    """A row of ``width`` as two power-of-two register blocks (the second 0 when one fits exactly), so that a kernel
+    holds the whole row with little masked waste: 8960 -> (8192, 1024), 1536 -> (1024, 512), 5120 -> (4096, 1024)."""
+    first = 1 << (width.bit_length() - 1)
+    rest = width - first
+    return first, 0 if rest == 0 else 1 << (rest - 1).bit_length()
+
+
+@functools.cache
+def _kernel():
+    """The Triton kernel, built on first use: importing models needs no Triton."""
+    import triton.language as tl
+    from triton import jit
+
+    @jit
+    def quantize_rows_kernel(
+        X, OUT, SCALE,  # X, OUT: [rows, K] row-major; SCALE: [rows] float32
+        K: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, GELU: tl.constexpr,
+        FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+    ):
+        # One pass: the row (two register blocks, ``row_blocks``) is read once, GELU(tanh) applied once, reduced
+        # to its amax, scaled and written. GELU: 0.5 x (1 + tanh(u)) = x * sigmoid(2u),
+        # u = sqrt(2/pi) (x + 0.044715 x^3).
+        row = tl.program_id(0).to(tl.int64)
+        cols_a = tl.arange(0, BLOCK_A)
+        a = tl.load(X + row * K + cols_a, mask=cols_a < K, other=0.0).to(tl.float32)
+        if GELU:
+            a = a * tl.sigmoid(1.5957691216057308 * (a + 0.044715 * a * a * a))
+        amax = tl.max(tl.abs(a), 0)
+        if BLOCK_B > 0:
+            cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
+            b = tl.load(X + row * K + cols_b, mask=cols_b < K, other=0.0).to(tl.float32)
+            if GELU:
+                b = b * tl.sigmoid(1.5957691216057308 * (b + 0.044715 * b * b * b))
+            amax = tl.maximum(amax, tl.max(tl.abs(b), 0))
+        amax = tl.maximum(amax, MIN_SCALE)
+        tl.store(SCALE + row, tl.math.div_rn(amax, FP8_MAX))  # correctly rounded, as torch divides
+        inv = tl.math.div_rn(FP8_MAX, amax)
+        tl.store(OUT + row * K + cols_a, tl.clamp(a * inv, -FP8_MAX, FP8_MAX).to(OUT.dtype.element_ty),
+                 mask=cols_a < K)
+        if BLOCK_B > 0:
+            tl.store(OUT + row * K + cols_b, tl.clamp(b * inv, -FP8_MAX, FP8_MAX).to(OUT.dtype.element_ty),
+                     mask=cols_b < K)
+
+    return quantize_rows_kernel
+
+
+def fp8_buffer(shape, device) -> torch.Tensor:
+    """The output buffer of a quantising kernel: e4m3, or float32 under the interpreter (see ``_INTERPRET``)."""
+    return torch.empty(shape, device=device, dtype=torch.float32 if _INTERPRET else FP8_DTYPE)
+
+
+def quantize_rows_triton(x: torch.Tensor, gelu: bool = False,
+                         num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel: one program per row of x [..., K] -> (e4m3 [..., K], scale [..., 1] float32). ``num_warps``
+    None: about one warp per 512 values of the row, 2 to 16 (the bench's sweep: python bench/fp8_gemm.py)."""
+    x = x.contiguous()
+    width = x.shape[-1]
+    block_a, block_b = row_blocks(width)
+    if num_warps is None:
+        num_warps = min(16, max(2, 1 << max(0, ((block_a + block_b) // 512).bit_length() - 1)))
+    out = fp8_buffer(x.shape, x.device)
+    scale = torch.empty(*x.shape[:-1], 1, device=x.device, dtype=torch.float32)
+    _kernel()[(x.numel() // width,)](x, out, scale, K=width, BLOCK_A=block_a, BLOCK_B=block_b, GELU=gelu,
+                                     FP8_MAX=FP8_MAX, MIN_SCALE=_MIN_SCALE, num_warps=num_warps)
+    return out.to(FP8_DTYPE), scale
+
+
+@torch.library.custom_op("tessera::quantize_rows_fp8", mutates_args=())
+def _quantize_rows_op(x: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_rows_triton(x, gelu)
+
+
+@_quantize_rows_op.register_fake
+def _quantize_rows_fake(x, gelu):
+    return x.new_empty(x.shape, dtype=FP8_DTYPE), x.new_empty(*x.shape[:-1], 1, dtype=torch.float32)
+
+
+def quantize_activation(x: torch.Tensor, fused: bool, gelu: bool = False) -> Fp8Rows:
+    """``quantize_rows`` of x (of GELU(tanh)(x) computed in float32, with ``gelu``) as ``Fp8Rows``. ``fused``: the
+    Triton op, one read of x (CUDA, or CPU under TRITON_INTERPRET=1), else the composite."""
+    if fused:
+        return Fp8Rows(*_quantize_rows_op(x, gelu))
+    return Fp8Rows(*quantize_rows(F.gelu(x.float(), approximate="tanh") if gelu else x))
+
+
+def takes_fp8(*layers: nn.Module | None) -> bool:
+    """Whether every given layer (None: absent, skipped) is an ``Fp8Linear``: then their shared input can be handed
+    to them quantised once (``Fp8Rows``)."""
+    present = [layer for layer in layers if layer is not None]
+    return bool(present) and all(isinstance(layer, Fp8Linear) for layer in present)
 
 
 def dequantize_rows(x_fp8: torch.Tensor, scale_M1: torch.Tensor) -> torch.Tensor:
@@ -58,29 +178,33 @@ def dequantize_rows(x_fp8: torch.Tensor, scale_M1: torch.Tensor) -> torch.Tensor
 
 
 class Fp8Linear(nn.Module):
-    """``nn.Linear`` with an e4m3 weight [out, in] and per-output-channel scales; activations are quantised per
-    token on every call. Inference only (no autograd through the FP8 GEMM)."""
+    """``nn.Linear`` with an e4m3 weight [out, in] and per-output-channel scales, writing ``out_dtype``. Its input is
+    a model-dtype activation, quantised per token on every call (the Triton kernel on CUDA), or ``Fp8Rows`` a fused
+    kernel already quantised. Inference only (no autograd through the FP8 GEMM)."""
 
-    def __init__(self, weight_fp8: torch.Tensor, weight_scale_1N: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight_fp8: torch.Tensor, weight_scale_1N: torch.Tensor, bias: torch.Tensor | None,
+                 out_dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
         self.in_features, self.out_features = weight_fp8.shape[1], weight_fp8.shape[0]
+        self.out_dtype = out_dtype
         self.register_buffer("weight", weight_fp8)
         self.register_buffer("weight_scale", weight_scale_1N)
-        self.register_buffer("bias", bias)
+        self.register_buffer("bias", None if bias is None else bias.to(out_dtype))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
         weight_fp8, scale_N1 = quantize_rows(linear.weight.detach())
         bias = None if linear.bias is None else linear.bias.detach()
-        return cls(weight_fp8, scale_N1.reshape(1, -1).contiguous(), bias)
+        return cls(weight_fp8, scale_N1.reshape(1, -1).contiguous(), bias, linear.weight.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_fp8, scale_M1 = quantize_rows(x.reshape(-1, self.in_features))
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        rows = x if isinstance(x, Fp8Rows) else quantize_activation(x, fused=x.is_cuda or _INTERPRET)
+        lead = rows.data.shape[:-1]
         out = torch._scaled_mm(
-            x_fp8, self.weight.t(), scale_a=scale_M1, scale_b=self.weight_scale,
-            bias=None if self.bias is None else self.bias.to(x.dtype), out_dtype=x.dtype, use_fast_accum=_FAST_ACCUM,
+            rows.data.reshape(-1, self.in_features), self.weight.t(), scale_a=rows.scale.reshape(-1, 1),
+            scale_b=self.weight_scale, bias=self.bias, out_dtype=self.out_dtype, use_fast_accum=_FAST_ACCUM,
         )
-        return out.view(*x.shape[:-1], self.out_features)
+        return out.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 per-channel x per-token"

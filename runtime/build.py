@@ -22,11 +22,9 @@ RANDOM_WEIGHTS_SEED = 0  # random-weight presets' weights, text encoder and prev
 
 
 def compiles_stages(cfg: GenerateConfig) -> bool:
-    """Whether the DiT's block stages are torch.compiled: `model.compile`, and always with `model.quant=fp8`, whose
-    per-token activation quantisation (plain torch in models/fp8.py) is only fast once inductor fuses it into the op
-    that produces the activation (the FFN's GELU above all); eager it is a chain of separate kernels (abs, amax,
-    divide, clamp, cast) over every FP8 GEMM's input."""
-    return cfg.model.compile or cfg.model.quant == "fp8"
+    """Whether the DiT's block stages are torch.compiled: `model.compile` (FP8's activation quantisation is fused
+    into the Triton kernels that produce the activations, so `model.quant=fp8` needs no compile either)."""
+    return cfg.model.compile
 
 
 def build_model(

@@ -57,11 +57,10 @@ class ModelConfig:
     memory_check: bool = _key(True, doc="refuse a request that would not fit in device memory, before any "
                               "weight loads", example="false")
     # On CUDA every token-local op of a DiT block is a Triton kernel or a GEMM (models/wan/transformer.py,
-    # `use_fast_stages`), so the eager stages start at once; true also torch.compiles them. model.quant=fp8 always
-    # compiles them (runtime/build.py `compiles_stages`).
+    # `use_fast_stages`; with model.quant=fp8 the kernels also quantise their outputs), so the eager stages start at
+    # once; true also torch.compiles them.
     compile: bool = _key(False, doc="torch.compile the DiT blocks' token-local stages on CUDA (seconds of compiling "
-                         "on the first step of each shape, fewer from model.cache_dir; always on with "
-                         "model.quant=fp8)", example="true")
+                         "on the first step of each shape, fewer from model.cache_dir)", example="true")
     cache_dir: str | None = _key("~/.cache/tessera", doc="where torch.compile and Triton keep compiled kernels and "
                                  "autotune results across launches (null: torch's defaults)", example="/scratch/cache")
     offload_text_encoder: bool = _key(False, doc="keep a loaded pipeline's text encoder in host memory between "

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tessera.attention.dense import DenseAttention
 from tessera.models.family import ForwardContext, SelfAttention
+from tessera.models.fp8 import quantize_activation, takes_fp8
 from tessera.models.wan.config import WanConfig, wan_param_dtype
 from tessera.models.wan.modulated_norm import add_modulated_layer_norm_, gated_residual, modulated_layer_norm
 from tessera.models.wan.qk_norm_rope import qk_norm_rope
@@ -285,8 +286,11 @@ class WanBlock(nn.Module):
         for a per-token ``TokenModulation``: the kernel takes one modulation row per batch row)."""
         shift, scale = self._modulation(modulation_B6C, 0, 2)
         per_token = isinstance(modulation_B6C, TokenModulation)
-        h_BSC = modulated_layer_norm(x_BSC, 1 + scale, shift, self.norm1.eps, fused and not per_token)
-        return self.attn1.self_attention_inputs(h_BSC, rope, with_gate, fused)
+        attn = self.attn1
+        # FP8 projections (model.quant=fp8): the norm writes their e4m3 input once, for all of them
+        fp8 = takes_fp8(attn.to_q, attn.to_k, attn.to_v, attn.to_gate_compress if with_gate else None)
+        h_BSC = modulated_layer_norm(x_BSC, 1 + scale, shift, self.norm1.eps, fused and not per_token, fp8)
+        return attn.self_attention_inputs(h_BSC, rope, with_gate, fused)
 
     def attention_residual(
         self, x_BSC: torch.Tensor, out_BSND: torch.Tensor, modulation_B6C: torch.Tensor | TokenModulation,
@@ -307,19 +311,24 @@ class WanBlock(nn.Module):
         modulated norm's always for a per-token ``TokenModulation``). ``x_BSC`` takes the cross-attention residual
         in place; the returned hidden states (after the FFN's residual) are a new tensor."""
         c_shift, c_scale, c_gate = self._modulation(modulation_B6C, 3, 6)
+        up, down = self.ffn.net[0].proj, self.ffn.net[2]
         h_BSC = x_BSC
-        if self.norm2 is not None:
-            h_BSC = (modulated_layer_norm(x_BSC, self.norm2.weight, self.norm2.bias, self.norm2.eps, fused)
-                     if fused else self.norm2(x_BSC.float()).type_as(x_BSC))
+        if self.norm2 is not None:  # (an FP8 q projection: the norm writes its e4m3 input)
+            fp8_q = takes_fp8(self.attn2.to_q)
+            h_BSC = (modulated_layer_norm(x_BSC, self.norm2.weight, self.norm2.bias, self.norm2.eps, fused, fp8_q)
+                     if fused or fp8_q else self.norm2(x_BSC.float()).type_as(x_BSC))
         h_BSC = add_modulated_layer_norm_(  # x_BSC += the cross-attention output, in place
             x_BSC, self.attn2.cross_attention(h_BSC, text_BLC, image_BIC), 1 + c_scale, c_shift, self.norm3.eps,
-            fused and not isinstance(modulation_B6C, TokenModulation))
+            fused and not isinstance(modulation_B6C, TokenModulation), takes_fp8(up))
         # The FFN is the forward's memory peak: one residual buffer (the add above is in place), and each input is
         # dropped as soon as its consumer has run, so neither the normalised input lives through the down projection
         # nor the wide activation through the residual.
-        hidden_BSE = linear_gelu_tanh(h_BSC, self.ffn.net[0].proj)
+        if takes_fp8(up, down):  # GELU and the down projection's quantisation in one pass over the wide activation
+            hidden_BSE = quantize_activation(up(h_BSC), fused, gelu=True)
+        else:
+            hidden_BSE = linear_gelu_tanh(h_BSC, up)
         del h_BSC
-        y_BSC = self.ffn.net[2](hidden_BSE)
+        y_BSC = down(hidden_BSE)
         del hidden_BSE
         return gated_residual(x_BSC, y_BSC, c_gate, fused)
 
