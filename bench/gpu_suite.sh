@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session: carried wheels, GPU-tier tests, attention micro-benchmark (with the FastVideo peer),
 # DiT forward benchmarks. Run from the repo root on the device machine; results land in ${OUT:-bench_out}.
-#   bash bench/gpu_suite.sh [tests] [fp8_tests] [product] [families_tests] [attention] [variants] [profile] [dit13] [dit14] [sp13] [e2e] [stages] [vae] [fp8]
+#   bash bench/gpu_suite.sh [tests] [fp8_tests] [product] [families_tests] [attention] [variants] [profile] [dit13] [dit14] [dit14_fp8] [sp13] [e2e] [stages] [vae] [fp8]
 #       [sla] [fastwan] [fastwan_fp8] [families] [experts] [sp2 (2 GPUs)]   (default: tests attention dit13 dit14)
 set -uo pipefail
 OUT=${OUT:-bench_out}
@@ -39,6 +39,7 @@ for part in $parts; do
     fastwan_fp8) python3 bench/fastwan.py --api-only --text-layers 2 --model vae_dtype=bfloat16 quant=fp8 --out "$OUT/fastwan_fp8.json" 2>&1 | tee "$OUT/fastwan_fp8.log" ;;
     sp2) bash bench/sp_gpu_check.sh 2>&1 | tee "$OUT/sp2.log" ;;
     sp13) python3 bench/dit_forward.py --preset 1.3b --sp 2 4 8 --iters 3 --cuda-graph --out "$OUT/dit_1.3b_sp.json" 2>&1 | tee "$OUT/dit_1.3b_sp.log" ;;
+    dit14_fp8) python3 bench/dit_forward.py --preset 14b --iters 2 --fp8 --quality-steps 10 --out "$OUT/dit_14b_fp8.json" 2>&1 | tee "$OUT/dit_14b_fp8.log" ;;
     dit14) python3 bench/dit_forward.py --preset 14b --iters 2 --out "$OUT/dit_14b.json" 2>&1 | tee "$OUT/dit_14b.log" ;;
     families) python3 bench/dit_forward.py --preset ti2v5b --diffusers --iters 3 --out "$OUT/dit_ti2v5b.json" 2>&1 | tee "$OUT/dit_ti2v5b.log"
               python3 bench/dit_forward.py --preset 14b --diffusers --iters 2 --out "$OUT/dit_14b_diffusers.json" 2>&1 | tee "$OUT/dit_14b_diffusers.log" ;;
