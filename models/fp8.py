@@ -67,7 +67,7 @@ class Fp8Rows(NamedTuple):
     scale: torch.Tensor
 
     def dequantize(self) -> torch.Tensor:
-        return self.data.float() * self.scale
+        return dequantize_rows(self.data, self.scale)
 
 
 def quantize_rows(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tessera.attention.dense import DenseAttention
 from tessera.models.family import ForwardContext, SelfAttention
-from tessera.models.fp8 import quantize_activation, takes_fp8
+from tessera.models.fp8 import Fp8Rows, quantize_activation, takes_fp8
 from tessera.models.wan.config import WanConfig, wan_param_dtype
 from tessera.models.wan.modulated_norm import add_modulated_layer_norm_, gated_residual, modulated_layer_norm
 from tessera.models.wan.qk_norm_rope import qk_norm_rope
@@ -207,12 +207,13 @@ class WanAttention(nn.Module):
 
     def self_attention_inputs(
         self,
-        x_BSC: torch.Tensor,
+        x_BSC: torch.Tensor | Fp8Rows,
         rope: tuple[torch.Tensor, torch.Tensor],
         with_gate: bool,
         fused: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """q, k (RMSNorm over all heads, then RoPE), v and the VSA gate (when asked and present): [B,S,N,D].
+        ``x_BSC`` is ``Fp8Rows`` when the projections are FP8 (quantised once for all of them).
 
         ``fused``: norm + RoPE of q and k in one Triton launch (``models.qk_norm_rope``), else the composite.
         """
@@ -228,11 +229,11 @@ class WanAttention(nn.Module):
         return q_BSND, k_BSND, v_BSND, gate_BSND
 
     def cross_attention(
-        self, x_BSC: torch.Tensor, text_BLC: torch.Tensor, image_BIC: torch.Tensor | None = None
+        self, x_BSC: torch.Tensor | Fp8Rows, text_BLC: torch.Tensor, image_BIC: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Attention of the video tokens to the text tokens [B, L, C] and, for I2V, separately to the image tokens
-        [B, I, C] (keys add_k_proj -> RMSNorm, values add_v_proj); the two outputs are summed before ``to_out``, as
-        diffusers' WanAttnProcessor does. No RoPE, no mask."""
+        """Attention of the video tokens (``Fp8Rows`` for an FP8 ``to_q``) to the text tokens [B, L, C] and, for
+        I2V, separately to the image tokens [B, I, C] (keys add_k_proj -> RMSNorm, values add_v_proj); the two
+        outputs are summed before ``to_out``, as diffusers' WanAttnProcessor does. No RoPE, no mask."""
         heads = (self.num_heads, -1)
         q_BNSD = self.norm_q(self.to_q(x_BSC)).unflatten(2, heads).transpose(1, 2)
         k_BNLD = self.norm_k(self.to_k(text_BLC)).unflatten(2, heads).transpose(1, 2)
