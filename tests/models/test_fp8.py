@@ -261,6 +261,29 @@ def _check_fused_model() -> None:
     assert _rel(fused, composite) < 2e-2, _rel(fused, composite)
     assert 0 < _rel(fused, unquantised) < 0.1, _rel(fused, unquantised)
     assert _rel(compiled, fused) < 1e-2, _rel(compiled, fused)
+    _check_per_token_modulation()
+
+
+def _check_per_token_modulation() -> None:
+    """A quantised block under a per-token modulation (Wan2.2 TI2V from an image: the first frame's tokens at t=0):
+    the norms take the composite path, still handing the FP8 GEMMs e4m3 rows; fused and composite agree, and the
+    clean tokens really get the other modulation."""
+    from tessera.models.wan.transformer import TokenModulation
+
+    cfg, model = _tiny_model()
+    block = model.blocks[0]
+    quantize_blocks_fp8_(model)
+    g = torch.Generator().manual_seed(12)
+    seq_len = 23
+    x = torch.randn(1, seq_len, cfg.dim, generator=g).to(torch.bfloat16)
+    text = torch.randn(1, 7, cfg.dim, generator=g).to(torch.bfloat16)
+    noisy, clean = (torch.randn(1, 6, cfg.dim, generator=g) for _ in range(2))
+    per_token = TokenModulation(noisy, clean, (torch.arange(seq_len) < 5)[:, None])
+    with torch.no_grad():
+        outs = [block.text_and_ffn(x.clone(), text, modulation, fused=fused)
+                for modulation, fused in ((per_token, True), (per_token, False), (noisy, False))]
+    assert _rel(outs[0], outs[1]) < 2e-2, _rel(outs[0], outs[1])
+    assert _rel(outs[1][:, 5:], outs[2][:, 5:]) < 1e-6 and _rel(outs[1][:, :5], outs[2][:, :5]) > 1e-2
 
 
 @pytest.mark.parametrize("what", ["kernels", "model"])
