@@ -313,6 +313,7 @@ class WanBlock(nn.Module):
         in place; the returned hidden states (after the FFN's residual) are a new tensor."""
         c_shift, c_scale, c_gate = self._modulation(modulation_B6C, 3, 6)
         up, down = self.ffn.net[0].proj, self.ffn.net[2]
+        fp8_ffn = takes_fp8(up, down)  # norm3 writes e4m3 for the up projection; GELU quantises for the down one
         h_BSC = x_BSC
         if self.norm2 is not None:  # (an FP8 q projection: the norm writes its e4m3 input)
             fp8_q = takes_fp8(self.attn2.to_q)
@@ -320,11 +321,11 @@ class WanBlock(nn.Module):
                      if fused or fp8_q else self.norm2(x_BSC.float()).type_as(x_BSC))
         h_BSC = add_modulated_layer_norm_(  # x_BSC += the cross-attention output, in place
             x_BSC, self.attn2.cross_attention(h_BSC, text_BLC, image_BIC), 1 + c_scale, c_shift, self.norm3.eps,
-            fused and not isinstance(modulation_B6C, TokenModulation), takes_fp8(up))
+            fused and not isinstance(modulation_B6C, TokenModulation), fp8_ffn)
         # The FFN is the forward's memory peak: one residual buffer (the add above is in place), and each input is
         # dropped as soon as its consumer has run, so neither the normalised input lives through the down projection
         # nor the wide activation through the residual.
-        if takes_fp8(up, down):  # GELU and the down projection's quantisation in one pass over the wide activation
+        if fp8_ffn:  # GELU and the down projection's quantisation in one pass over the wide activation
             hidden_BSE = quantize_activation(up(h_BSC), fused, gelu=True)
         else:
             hidden_BSE = linear_gelu_tanh(h_BSC, up)
