@@ -35,14 +35,15 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "FP8_DTYPE", "FP8_MAX", "Fp8Linear", "Fp8Report", "Fp8Rows", "check_quant_supported", "dequantize_rows",
-    "fp8_linear_reference", "quantize_activation", "quantize_blocks_fp8_", "quantize_rows", "takes_fp8",
+    "FP8_DTYPE", "FP8_MAX", "FP8_MIN_AMAX", "Fp8Linear", "Fp8Report", "Fp8Rows", "check_quant_supported",
+    "dequantize_rows", "fp8_linear_reference", "quantize_activation", "quantize_blocks_fp8_", "quantize_rows",
+    "takes_fp8",
 ]
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 _ALIGN = 16  # the FP8 GEMM needs K and N multiples of 16
-_MIN_SCALE = 1e-12  # an all-zero row quantises to zeros with this scale instead of dividing by zero
+FP8_MIN_AMAX = 1e-12  # floor of a row's amax: an all-zero row quantises to zeros instead of dividing by zero
 # Hopper FP8 tensor cores accumulate in reduced precision unless told to promote: fast accumulation is what FP8
 # inference stacks use for the forward; its error is inside the bound the quality benchmark states.
 _FAST_ACCUM = True
@@ -76,7 +77,7 @@ def quantize_rows(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     values as float32 (no rounding to the model dtype first). The spec of every quantising kernel: per row
     ``amax = max(max|x|, 1e-12)``, ``x_fp8 = clamp(x * (448 / amax))``, ``scale = amax / 448``."""
     x = x_MK.float()
-    amax_M1 = x.abs().amax(dim=-1, keepdim=True).clamp(min=_MIN_SCALE)
+    amax_M1 = x.abs().amax(dim=-1, keepdim=True).clamp(min=FP8_MIN_AMAX)
     return (x * (FP8_MAX / amax_M1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), amax_M1 / FP8_MAX
 
 
@@ -98,7 +99,7 @@ def _kernel():
     def quantize_rows_kernel(
         X, OUT, SCALE,  # X, OUT: [rows, K] row-major; SCALE: [rows] float32
         K: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, GELU: tl.constexpr,
-        FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+        FP8_MAX: tl.constexpr, MIN_AMAX: tl.constexpr,
     ):
         # One pass: the row (two register blocks, ``row_blocks``) is read once, GELU(tanh) applied once, reduced
         # to its amax, scaled and written. GELU: 0.5 x (1 + tanh(u)) = x * sigmoid(2u),
@@ -115,7 +116,7 @@ def _kernel():
             if GELU:
                 b = b * tl.sigmoid(1.5957691216057308 * (b + 0.044715 * b * b * b))
             amax = tl.maximum(amax, tl.max(tl.abs(b), 0))
-        amax = tl.maximum(amax, MIN_SCALE)
+        amax = tl.maximum(amax, MIN_AMAX)
         tl.store(SCALE + row, tl.math.div_rn(amax, FP8_MAX))  # correctly rounded, as torch divides
         inv = tl.math.div_rn(FP8_MAX, amax)
         tl.store(OUT + row * K + cols_a, tl.clamp(a * inv, -FP8_MAX, FP8_MAX).to(OUT.dtype.element_ty),
@@ -145,7 +146,7 @@ def quantize_rows_triton(x: torch.Tensor, gelu: bool = False,
     out = fp8_buffer(x.shape, x.device)
     scale = torch.empty(*x.shape[:-1], 1, device=x.device, dtype=torch.float32)
     _kernel()[(x.numel() // width,)](x, out, scale, K=width, BLOCK_A=block_a, BLOCK_B=block_b, GELU=gelu,
-                                     FP8_MAX=FP8_MAX, MIN_SCALE=_MIN_SCALE, num_warps=num_warps)
+                                     FP8_MAX=FP8_MAX, MIN_AMAX=FP8_MIN_AMAX, num_warps=num_warps)
     return out.to(FP8_DTYPE), scale
 
 

@@ -19,7 +19,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from tessera.models.fp8 import FP8_DTYPE, FP8_MAX, Fp8Rows, fp8_buffer, quantize_rows
+from tessera.models.fp8 import FP8_DTYPE, FP8_MAX, FP8_MIN_AMAX, Fp8Rows, fp8_buffer, quantize_rows
 
 
 def modulated_layer_norm_reference(x_BSC: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float,
@@ -46,7 +46,7 @@ def _kernel():
         X, R, A, B, X_OUT, OUT, SCALE,  # X, R, X_OUT, OUT: [rows, C] row-major (rows = batch * seq_len); A, B: fp32
         seq_len, stride_ab, eps,  # stride_ab: elements between batch rows of A and B (0: one row for all)
         C: tl.constexpr, BLOCK_C: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FP8_OUT: tl.constexpr,
-        FP8_MAX: tl.constexpr,
+        FP8_MAX: tl.constexpr, MIN_AMAX: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_C)
@@ -64,7 +64,7 @@ def _kernel():
         b = tl.load(B + ab, mask=ok, other=0.0)
         y = centred * rstd * a + b
         if FP8_OUT:  # e4m3 with this row's scale (SCALE: [rows] float32), as models.fp8.quantize_rows
-            amax = tl.maximum(tl.max(tl.where(ok, tl.abs(y), 0.0), 0), 1e-12)
+            amax = tl.maximum(tl.max(tl.where(ok, tl.abs(y), 0.0), 0), MIN_AMAX)
             tl.store(SCALE + row, tl.math.div_rn(amax, FP8_MAX))
             y = tl.clamp(y * tl.math.div_rn(FP8_MAX, amax), -FP8_MAX, FP8_MAX)
         tl.store(OUT + row * C + cols, y.to(OUT.dtype.element_ty), mask=ok)
@@ -107,7 +107,8 @@ def modulated_layer_norm_triton(
     kernel[(batch * seq_len,)](
         x, x if residual_BSC is None else residual_BSC.to(x.dtype).contiguous(), a_rows, b_rows, x, out, scale,
         seq_len, width if a_rows.shape[0] > 1 else 0, eps,
-        C=width, BLOCK_C=block, HAS_RESIDUAL=residual_BSC is not None, FP8_OUT=fp8, FP8_MAX=FP8_MAX,
+        C=width, BLOCK_C=block, HAS_RESIDUAL=residual_BSC is not None,
+        FP8_OUT=fp8, FP8_MAX=FP8_MAX, MIN_AMAX=FP8_MIN_AMAX,
         num_warps=num_warps or (4 if block > 2048 else max(1, min(8, block // 256))),
     )
     if residual_BSC is not None and x is not x_BSC:  # a strided x: its contiguous copy took the sum
