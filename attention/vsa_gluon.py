@@ -18,6 +18,18 @@ compiler does not produce (measured in ``bench/attention.py --variants``):
 - Q + 3 K/V stages are 113 KiB of shared memory and 128 registers per thread at launch (the consumer takes
   216 of them with setmaxnreg): two programs per SM, so one's softmax overlaps the other's products.
 
+What bounds it (``probe`` builds, ``python bench/attention.py --sparsity 0.9 --variants``, H200, CUDA-graph
+timings on the same spans): at Wan-1.3B / 0.9 the full kernel takes 1.30 ms, its key stream alone ("loads": the
+same TMA copies, no arithmetic) 1.06 ms and its arithmetic alone ("math": no copies) 1.23 ms; at 14B 25.1 / 17.3 /
+18.9 ms. The key stream moves 9.86 GB (163 GB at 14B) at 9.2-9.4 TB/s whatever the ring depth (2, 3 or 6 stages:
+1.07 / 1.06 / 1.11 ms), the L2's rate for these reads, so 1.06 ms is this kernel's floor at 1.3B / 0.9 unless
+fewer key bytes move. In the compiled loop (sm_90 SASS from triton 3.9's ptxas 13.4, the CPU compile check's;
+the GPU runs triton 3.6 with an older ptxas) ptxas places the wait for P_{j-1} V_{j-1} before the exponentials
+(SASS: ``WARPGROUP.DEPBAR.LE gsb0, 0x0`` right after the wait for S_j): the softmax overlaps the other
+program's products, not this one's. Converting P before that wait, passing it through the wait, alternating two
+P register sets, or carrying O across steps with waits that leave one product in flight did not move it (the
+last makes ptxas serialise every wgmma: "non wgmma instructions reading accumulator registers").
+
 Only for compute capability 9.x, 16-bit inputs, D = 128 and layouts with TMA views (``vsa_triton._gluon_views``
 checks); everything else takes the Triton kernel. Gluon has no interpreter: the GPU tests check this kernel
 against the torch spec, and a CPU test compiles it for sm_90 and checks its resource use.
@@ -77,11 +89,13 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _load_packed_block(k_desc, v_desc, kb_desc, vb_desc, k_smem, v_smem, flag_smem, k_bars, v_bars, slot,
-                           row0, col0, index_row, topk, si, off, entry, ROW_BOX: gl.constexpr):
+                           row0, col0, index_row, topk, si, off, entry, ROW_BOX: gl.constexpr,
+                           ISSUE: gl.constexpr):
         """Fills ring slot ``slot`` from the packed key stream: the ROW_BOX-row boxes of the selected tiles, in
         span order, BLOCK_N // ROW_BOX to a block, so partial tiles share blocks instead of each padding one to
         BLOCK_N rows. (si, off, entry): the stream cursor (span index, token offset in it, the span). A whole
-        tile at a block start moves as one BLOCK_N-row box. flag_smem[slot] gets 1 for each real key row."""
+        tile at a block start moves as one BLOCK_N-row box. flag_smem[slot] gets 1 for each real key row.
+        ISSUE False (the ``math`` probe): no copy is issued and the slot's barriers are arrived on at once."""
         BLOCK_N: gl.constexpr = k_smem.shape[1]
         per_block: gl.constexpr = BLOCK_N // ROW_BOX
         flag_layout: gl.constexpr = gl.BlockedLayout([BLOCK_N // 32], [32], [1], [0])
@@ -89,8 +103,9 @@ if HAVE_GLUON:
         k_bar, v_bar = k_bars.index(slot), v_bars.index(slot)
         if (off == 0) & ((entry & 127) == BLOCK_N):
             row = row0 + (entry >> 7)
-            _tma_load(k_desc, [row, col0], k_bar, k_smem.index(slot))
-            _tma_load(v_desc, [row, col0], v_bar, v_smem.index(slot))
+            if ISSUE:
+                _tma_load(k_desc, [row, col0], k_bar, k_smem.index(slot))
+                _tma_load(v_desc, [row, col0], v_bar, v_smem.index(slot))
             flags = gl.full([BLOCK_N], 1, gl.int8, flag_layout)
             boxes = per_block
             si += 1
@@ -103,8 +118,11 @@ if HAVE_GLUON:
                 count = gl.minimum(length - off, ROW_BOX)
                 if si < topk:
                     row = row0 + (entry >> 7) + off
-                    _tma_load(kb_desc, [row, col0], k_bar, k_smem.index(slot).slice(r * ROW_BOX, ROW_BOX, dim=0))
-                    _tma_load(vb_desc, [row, col0], v_bar, v_smem.index(slot).slice(r * ROW_BOX, ROW_BOX, dim=0))
+                    if ISSUE:
+                        _tma_load(kb_desc, [row, col0], k_bar,
+                                  k_smem.index(slot).slice(r * ROW_BOX, ROW_BOX, dim=0))
+                        _tma_load(vb_desc, [row, col0], v_bar,
+                                  v_smem.index(slot).slice(r * ROW_BOX, ROW_BOX, dim=0))
                     flags = gl.where((cols // ROW_BOX == r) & (cols % ROW_BOX < count), 1, flags).to(gl.int8)
                     boxes += 1
                     off += ROW_BOX
@@ -115,9 +133,13 @@ if HAVE_GLUON:
         flag_smem.index(slot).store(flags)
         _cta_barrier()  # the warp's flag stores before the arrivals below (bar.warp.sync orders memory)
         # the arrivals come after the copies: the transaction count may dip below zero until they land
-        for count in gl.static_range(1, per_block + 1):  # expect takes a constant byte count
-            mbarrier.expect(k_bar, kb_desc.block_type.nbytes * count, pred=boxes == count)
-            mbarrier.expect(v_bar, vb_desc.block_type.nbytes * count, pred=boxes == count)
+        if ISSUE:
+            for count in gl.static_range(1, per_block + 1):  # expect takes a constant byte count
+                mbarrier.expect(k_bar, kb_desc.block_type.nbytes * count, pred=boxes == count)
+                mbarrier.expect(v_bar, vb_desc.block_type.nbytes * count, pred=boxes == count)
+        else:
+            mbarrier.arrive(k_bar, count=1)
+            mbarrier.arrive(v_bar, count=1)
         return si, off, entry
 
     @gluon.jit
@@ -133,7 +155,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _producer(descs, bufs, bars, index_row, topk, row0, col0, q_start, HAS_GATE: gl.constexpr,
-                  ROW_BOX: gl.constexpr):
+                  ROW_BOX: gl.constexpr, PROBE: gl.constexpr):
         """One warp: every TMA load of the program. Q, then the K/V ring (a slot is refilled once the consumer
         has released it), then the gate into Q's buffer once the consumer holds Q in registers."""
         q_desc, k_desc, v_desc, g_desc, kb_desc, vb_desc = descs
@@ -151,7 +173,7 @@ if HAVE_GLUON:
             mbarrier.wait(empty_bars.index(slot), ((i // stages) & 1) ^ 1)  # passes at once in the first round
             si, off, entry = _load_packed_block(k_desc, v_desc, kb_desc, vb_desc, k_smem, v_smem, flag_smem,
                                                 k_bars, v_bars, slot, row0, col0, index_row, topk, si, off,
-                                                entry, ROW_BOX)
+                                                entry, ROW_BOX, PROBE != 2)
         if HAS_GATE:
             mbarrier.wait(q_free, 0)
             fence_async_shared()
@@ -160,9 +182,10 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(bufs, bars, out_args, index_row, topk, qk_scale, HAS_GATE: gl.constexpr, ROW_BOX: gl.constexpr,
-                  num_warps: gl.constexpr):
+                  PROBE: gl.constexpr, num_warps: gl.constexpr):
         """One warpgroup: the online softmax over the key blocks, then the gated coarse term and the store.
-        Iteration j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back and waits only for S_j."""
+        Iteration j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back and waits only for S_j.
+        PROBE 1 (``loads``): wait for each block's copies and release the slot, no arithmetic (output zero)."""
         q_smem, k_smem, v_smem, flag_smem = bufs
         q_bar, q_free, k_bars, v_bars, empty_bars = bars
         o_desc, COARSE, coarse_off, out_row, out_col, out_base, stride_os, q_start, q_len = out_args
@@ -189,35 +212,43 @@ if HAVE_GLUON:
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
 
-        # Key block 0: scores and the first softmax; nothing to overlap yet.
-        mbarrier.wait(k_bars.index(0), 0)
-        s_tok = warpgroup_mma(q_op, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        valid = flag_smem.index(0).load(s_cols) != 0
-        s = warpgroup_mma_wait(0, deps=[s_tok])
-        p, m_i, l_i, alpha = _softmax_step(s, valid, m_i, l_i, qk_scale)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        for j in range(1, n_blocks):
-            slot = j % stages
-            prev = (j - 1) % stages
-            mbarrier.wait(k_bars.index(slot), (j // stages) & 1)
-            s_tok = warpgroup_mma(q_op, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            valid = flag_smem.index(slot).load(s_cols) != 0  # the producer wrote it before its arrivals
-            # rescale O (by block j-1's alpha) while Q K_j^T runs, so only P's conversion waits for P V: 3-5%
-            acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-            mbarrier.wait(v_bars.index(prev), ((j - 1) // stages) & 1)
-            o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-            s = warpgroup_mma_wait(1, deps=[s_tok])  # S_j is ready; P_{j-1} V_{j-1} may still run
+        if PROBE == 1:
+            for j in range(n_blocks):
+                slot = j % stages
+                mbarrier.wait(k_bars.index(slot), (j // stages) & 1)
+                mbarrier.wait(v_bars.index(slot), (j // stages) & 1)
+                mbarrier.arrive(empty_bars.index(slot), count=1)
+            out = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+        else:
+            # Key block 0: scores and the first softmax; nothing to overlap yet.
+            mbarrier.wait(k_bars.index(0), 0)
+            s_tok = warpgroup_mma(q_op, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            valid = flag_smem.index(0).load(s_cols) != 0
+            s = warpgroup_mma_wait(0, deps=[s_tok])
             p, m_i, l_i, alpha = _softmax_step(s, valid, m_i, l_i, qk_scale)
-            acc, p_op = warpgroup_mma_wait(0, deps=[o_tok, p_op])
-            mbarrier.arrive(empty_bars.index(prev), count=1)  # both products of slot prev are done
             p_op = gl.convert_layout(p.to(dtype), p_layout)
-        last = n_blocks - 1
-        acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-        mbarrier.wait(v_bars.index(last % stages), (last // stages) & 1)
-        o_tok = warpgroup_mma(p_op, v_smem.index(last % stages), acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=[o_tok])
+            for j in range(1, n_blocks):
+                slot = j % stages
+                prev = (j - 1) % stages
+                mbarrier.wait(k_bars.index(slot), (j // stages) & 1)
+                s_tok = warpgroup_mma(q_op, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                valid = flag_smem.index(slot).load(s_cols) != 0  # the producer wrote it before its arrivals
+                # rescale O (by block j-1's alpha) while Q K_j^T runs, so only P's conversion waits for P V: 3-5%
+                acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+                mbarrier.wait(v_bars.index(prev), ((j - 1) // stages) & 1)
+                o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+                s = warpgroup_mma_wait(1, deps=[s_tok])  # S_j is ready; P_{j-1} V_{j-1} may still run
+                p, m_i, l_i, alpha = _softmax_step(s, valid, m_i, l_i, qk_scale)
+                acc, p_op = warpgroup_mma_wait(0, deps=[o_tok, p_op])
+                mbarrier.arrive(empty_bars.index(prev), count=1)  # both products of slot prev are done
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+            last = n_blocks - 1
+            acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+            mbarrier.wait(v_bars.index(last % stages), (last // stages) & 1)
+            o_tok = warpgroup_mma(p_op, v_smem.index(last % stages), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=[o_tok])
 
-        out = acc * gl.convert_layout(1.0 / l_i, o_rows)[:, None]
+            out = acc * gl.convert_layout(1.0 / l_i, o_rows)[:, None]
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
         if HAS_GATE:
             mbarrier.wait(q_bar, 1)
@@ -247,7 +278,8 @@ if HAVE_GLUON:
         out_row_b, out_row_n, out_col_n, out_col_b,  # the same for the output's view
         TILE_OFFSETS, SPANS,  # int32 [T + 1]; int32 [B*N, T, topk] packed key spans
         COARSE_STRIDE_BH, num_heads, num_tiles, topk, qk_scale,
-        HAS_GATE: gl.constexpr, NUM_STAGES: gl.constexpr, ROW_BOX: gl.constexpr, num_warps: gl.constexpr,
+        HAS_GATE: gl.constexpr, NUM_STAGES: gl.constexpr, ROW_BOX: gl.constexpr, PROBE: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
@@ -294,11 +326,14 @@ if HAVE_GLUON:
                     OUT + b.to(gl.int64) * stride_ob + n.to(gl.int64) * stride_on, stride_os, q_start, q_len)
         descs = (q_desc, k_desc, v_desc, g_desc, kb_desc, vb_desc)
         gl.warp_specialize([
-            (_consumer, (bufs, bars, out_args, index_row, topk, qk_scale, HAS_GATE, ROW_BOX, num_warps)),
+            (_consumer, (bufs, bars, out_args, index_row, topk, qk_scale, HAS_GATE, ROW_BOX, PROBE, num_warps)),
             (_producer, (descs, bufs, bars, index_row, topk, b * desc_row_b + n * desc_row_n,
                          b * desc_col_b + n * desc_col_n,
-                         q_start, HAS_GATE, ROW_BOX)),
+                         q_start, HAS_GATE, ROW_BOX, PROBE)),
         ], [1], [PRODUCER_REGS])
+
+
+_PROBES = {"": 0, "loads": 1, "math": 2}
 
 
 def gluon_fine_supported(q: torch.Tensor) -> bool:
@@ -309,14 +344,19 @@ def gluon_fine_supported(q: torch.Tensor) -> bool:
 
 def launch_gluon_fine(views, out_view, out: torch.Tensor, tile_offsets: torch.Tensor, spans: torch.Tensor,
                       coarse: torch.Tensor | None, gate_view, qk_scale: float, stages: int = STAGES,
-                      row_box: int = ROW_BOX) -> torch.Tensor:
+                      row_box: int = ROW_BOX, probe: str = "") -> torch.Tensor:
     """views: (2D row view, row_b, row_n, col_n, col_b) of q, k, v (``vsa_triton._host_desc_view``, one shared
     geometry); gate_view the gate's (or None);
     out_view the output's. spans: int32 [B, N, T, topk] packed key spans, in any order (whole tiles first wastes
     the fewest boxes). row_box: rows per box of the key stream (16, 32 or 64, the sizes the GPU tests check; 64
-    gives every partial tile a block of its own). Writes out and returns it."""
+    gives every partial tile a block of its own). probe (``bench/attention.py --variants``, the output is then not
+    attention): "loads" streams the same key blocks through the ring with no arithmetic, "math" does all the
+    arithmetic on whatever the ring holds without copying keys, the two bounds of the full kernel's time.
+    Writes out and returns it."""
     if row_box not in (16, 32, 64):
         raise ValueError(f"launch_gluon_fine: row_box must be 16, 32 or 64, got {row_box}")
+    if probe not in _PROBES:
+        raise ValueError(f"launch_gluon_fine: probe must be one of {list(_PROBES)}, got {probe!r}")
     batch, heads, _, head_dim = out.shape
     num_tiles, topk = spans.shape[2], spans.shape[3]
     if any(view[1:] != views[0][1:] for view in (*views[1:], *((gate_view,) if gate_view else ()))):
@@ -331,5 +371,5 @@ def launch_gluon_fine(views, out_view, out: torch.Tensor, tile_offsets: torch.Te
     _vsa_fine_gluon_kernel[(num_tiles, batch * heads)](
         *descs, g_desc, o_desc, *row_descs, out, coarse if has_gate else out, *out.stride()[:3], *views[0][1:],
         *out_view[1:], tile_offsets, spans, num_tiles * head_dim, heads, num_tiles, topk, qk_scale,
-        HAS_GATE=has_gate, NUM_STAGES=stages, ROW_BOX=row_box, num_warps=4, maxnreg=MAX_REGS)
+        HAS_GATE=has_gate, NUM_STAGES=stages, ROW_BOX=row_box, PROBE=_PROBES[probe], num_warps=4, maxnreg=MAX_REGS)
     return out

@@ -320,6 +320,18 @@ def time_variants(name, q, k, v, gate, metadata, block_index, coarse, reference,
                 err = ((call().float() - reference.float()).norm() / reference.float().norm()).item()
                 add(f"gluon fine{label} stages={stages} row_box={row_box}", time_ms(call),
                     {"diff_vs_default": err if not label else None, "topk": metadata.topk, "packed_blocks": blocks})
+            # the two bounds of the fine kernel's time on the same spans: the key stream alone (TMA copies into
+            # the ring, released at once) and the arithmetic alone (no copies); bytes: the boxes the copies move
+            boxes = ((row_spans & 127) + ROW_BOX - 1).div(ROW_BOX, rounding_mode="floor").sum().item()
+            key_bytes = boxes * ROW_BOX * q.shape[-1] * q.element_size() * 2
+            for probe, stages in (("", 3), ("loads", 3), ("loads", 2), ("loads", 6), ("math", 3)):
+                config = dict(stages=stages, row_box=ROW_BOX, probe=probe)
+                def call(config=config, row_spans=row_spans):
+                    return vsa_triton._launch(q, k, v, metadata.tile_offsets, row_spans, coarse, gate, load_mode=3,
+                                              config=config, spans=True)
+                ms = graph_ms(call) or time_ms(call)
+                add(f"gluon probe{label} {probe or 'full'} stages={stages} (graph)", ms,
+                    {"key_bytes": key_bytes, "key_tb_per_s": key_bytes / ms / 1e9})
     for block_q, block_k, precision, warps in ((16, 32, "tf32x3", 4), (32, 32, "tf32x3", 4), (32, 32, "tf32", 4),
                                                (64, 64, "tf32x3", 4), (32, 64, "tf32x3", 8)):
         config = dict(BLOCK_Q=block_q, BLOCK_K=block_k, COARSE_PRECISION=precision, num_warps=warps)

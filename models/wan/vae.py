@@ -53,8 +53,9 @@ class WanVAEDecoder:
             self.vae = AutoencoderKLWan.from_pretrained(str(vae_dir), torch_dtype=dtype).to(device).eval()
         if device.type == "cuda" and dtype != torch.float32:
             # cuDNN's channels-last 3-D convolutions: python bench/vae_decode.py --variants, H200, 480x832x81 bf16,
-            # 1.55 s vs 1.85 s (measured with cudnn.benchmark on, which is not set here); the same weights, summed
-            # in another order (16-bit only: fp32 stays bit-exact).
+            # 1.68 s vs 1.86 s; the same weights, summed in another order (16-bit only: fp32 stays bit-exact).
+            # cudnn.benchmark on top measured 1.68 s too, and the first decode of a request searched for 9.3 s
+            # (bench/fastwan.py with it on), so it stays off.
             for param in self.vae.decoder.parameters():
                 if param.dim() == 5:
                     param.data = param.data.contiguous(memory_format=torch.channels_last_3d)

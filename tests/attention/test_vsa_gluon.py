@@ -20,7 +20,7 @@ RESERVED_SMEM_PER_PROGRAM = 1024  # the driver's share of each resident program 
 H100_REGS_PER_SM = 65536
 
 
-def _compile_for_hopper(has_gate: bool, stages: int, row_box: int):
+def _compile_for_hopper(has_gate: bool, stages: int, row_box: int, probe: int = 0):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
@@ -32,7 +32,7 @@ def _compile_for_hopper(has_gate: bool, stages: int, row_box: int):
     tile = mangle_type(vsa_gluon.TensorDescriptor.from_tensor(rows, [vsa_gluon.BLOCK, 128], layout))
     box = mangle_type(vsa_gluon.TensorDescriptor.from_tensor(rows, [row_box, 128], layout))
     kernel = vsa_gluon._vsa_fine_gluon_kernel
-    constants = dict(HAS_GATE=has_gate, NUM_STAGES=stages, ROW_BOX=row_box, num_warps=4)
+    constants = dict(HAS_GATE=has_gate, NUM_STAGES=stages, ROW_BOX=row_box, PROBE=probe, num_warps=4)
     types = dict(q_desc=tile, k_desc=tile, v_desc=tile, g_desc=tile, o_desc=tile, kb_desc=box, vb_desc=box,
                  OUT="*bf16", COARSE="*bf16", TILE_OFFSETS="*i32", SPANS="*i32", qk_scale="fp32")
     signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in kernel.arg_names}
@@ -74,6 +74,18 @@ def test_compiles_for_hopper_with_two_programs_per_sm(has_gate: bool) -> None:
     per_program = kernel.metadata.shared + RESERVED_SMEM_PER_PROGRAM
     assert 2 * per_program <= H100_SMEM_PER_SM, f"{per_program} bytes of shared memory per program"
     assert "setmaxnreg" in kernel.asm["ptx"]  # the warps are specialised: producer and consumer registers differ
+
+
+def test_the_benchmark_probes_compile() -> None:
+    """bench/attention.py --variants times the key stream alone and the arithmetic alone with these builds: the
+    loads probe issues the full kernel's copies and no wgmma, the math probe its wgmmas and only Q's and the
+    gate's copies."""
+    sass = {probe: _cuobjdump(_compile_for_hopper(True, vsa_gluon.STAGES, vsa_gluon.ROW_BOX, number).asm["cubin"],
+                              "-sass")
+            for probe, number in vsa_gluon._PROBES.items()}
+    copies = {probe: text.count("UTMALDG") for probe, text in sass.items()}
+    assert copies["loads"] == copies[""] > copies["math"], copies
+    assert "HGMMA" in sass[""] and "HGMMA" in sass["math"] and "HGMMA" not in sass["loads"]
 
 
 def test_a_fourth_stage_would_not_fit_two_programs() -> None:
