@@ -19,9 +19,10 @@ compiler does not produce (measured in ``bench/attention.py --variants``):
   216 of them with setmaxnreg): two programs per SM, so one's softmax overlaps the other's products.
 
 What bounds it (``probe`` builds, ``python bench/attention.py --sparsity 0.9 --variants``, H200, CUDA-graph
-timings on the same spans): at Wan-1.3B / 0.9 the full kernel takes 1.30 ms, its key stream alone ("loads": the
-same TMA copies, no arithmetic) 1.06 ms and its arithmetic alone ("math": no copies) 1.23 ms; at 14B 25.1 / 17.3 /
-18.9 ms. The key stream moves 9.86 GB (163 GB at 14B) at 9.2-9.4 TB/s whatever the ring depth (2, 3 or 6 stages:
+timings on the same spans): at Wan-1.3B / 0.9 the full kernel takes 1.28 ms, its key stream alone ("loads": the
+same TMA copies, no arithmetic) 1.06 ms and its arithmetic alone ("math": no copies) 1.16 ms; at 14B 24.8 / 17.3 /
+17.9 ms (with int8 key flags and a select instead of the additive bias: 1.30 / 1.06 / 1.23 and 25.1 / 17.3 /
+18.9 ms). The key stream moves 9.86 GB (163 GB at 14B) at 9.2-9.4 TB/s whatever the ring depth (2, 3 or 6 stages:
 1.07 / 1.06 / 1.11 ms), the L2's rate for these reads, so 1.06 ms is this kernel's floor at 1.3B / 0.9 unless
 fewer key bytes move. In the compiled loop (sm_90 SASS from triton 3.9's ptxas 13.4, the CPU compile check's;
 the GPU runs triton 3.6 with an older ptxas) ptxas places the wait for P_{j-1} V_{j-1} before the exponentials

@@ -329,8 +329,9 @@ def time_variants(name, q, k, v, gate, metadata, block_index, coarse, reference,
                 def call(config=config, row_spans=row_spans):
                     return vsa_triton._launch(q, k, v, metadata.tile_offsets, row_spans, coarse, gate, load_mode=3,
                                               config=config, spans=True)
-                ms = graph_ms(call) or time_ms(call)
-                add(f"gluon probe{label} {probe or 'full'} stages={stages} (graph)", ms,
+                graphed = graph_ms(call)
+                ms = graphed or time_ms(call)
+                add(f"gluon probe{label} {probe or 'full'} stages={stages} ({'graph' if graphed else 'eager'})", ms,
                     {"key_bytes": key_bytes, "key_tb_per_s": key_bytes / ms / 1e9})
     for block_q, block_k, precision, warps in ((16, 32, "tf32x3", 4), (32, 32, "tf32x3", 4), (32, 32, "tf32", 4),
                                                (64, 64, "tf32x3", 4), (32, 64, "tf32x3", 8)):

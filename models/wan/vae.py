@@ -56,9 +56,7 @@ class WanVAEDecoder:
             # 1.68 s vs 1.86 s; the same weights, summed in another order (16-bit only: fp32 stays bit-exact).
             # cudnn.benchmark on top measured 1.68 s too, and the first decode of a request searched for 9.3 s
             # (bench/fastwan.py with it on), so it stays off.
-            for param in self.vae.decoder.parameters():
-                if param.dim() == 5:
-                    param.data = param.data.contiguous(memory_format=torch.channels_last_3d)
+            conv_weights_channels_last(self.vae.decoder)
         cfg = self.vae.config
         shape = (1, cfg.z_dim, 1, 1, 1)
         self.dtype = dtype
@@ -160,6 +158,13 @@ def _to_unit_frames(video_BCThW: Tensor) -> Tensor:
 def _to_uint8(frames_BThW3: Tensor) -> Tensor:
     """[0, 1] frames -> uint8 by truncation, as diffusers' export_to_video."""
     return (frames_BThW3 * 255).to(torch.uint8)
+
+
+def conv_weights_channels_last(module: torch.nn.Module) -> None:
+    """Every Conv3d weight (the 5-D parameters) of `module` in place to channels-last 3-D (cuDNN's NDHWC kernels)."""
+    for param in module.parameters():
+        if param.dim() == 5:
+            param.data = param.data.contiguous(memory_format=torch.channels_last_3d)
 
 
 def build_row_parallel_vae(vae: AutoencoderKLWan, rows: Any) -> AutoencoderKLWan:
