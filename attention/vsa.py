@@ -24,7 +24,11 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 class VSAMetadata:
     """Per-request VSA index tables for one grid, sparsity and device (built once, reused by all steps).
 
-    Index tensors live on ``device``. ``tile_buf`` is the cached padded buffer used by :func:`tile`.
+    Built eagerly on ``device``: what a CUDA call and the DiT use every step (the token order, its inverse, the
+    tile offsets). The tables only the plain-PyTorch reference and tile/untile read (``variable_block_sizes``,
+    ``token_tile_ids``, ``non_pad_index``, ``untile_combined_index``) are built on first use and kept, so the
+    Triton path holds none of them (they took 1 MB of a 1.3B-480p forward's peak). ``tile_buf`` is the cached
+    padded buffer used by :func:`tile`.
     """
 
     grid: tuple[int, int, int]  # (T, H, W) token grid after patchify
@@ -34,20 +38,46 @@ class VSAMetadata:
     total_seq_length: int
     tile_partition_indices: torch.Tensor  # int64 [S]: tile-order position -> raster token index
     reverse_tile_partition_indices: torch.Tensor  # int64 [S]: raster token index -> tile-order position
-    variable_block_sizes: torch.Tensor  # int32 [T]: real tokens per tile
     tile_offsets: torch.Tensor  # int32 [T + 1]: cumulative sizes, compact tile-order layout
-    token_tile_ids: torch.Tensor  # int64 [S]: tile-order position -> tile id
-    non_pad_index: torch.Tensor  # int64 [S]: tile-order position -> padded slot
-    untile_combined_index: torch.Tensor  # int64 [S]: raster token -> padded slot
     topk: int
     sparsity: float
     device: torch.device
     tile_buf: torch.Tensor | None = field(default=None, repr=False)
+    _reference: dict = field(default_factory=dict, repr=False)
 
     @property
     def tile_volume(self) -> int:
         """Slots per tile in the padded layout (64 for 4x4x4 tiles)."""
         return math.prod(self.tile_size)
+
+    @property
+    def variable_block_sizes(self) -> torch.Tensor:
+        """int32 [T]: real tokens per tile."""
+        return self._reference_table("variable_block_sizes")
+
+    @property
+    def token_tile_ids(self) -> torch.Tensor:
+        """int64 [S]: tile-order position -> tile id."""
+        return self._reference_table("token_tile_ids")
+
+    @property
+    def non_pad_index(self) -> torch.Tensor:
+        """int64 [S]: tile-order position -> padded slot."""
+        return self._reference_table("non_pad_index")
+
+    @property
+    def untile_combined_index(self) -> torch.Tensor:
+        """int64 [S]: raster token -> padded slot."""
+        return self._reference_table("untile_combined_index")
+
+    def _reference_table(self, name: str) -> torch.Tensor:
+        if not self._reference:
+            tables = _index_tables(self.grid, self.tile_size)
+            self._reference.update({key: tables[key].to(self.device) for key in _REFERENCE_TABLES})
+        return self._reference[name]
+
+
+_REFERENCE_TABLES = ("variable_block_sizes", "token_tile_ids", "non_pad_index", "untile_combined_index")
 
 
 def vsa_topk(sparsity: float, num_tiles: int) -> int:
@@ -85,14 +115,36 @@ def build_vsa_metadata(
     device: torch.device | str,
     tile: tuple[int, int, int] = VSA_TILE,
 ) -> VSAMetadata:
-    """Build the tile-order and padded-layout index tables for a ``(T, H, W)`` token grid.
+    """Build the tile-order index tables for a ``(T, H, W)`` token grid (the padded layout's on first use).
 
     Vectorised: the 14B-720p grid (21, 45, 80) builds in milliseconds. Raises ``ValueError`` for a
     sparsity outside [0, 1) or a grid smaller than one tile on any axis.
     """
     _validate(grid_thw, sparsity, tile)
-    T, H, W = (int(g) for g in grid_thw)
-    a, b, c = (int(t) for t in tile)
+    grid = tuple(int(g) for g in grid_thw)
+    tile = tuple(int(t) for t in tile)
+    tables = _index_tables(grid, tile)
+    num_tiles_per_axis = tuple(-(-g // t) for g, t in zip(grid, tile, strict=True))
+    device = torch.device(device)
+    return VSAMetadata(
+        grid=grid,
+        tile_size=tile,
+        num_tiles_per_axis=num_tiles_per_axis,
+        num_tiles=math.prod(num_tiles_per_axis),
+        total_seq_length=math.prod(grid),
+        tile_partition_indices=tables["tile_partition_indices"].to(device),
+        reverse_tile_partition_indices=tables["reverse_tile_partition_indices"].to(device),
+        tile_offsets=tables["tile_offsets"].to(device),
+        topk=vsa_topk(sparsity, math.prod(num_tiles_per_axis)),
+        sparsity=float(sparsity),
+        device=device,
+    )
+
+
+def _index_tables(grid: tuple[int, int, int], tile: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+    """Every index table of a grid, on the CPU (see ``VSAMetadata`` for their meanings)."""
+    T, H, W = grid
+    a, b, c = tile
     num_t, num_h, num_w = -(-T // a), -(-H // b), -(-W // c)
     num_tiles = num_t * num_h * num_w
     S = T * H * W
@@ -117,24 +169,15 @@ def build_vsa_metadata(
     reverse = offsets[tile_id] + local  # raster -> tile-order position
     forward = torch.empty_like(reverse).scatter_(0, reverse, raster)  # tile-order position -> raster
     combined = tile_id * (a * b * c) + local  # raster -> padded slot
-    device = torch.device(device)
-    return VSAMetadata(
-        grid=(T, H, W),
-        tile_size=(a, b, c),
-        num_tiles_per_axis=(num_t, num_h, num_w),
-        num_tiles=num_tiles,
-        total_seq_length=S,
-        tile_partition_indices=forward.to(device),
-        reverse_tile_partition_indices=reverse.to(device),
-        variable_block_sizes=sizes.to(device=device, dtype=torch.int32),
-        tile_offsets=offsets.to(device=device, dtype=torch.int32),
-        token_tile_ids=tile_id[forward].to(device),
-        non_pad_index=combined[forward].to(device),
-        untile_combined_index=combined.to(device),
-        topk=vsa_topk(sparsity, num_tiles),
-        sparsity=float(sparsity),
-        device=device,
-    )
+    return {
+        "tile_partition_indices": forward,
+        "reverse_tile_partition_indices": reverse,
+        "variable_block_sizes": sizes.to(torch.int32),
+        "tile_offsets": offsets.to(torch.int32),
+        "token_tile_ids": tile_id[forward],
+        "non_pad_index": combined[forward],
+        "untile_combined_index": combined,
+    }
 
 
 def tile(x_SD: torch.Tensor, metadata: VSAMetadata) -> torch.Tensor:

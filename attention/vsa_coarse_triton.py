@@ -29,9 +29,11 @@ def _tile_means_kernel(
     num_heads, num_tiles, out_stride_x,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    HEADS: tl.constexpr = 1,  # heads per program (a power of two)
 ):
     tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    groups = tl.cdiv(num_heads, HEADS)
+    b = (tl.program_id(1) // groups).to(tl.int64)
     which = tl.program_id(2)  # q, k, v in one launch
     if which == 0:
         X = X0
@@ -42,13 +44,16 @@ def _tile_means_kernel(
     start = tl.load(TILE_OFFSETS + tile)
     end = tl.load(TILE_OFFSETS + tile + 1)
     rows = start + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    base = (bh // num_heads) * stride_xb + (bh % num_heads) * stride_xn
-    offsets = base + rows[:, None].to(tl.int64) * stride_xs + offs_d[None, :]
-    x = tl.load(X + offsets, mask=(rows < end)[:, None], other=0.0)
+    cols = tl.arange(0, HEADS * HEAD_DIM)
+    head = (tl.program_id(1) % groups) * HEADS + cols // HEAD_DIM
+    offs_d = cols % HEAD_DIM
+    head_ok = head < num_heads
+    offsets = (b * stride_xb + head[None, :].to(tl.int64) * stride_xn + rows[:, None].to(tl.int64) * stride_xs
+               + offs_d[None, :])
+    x = tl.load(X + offsets, mask=(rows < end)[:, None] & head_ok[None, :], other=0.0)
     mean = tl.sum(x.to(tl.float32), 0) / (end - start).to(tl.float32)  # fp32 accumulation, then rounded
-    out = OUT + which.to(tl.int64) * out_stride_x + (bh * num_tiles + tile) * HEAD_DIM + offs_d
-    tl.store(out, mean.to(OUT.dtype.element_ty))
+    out = OUT + which.to(tl.int64) * out_stride_x + ((b * num_heads + head) * num_tiles + tile) * HEAD_DIM + offs_d
+    tl.store(out, mean.to(OUT.dtype.element_ty), mask=head_ok)
 
 
 @triton.jit
@@ -107,48 +112,66 @@ def _select_kernel(
     TILE_OFFSETS, SPANS,  # with WRITE_SPANS: int32 [C + 1] in, int32 [G, R, topk] out (start << 7 | length)
     C_PAD: tl.constexpr,  # next power of two >= num_cols
     WRITE_SPANS: tl.constexpr,
+    ROWS: tl.constexpr = 1,  # score rows per program
+    RADIX_BITS: tl.constexpr = 1,  # key bits decided per counting pass: 1 (32 passes) or 2 (16, three counts each)
     FULL_TILE: tl.constexpr = _TILE_TOKENS,
 ):
-    """One score row per program: the topk largest, ties to the lower column (== a stable descending sort).
+    """ROWS score rows per program: the topk largest of each, ties to the lower column (== a stable descending sort).
 
-    The k-th largest score is found exactly by a 32-step bitwise search on order-preserving uint32 keys
-    (a radix select); then every score above it is taken, and of those equal to it the lowest-indexed ones
-    fill the remaining slots; a cumulative count gives each selected column its ascending slot. A row is one
-    or two warps, so the 32 counts are warp reductions.
+    The k-th largest score is found exactly by a bitwise search on order-preserving uint32 keys (a radix
+    select: the largest threshold t with count(key >= t) >= topk); then every score above it is taken, and of
+    those equal to it the lowest-indexed ones fill the remaining slots; a cumulative count gives each selected
+    column its ascending slot. With RADIX_BITS=2 a pass counts three candidates at once, packed in 21-bit
+    fields of one int64 sum (a row has fewer than 2**21 columns).
     """
-    row = tl.program_id(1).to(tl.int64) * num_rows + tl.program_id(0)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < num_rows
+    rows = tl.program_id(1).to(tl.int64) * num_rows + rows
     cols = tl.arange(0, C_PAD)
-    col_ok = cols < num_cols
-    s = tl.load(SCORES + row * num_cols + cols, mask=col_ok, other=0.0)
+    ok = row_ok[:, None] & (cols < num_cols)[None, :]
+    s = tl.load(SCORES + rows[:, None] * num_cols + cols[None, :], mask=ok, other=0.0)
     s = tl.where(s == 0.0, 0.0, s)  # -0.0 == +0.0: one key for both
     bits = s.to(tl.uint32, bitcast=True)
     sign = tl.full((), 0x80000000, tl.uint32)
     key = tl.where((bits & sign) != 0, ~bits, bits | sign)  # uint32 order == float order (NaN on top)
-    key = tl.where(col_ok, key, 0)  # pad columns: below every real score, never selected
-    threshold = tl.full((), 0, tl.uint32)
+    key = tl.where(ok, key, 0)  # pad columns: below every real score, never selected
+    threshold = tl.zeros([ROWS], dtype=tl.uint32)
     one = tl.full((), 1, tl.uint32)
-    for bit in tl.static_range(31, -1, -1):  # largest t with count(key >= t) >= topk: the k-th largest key
-        candidate = threshold | (one << bit)
-        if tl.sum((key >= candidate).to(tl.int32), 0) >= topk:
-            threshold = candidate
-    above = key > threshold
-    tied = key == threshold
-    slots_left = topk - tl.sum(above.to(tl.int32), 0)
-    take = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= slots_left))
-    slot = tl.cumsum(take.to(tl.int32), 0) - 1
-    tl.store(OUT + row * topk + slot, cols, mask=take)
+    if RADIX_BITS == 1:
+        for bit in tl.static_range(31, -1, -1):  # largest t with count(key >= t) >= topk: the k-th largest key
+            candidate = threshold | (one << bit)
+            count = tl.sum((key >= candidate[:, None]).to(tl.int32), 1)
+            threshold = tl.where(count >= topk, candidate, threshold)
+    else:
+        field = tl.full((), 0x1FFFFF, tl.int64)
+        for bit in tl.static_range(30, -1, -2):  # bits (bit + 1, bit) per pass
+            c1 = threshold | (one << bit)
+            c2 = threshold | ((one + one) << bit)
+            c3 = c1 | c2
+            packed = ((key >= c1[:, None]).to(tl.int64) + ((key >= c2[:, None]).to(tl.int64) << 21)
+                      + ((key >= c3[:, None]).to(tl.int64) << 42))
+            counts = tl.sum(packed, 1)
+            threshold = tl.where((counts >> 42) >= topk, c3, tl.where(((counts >> 21) & field) >= topk, c2,
+                                 tl.where((counts & field) >= topk, c1, threshold)))
+    above = key > threshold[:, None]
+    tied = (key == threshold[:, None]) & ok  # a pad row's keys all tie with its threshold 0: never taken
+    slots_left = topk - tl.sum(above.to(tl.int32), 1)
+    take = above | (tied & (tl.cumsum(tied.to(tl.int32), 1) <= slots_left[:, None]))
+    slot = tl.cumsum(take.to(tl.int32), 1) - 1
+    out = rows[:, None] * topk + slot
+    tl.store(OUT + out, cols[None, :] + tl.zeros([ROWS, C_PAD], dtype=tl.int32), mask=take)
     if WRITE_SPANS:  # whole tiles first (each fills a packed key block alone), then partial ones
-        start = tl.load(TILE_OFFSETS + cols, mask=take, other=0)
-        length = tl.load(TILE_OFFSETS + cols + 1, mask=take, other=0) - start
+        start = tl.load(TILE_OFFSETS + cols[None, :], mask=take, other=0)
+        length = tl.load(TILE_OFFSETS + cols[None, :] + 1, mask=take, other=0) - start
         whole = take & (length == FULL_TILE)
         part = take & (length != FULL_TILE)
-        span_slot = tl.where(whole, tl.cumsum(whole.to(tl.int32), 0) - 1,
-                             tl.sum(whole.to(tl.int32), 0) + tl.cumsum(part.to(tl.int32), 0) - 1)
-        tl.store(SPANS + row * topk + span_slot, (start << 7) | length, mask=take)
+        span_slot = tl.where(whole, tl.cumsum(whole.to(tl.int32), 1) - 1,
+                             tl.sum(whole.to(tl.int32), 1)[:, None] + tl.cumsum(part.to(tl.int32), 1) - 1)
+        tl.store(SPANS + rows[:, None] * topk + span_slot, (start << 7) | length, mask=take)
 
 
 def vsa_tile_means(tensors: tuple[torch.Tensor, ...], tile_offsets: torch.Tensor, num_tiles: int,
-                   num_warps: int = 2) -> torch.Tensor:
+                   num_warps: int = 2, heads_per_program: int = 1) -> torch.Tensor:
     """Per-tile means of 1 to 3 tensors (q, k, v) in ONE launch: [len(tensors), B, N, T, D] in their dtype.
 
     Each tensor: [B, N, S, D] in compact tile order, D contiguous, all of one shape and dtype (copied to
@@ -166,9 +189,9 @@ def vsa_tile_means(tensors: tuple[torch.Tensor, ...], tile_offsets: torch.Tensor
     batch, heads, _, head_dim = first.shape
     out = torch.empty(len(tensors), batch, heads, num_tiles, head_dim, device=first.device, dtype=first.dtype)
     xs = (*tensors, *(first,) * (3 - len(tensors)))  # unused slots are never read
-    _tile_means_kernel[(num_tiles, batch * heads, len(tensors))](
+    _tile_means_kernel[(num_tiles, batch * triton.cdiv(heads, heads_per_program), len(tensors))](
         *xs, out, *first.stride()[:3], tile_offsets, heads, num_tiles, out[0].numel(),
-        HEAD_DIM=head_dim, BLOCK_M=_TILE_TOKENS, num_warps=num_warps,
+        HEAD_DIM=head_dim, BLOCK_M=_TILE_TOKENS, HEADS=heads_per_program, num_warps=num_warps,
     )
     return out
 
@@ -227,15 +250,18 @@ def _select_warps(c_pad: int) -> int:
     return 2 if c_pad <= 1024 else max(1, min(16, c_pad // 2048))
 
 
-def vsa_topk_lower_index_wins(scores: torch.Tensor, topk: int, num_warps: int | None = None) -> torch.Tensor:
+def vsa_topk_lower_index_wins(scores: torch.Tensor, topk: int, num_warps: int | None = None,
+                              config: dict | None = None) -> torch.Tensor:
     """Triton equivalent of ``attention.vsa._topk_lower_index_wins`` on fp32 scores [..., R, C]:
     the ``topk`` largest per row, ties to the lower index, as int32 [..., R, topk] in ascending order.
-    One launch; exactly equal to the torch spec on the same scores. ``num_warps`` per row: default by width."""
-    return _topk(scores, topk, num_warps, None)[0]
+    One launch; exactly equal to the torch spec on the same scores. ``num_warps`` per program: default by width;
+    ``config`` (benchmarks, tests): ``ROWS`` per program and ``RADIX_BITS`` per pass (see ``_select_kernel``)."""
+    return _topk(scores, topk, num_warps, None, config)[0]
 
 
 def _topk(
-    scores: torch.Tensor, topk: int, num_warps: int | None, tile_offsets: torch.Tensor | None
+    scores: torch.Tensor, topk: int, num_warps: int | None, tile_offsets: torch.Tensor | None,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(block_index, key spans): with ``tile_offsets`` the same launch also writes each selected tile's packed
     span ``start << 7 | length`` for the fine kernel (None when the token count may not fit in 24 bits)."""
@@ -249,9 +275,11 @@ def _topk(
         spans = torch.empty_like(block_index)
     c_pad = triton.next_power_of_2(num_cols)
     groups = scores.numel() // max(1, num_rows * num_cols)
-    _select_kernel[(num_rows, groups)](
+    config = {"ROWS": 1, "RADIX_BITS": 1, **(config or {})}
+    _select_kernel[(triton.cdiv(num_rows, config["ROWS"]), groups)](
         scores, block_index, num_rows, num_cols, topk,
         tile_offsets if spans is not None else block_index, spans if spans is not None else block_index,
-        C_PAD=c_pad, WRITE_SPANS=spans is not None, num_warps=num_warps or _select_warps(c_pad),
+        C_PAD=c_pad, WRITE_SPANS=spans is not None,
+        num_warps=num_warps or min(16, _select_warps(c_pad) * config["ROWS"]), **config,
     )
     return block_index, spans

@@ -252,6 +252,8 @@ def bench_shape(name: str, sparsities: list[float], args, results: dict) -> None
               f"(scores differ only in summation order); coarse rel err {coarse_err:.2e}")
         results.setdefault("select_vs_spec", {})[f"{name} s={sparsity}"] = {
             "same_rows": same_rows, "coarse_rel_err": coarse_err}
+        if args.coarse and sparsity == 0.9 and not args.variants:
+            time_coarse_variants(q, k, v, metadata, add)
         if args.variants and sparsity == 0.9:
             time_variants(name, q, k, v, gate, metadata, block_index, coarse, out, add)
         full = lambda: vsa(q, k, v, gate)  # noqa: B023, E731
@@ -333,25 +335,49 @@ def time_variants(name, q, k, v, gate, metadata, block_index, coarse, reference,
                 ms = graphed or time_ms(call)
                 add(f"gluon probe{label} {probe or 'full'} stages={stages} ({'graph' if graphed else 'eager'})", ms,
                     {"key_bytes": key_bytes, "key_tb_per_s": key_bytes / ms / 1e9})
+    time_coarse_variants(q, k, v, metadata, add)
+
+
+def time_coarse_variants(q, k, v, metadata, add) -> None:
+    """The coarse stage's launches and their configs, as CUDA-graph replays (these launches take tens of
+    microseconds, where an eager timing measures the host): tile means by heads per program and warps, on the
+    inputs' layout and on a token-major one (the DiT's); the coarse kernel (+ top-k) by block shape; top-k by rows
+    per program and radix bits, each checked equal to the default's selection; the whole stage as a call runs it."""
+    def graphed(fn) -> float:
+        return graph_ms(fn) or float("nan")
+
+    means = vsa_coarse_triton.vsa_tile_means((q, k, v), metadata.tile_offsets, metadata.num_tiles)
+    ref_index, ref_coarse, spans = vsa_coarse_triton.vsa_select_from_means(*means, metadata.topk, metadata.tile_offsets)
+    token_major = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]  # [B, N, S, D] views of BSND
+    for layout, xs in (("bnsd", (q, k, v)), ("token-major", token_major)):
+        for heads, warps in ((1, 2), (1, 4), (2, 2), (2, 4), (4, 4), (4, 8)):
+            def means_call(xs=xs, heads=heads, warps=warps):
+                return vsa_coarse_triton.vsa_tile_means(xs, metadata.tile_offsets, metadata.num_tiles, warps, heads)
+            assert torch.equal(means_call(), means)
+            add(f"tile means {layout} h{heads} w{warps} (graph)", graphed(means_call))
     for block_q, block_k, precision, warps in ((16, 32, "tf32x3", 4), (32, 32, "tf32x3", 4), (32, 32, "tf32", 4),
-                                               (64, 64, "tf32x3", 4), (32, 64, "tf32x3", 8)):
+                                               (16, 64, "tf32x3", 4), (32, 64, "tf32x3", 8)):
         config = dict(BLOCK_Q=block_q, BLOCK_K=block_k, COARSE_PRECISION=precision, num_warps=warps)
         def select(config=config):
-            return vsa_coarse_triton.vsa_select_from_means(*means, metadata.topk, config=config)
+            return vsa_coarse_triton.vsa_select_from_means(*means, metadata.topk, metadata.tile_offsets, config=config)
         got_index, got_coarse, _ = select()
         err = ((got_coarse - ref_coarse).norm() / ref_coarse.norm()).item()
         same = (got_index == ref_index).all(-1).float().mean().item()
-        add(f"coarse+topk q{block_q} k{block_k} {precision} w{warps}", time_ms(select),
+        add(f"coarse+topk q{block_q} k{block_k} {precision} w{warps} (graph)", graphed(select),
             {"coarse_diff": err, "same_rows": same})
     scores = torch.randn(q.shape[0] * q.shape[1], metadata.num_tiles, metadata.num_tiles, device=q.device)
-    for warps in (1, 2, 4):
-        def topk(warps=warps):
-            return vsa_coarse_triton.vsa_topk_lower_index_wins(scores, metadata.topk, warps)
-        add(f"topk only w{warps}", time_ms(topk))
-    for warps in (1, 2, 4, 8):
-        def means_call(warps=warps):
-            return vsa_coarse_triton.vsa_tile_means((q, k, v), metadata.tile_offsets, metadata.num_tiles, warps)
-        add(f"tile means q,k,v w{warps}", time_ms(means_call))
+    ref_topk = vsa_coarse_triton.vsa_topk_lower_index_wins(scores, metadata.topk)
+    for rows, radix_bits, warps in ((1, 1, 1), (1, 1, 2), (1, 1, 4), (2, 1, 2), (2, 1, 4), (4, 1, 4), (4, 1, 8),
+                                    (8, 1, 8), (1, 2, 2), (2, 2, 4), (4, 2, 8)):
+        config = dict(ROWS=rows, RADIX_BITS=radix_bits)
+        def topk(config=config, warps=warps):
+            return vsa_coarse_triton._topk(scores, metadata.topk, warps, metadata.tile_offsets, config)
+        assert torch.equal(topk()[0], ref_topk)
+        add(f"topk+spans rows={rows} bits={radix_bits} w{warps} (graph)", graphed(topk))
+    def stage():
+        qkv_means = vsa_coarse_triton.vsa_tile_means(token_major, metadata.tile_offsets, metadata.num_tiles)
+        return vsa_coarse_triton.vsa_select_from_means(*qkv_means, metadata.topk, metadata.tile_offsets)
+    add("coarse stage as called, token-major (graph)", graphed(stage))
 
 
 def run_peer(name, sparsity, metadata, q, k, v, gate, add) -> None:
@@ -391,6 +417,8 @@ def main() -> None:
     parser.add_argument("--peer", action="store_true", help="also time fastvideo_kernel if importable")
     parser.add_argument("--variants", action="store_true",
                         help="time kernel variants at s=0.9 (VSA) and at the first --sla-topk (SLA)")
+    parser.add_argument("--coarse", action="store_true",
+                        help="time the coarse stage's variants at s=0.9 (a part of --variants)")
     parser.add_argument("--fine-kernel", choices=("auto", "gluon", "triton"), default="auto",
                         help="the full VSA call's fine kernel (VSAAttention(fine_kernel=...)); triton forces Triton")
     parser.add_argument("--sla-topk", nargs="*", type=float, default=[0.1, 0.15],

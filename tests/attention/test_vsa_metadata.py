@@ -67,6 +67,18 @@ def test_indices_match_slow_tables(grid, tile_size):
     assert m.token_tile_ids.tolist() == [i for i, toks in enumerate(tiles) for _ in toks]
 
 
+def test_reference_tables_are_built_on_first_use_only():
+    """A request on the Triton path keeps only the token order, its inverse and the tile offsets on its device; the
+    four tables of the plain-PyTorch reference and tile/untile appear (all at once, then cached) when first read."""
+    m = build_vsa_metadata((21, 30, 52), 0.9, "cpu")
+    assert not m._reference
+    held = (m.tile_partition_indices, m.reverse_tile_partition_indices, m.tile_offsets)
+    assert sum(t.numel() * t.element_size() for t in held) == 2 * 32760 * 8 + 625 * 4
+    sizes = m.variable_block_sizes
+    assert set(m._reference) == {"variable_block_sizes", "token_tile_ids", "non_pad_index", "untile_combined_index"}
+    assert m.variable_block_sizes is sizes and sizes.device == m.device and int(sizes.sum()) == 32760
+
+
 def test_tile_untile_reuses_buffer_and_keeps_pads_zero():
     grid = (5, 7, 9)
     m = build_vsa_metadata(grid, 0.5, "cpu")

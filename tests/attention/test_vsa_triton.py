@@ -110,8 +110,9 @@ def _check_layouts_and_means() -> None:
     torch.testing.assert_close(in_place, strided, rtol=0, atol=0)
     for dtype in (torch.float32, torch.bfloat16):
         xs = (q.to(dtype), k.to(dtype), v.contiguous().to(dtype))  # v: other strides -> copied, still right
-        for count in (1, 3):
-            got = vsa_tile_means(xs[:count], metadata.tile_offsets, metadata.num_tiles)
+        for count, heads_per_program in ((1, 1), (3, 1), (3, 2), (3, 4)):  # 3 heads: a partial head group too
+            got = vsa_tile_means(xs[:count], metadata.tile_offsets, metadata.num_tiles,
+                                 heads_per_program=heads_per_program)
             assert got.dtype == dtype and got.shape == (count, *q.shape[:2], metadata.num_tiles, head_dim)
             for x, mean in zip(xs[:count], got, strict=True):
                 spec = _tile_means(x, metadata)
@@ -141,9 +142,12 @@ def _check_select() -> None:
     for rows, cols in ((7, 7), (5, 300), (2, 2500)):
         scores = _tied_scores((2, rows, cols), gen)
         for topk in sorted({1, max(1, cols // 10), cols - 1, cols}):
-            got = vsa_topk_lower_index_wins(scores, topk)
-            assert got.dtype == torch.int32 and got.shape == (3, 2, rows, topk)
-            assert torch.equal(got, _topk_lower_index_wins(scores, topk)), f"{rows}x{cols} topk={topk}"
+            spec = _topk_lower_index_wins(scores, topk)
+            # several rows per program (a partial last group of rows too) and two key bits per counting pass
+            for config in ({}, {"ROWS": 2}, {"ROWS": 4, "RADIX_BITS": 2})[:1 if cols > 1024 else 3]:
+                got = vsa_topk_lower_index_wins(scores, topk, config=config)
+                assert got.dtype == torch.int32 and got.shape == (3, 2, rows, topk)
+                assert torch.equal(got, spec), f"{rows}x{cols} topk={topk} {config}"
 
     # several query and key blocks; partial last blocks; topk == T
     cases = ((9, 16, 3, torch.float32), (9, 16, 3, torch.bfloat16), (40, 32, 7, torch.bfloat16),
