@@ -114,6 +114,7 @@ def _select_kernel(
     WRITE_SPANS: tl.constexpr,
     ROWS: tl.constexpr = 1,  # score rows per program
     RADIX_BITS: tl.constexpr = 1,  # key bits decided per counting pass: 1 (32 passes) or 2 (16, three counts each)
+    EARLY_EXIT: tl.constexpr = True,  # stop once every row's count at its threshold is exactly topk
     FULL_TILE: tl.constexpr = _TILE_TOKENS,
 ):
     """ROWS score rows per program: the topk largest of each, ties to the lower column (== a stable descending sort).
@@ -135,24 +136,37 @@ def _select_kernel(
     sign = tl.full((), 0x80000000, tl.uint32)
     key = tl.where((bits & sign) != 0, ~bits, bits | sign)  # uint32 order == float order (NaN on top)
     key = tl.where(ok, key, 0)  # pad columns: below every real score, never selected
+    # The largest t with count(key >= t) >= topk is the k-th largest key: decided bit by bit from the top. A row is
+    # settled once count(key >= t) == topk (then exactly the keys >= t are taken, whatever the lower bits), which
+    # random scores reach after about log2(C) + a few bits; ties run all 32.
     threshold = tl.zeros([ROWS], dtype=tl.uint32)
+    count_at = tl.full([ROWS], -1, tl.int32)  # count(key >= threshold), once a candidate was accepted
     one = tl.full((), 1, tl.uint32)
-    if RADIX_BITS == 1:
-        for bit in tl.static_range(31, -1, -1):  # largest t with count(key >= t) >= topk: the k-th largest key
-            candidate = threshold | (one << bit)
+    bit = 32 - RADIX_BITS
+    pending = ROWS
+    while (bit >= 0) & (pending > 0):
+        shift = bit.to(tl.uint32)
+        if RADIX_BITS == 1:
+            candidate = threshold | (one << shift)
             count = tl.sum((key >= candidate[:, None]).to(tl.int32), 1)
-            threshold = tl.where(count >= topk, candidate, threshold)
-    else:
-        field = tl.full((), 0x1FFFFF, tl.int64)
-        for bit in tl.static_range(30, -1, -2):  # bits (bit + 1, bit) per pass
-            c1 = threshold | (one << bit)
-            c2 = threshold | ((one + one) << bit)
+            accept = count >= topk
+            threshold = tl.where(accept, candidate, threshold)
+            count_at = tl.where(accept, count, count_at)
+        else:  # bits (bit + 1, bit): three candidates counted in 21-bit fields of one int64 sum
+            c1 = threshold | (one << shift)
+            c2 = threshold | ((one + one) << shift)
             c3 = c1 | c2
             packed = ((key >= c1[:, None]).to(tl.int64) + ((key >= c2[:, None]).to(tl.int64) << 21)
                       + ((key >= c3[:, None]).to(tl.int64) << 42))
             counts = tl.sum(packed, 1)
-            threshold = tl.where((counts >> 42) >= topk, c3, tl.where(((counts >> 21) & field) >= topk, c2,
-                                 tl.where((counts & field) >= topk, c1, threshold)))
+            n1 = (counts & 0x1FFFFF).to(tl.int32)
+            n2 = ((counts >> 21) & 0x1FFFFF).to(tl.int32)
+            n3 = (counts >> 42).to(tl.int32)
+            threshold = tl.where(n3 >= topk, c3, tl.where(n2 >= topk, c2, tl.where(n1 >= topk, c1, threshold)))
+            count_at = tl.where(n3 >= topk, n3, tl.where(n2 >= topk, n2, tl.where(n1 >= topk, n1, count_at)))
+        if EARLY_EXIT:
+            pending = tl.sum(((count_at != topk) & row_ok).to(tl.int32), 0)
+        bit -= RADIX_BITS
     above = key > threshold[:, None]
     tied = (key == threshold[:, None]) & ok  # a pad row's keys all tie with its threshold 0: never taken
     slots_left = topk - tl.sum(above.to(tl.int32), 1)
@@ -275,7 +289,7 @@ def _topk(
         spans = torch.empty_like(block_index)
     c_pad = triton.next_power_of_2(num_cols)
     groups = scores.numel() // max(1, num_rows * num_cols)
-    config = {"ROWS": 1, "RADIX_BITS": 1, **(config or {})}
+    config = {"ROWS": 1, "RADIX_BITS": 1, "EARLY_EXIT": True, **(config or {})}
     _select_kernel[(triton.cdiv(num_rows, config["ROWS"]), groups)](
         scores, block_index, num_rows, num_cols, topk,
         tile_offsets if spans is not None else block_index, spans if spans is not None else block_index,

@@ -367,13 +367,15 @@ def time_coarse_variants(q, k, v, metadata, add) -> None:
             {"coarse_diff": err, "same_rows": same})
     scores = torch.randn(q.shape[0] * q.shape[1], metadata.num_tiles, metadata.num_tiles, device=q.device)
     ref_topk = vsa_coarse_triton.vsa_topk_lower_index_wins(scores, metadata.topk)
-    for rows, radix_bits, warps in ((1, 1, 1), (1, 1, 2), (1, 1, 4), (2, 1, 2), (2, 1, 4), (4, 1, 4), (4, 1, 8),
-                                    (8, 1, 8), (1, 2, 2), (2, 2, 4), (4, 2, 8)):
-        config = dict(ROWS=rows, RADIX_BITS=radix_bits)
+    for rows, radix_bits, warps, early in ((1, 1, 2, False), (1, 1, 1, True), (1, 1, 2, True), (1, 1, 4, True),
+                                           (2, 1, 2, True), (2, 1, 4, True), (4, 1, 4, True), (4, 1, 8, True),
+                                           (8, 1, 8, True), (1, 2, 2, True), (2, 2, 4, True), (4, 2, 8, True),
+                                           (4, 1, 4, False)):
+        config = dict(ROWS=rows, RADIX_BITS=radix_bits, EARLY_EXIT=early)
         def topk(config=config, warps=warps):
             return vsa_coarse_triton._topk(scores, metadata.topk, warps, metadata.tile_offsets, config)
         assert torch.equal(topk()[0], ref_topk)
-        add(f"topk+spans rows={rows} bits={radix_bits} w{warps} (graph)", graphed(topk))
+        add(f"topk+spans rows={rows} bits={radix_bits} w{warps} early={int(early)} (graph)", graphed(topk))
     def stage():
         qkv_means = vsa_coarse_triton.vsa_tile_means(token_major, metadata.tile_offsets, metadata.num_tiles)
         return vsa_coarse_triton.vsa_select_from_means(*qkv_means, metadata.topk, metadata.tile_offsets)

@@ -143,8 +143,10 @@ def _check_select() -> None:
         scores = _tied_scores((2, rows, cols), gen)
         for topk in sorted({1, max(1, cols // 10), cols - 1, cols}):
             spec = _topk_lower_index_wins(scores, topk)
-            # several rows per program (a partial last group of rows too) and two key bits per counting pass
-            for config in ({}, {"ROWS": 2}, {"ROWS": 4, "RADIX_BITS": 2})[:1 if cols > 1024 else 3]:
+            # several rows per program (a partial last group of rows too), two key bits per counting pass, and
+            # all 32 bits searched (no stop once a row's count is exactly topk)
+            configs = ({}, {"ROWS": 2}, {"ROWS": 4, "RADIX_BITS": 2}, {"EARLY_EXIT": False})
+            for config in configs[:1] if cols > 1024 else configs:
                 got = vsa_topk_lower_index_wins(scores, topk, config=config)
                 assert got.dtype == torch.int32 and got.shape == (3, 2, rows, topk)
                 assert torch.equal(got, spec), f"{rows}x{cols} topk={topk} {config}"
