@@ -60,7 +60,8 @@ def _tile_means_kernel(
 def _coarse_kernel(
     QC, KC, VC,  # tile means [B*N, T, D] contiguous, one dtype
     SCORES,  # fp32 [B*N, T, T] out: block scores q_c k_c^T / sqrt(D)
-    COARSE,  # fp32 [B*N, T, D] out: softmax over all key tiles of the scores, times v_c
+    COARSE,  # fp32 [B*N, T, D] out: softmax over all key tiles of the scores, times v_c; with SPLITS > 1
+    # fp32 [B*N, SPLITS, T, D + 2] instead: each split's unnormalised output, running max and sum (_combine_kernel)
     num_tiles,
     scale,  # 1 / sqrt(D), applied in fp32 after the product (as the torch spec does)
     HEAD_DIM: tl.constexpr,
@@ -69,6 +70,7 @@ def _coarse_kernel(
     SCORE_PRECISION: tl.constexpr,
     COARSE_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
+    SPLITS: tl.constexpr = 1,  # programs per query block, each over its own range of key tiles
 ):
     bh = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -82,9 +84,12 @@ def _coarse_kernel(
     l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q, HEAD_DIM], dtype=tl.float32)
     score_rows = SCORES + bh * num_tiles * num_tiles + rows[:, None].to(tl.int64) * num_tiles
-    for k0 in range(0, num_tiles, BLOCK_K):
+    per_split = tl.cdiv(tl.cdiv(num_tiles, SPLITS), BLOCK_K) * BLOCK_K
+    k_start = tl.program_id(2) * per_split
+    k_end = tl.minimum(k_start + per_split, num_tiles)
+    for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < num_tiles
+        col_ok = cols < k_end
         kv_offsets = means + cols[:, None] * HEAD_DIM + offs_d[None, :]
         kc = tl.load(KC + kv_offsets, mask=col_ok[:, None], other=0.0)
         if DOT_IN_FP32:
@@ -100,8 +105,66 @@ def _coarse_kernel(
         vc = tl.load(VC + kv_offsets, mask=col_ok[:, None], other=0.0).to(tl.float32)
         acc = tl.dot(p, vc, acc * alpha[:, None], input_precision=COARSE_PRECISION)
         m_i = m_new
-    coarse = acc / l_i[:, None]
-    tl.store(COARSE + means + rows[:, None] * HEAD_DIM + offs_d[None, :], coarse, mask=row_ok[:, None])
+    if SPLITS == 1:
+        coarse = acc / l_i[:, None]
+        tl.store(COARSE + means + rows[:, None] * HEAD_DIM + offs_d[None, :], coarse, mask=row_ok[:, None])
+    else:  # a split without key tiles (tiny T) leaves max -inf, sum 0, output 0: the combine weighs it 0
+        part = COARSE + ((bh * SPLITS + tl.program_id(2)) * num_tiles + rows) * (HEAD_DIM + 2)
+        tl.store(part[:, None] + offs_d[None, :], acc, mask=row_ok[:, None])
+        tl.store(part + HEAD_DIM, m_i, mask=row_ok)
+        tl.store(part + HEAD_DIM + 1, l_i, mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    PARTS,  # fp32 [B*N, SPLITS, T, D + 2]: _coarse_kernel's per-split outputs, running maxima and sums
+    COARSE,  # fp32 [B*N, T, D] out
+    num_tiles,
+    HEAD_DIM: tl.constexpr,
+    SPLITS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """The coarse output from the splits: sum_s exp(m_s - m) acc_s / sum_s exp(m_s - m) l_s, m = max_s m_s."""
+    bh = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < num_tiles
+    splits = tl.arange(0, SPLITS)
+    part = PARTS + ((bh * SPLITS + splits[:, None]) * num_tiles + rows[None, :]) * (HEAD_DIM + 2)  # [SPLITS, R]
+    m_s = tl.load(part + HEAD_DIM, mask=row_ok[None, :], other=0.0)
+    l_s = tl.load(part + HEAD_DIM + 1, mask=row_ok[None, :], other=0.0)
+    m = tl.max(m_s, 0)
+    w = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m[None, :]))
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.load(part[:, :, None] + offs_d[None, None, :], mask=row_ok[None, :, None], other=0.0)
+    total = tl.where(row_ok, tl.sum(w * l_s, 0), 1.0)  # pad rows: no 0 / 0
+    coarse = tl.sum(acc * w[:, :, None], 0) / total[:, None]
+    out = COARSE + (bh * num_tiles + rows[:, None]) * HEAD_DIM + offs_d[None, :]
+    tl.store(out, coarse, mask=row_ok[:, None])
+
+
+@triton.jit
+def _radix_step(key, threshold, count_at, shift, topk, RADIX_BITS: tl.constexpr):
+    """One counting pass of the radix select over keys [ROWS, C]: raise each row's threshold by the highest of the
+    RADIX_BITS bits at ``shift`` that keeps count(key >= threshold) >= topk; returns (threshold, count_at)."""
+    one = tl.full((), 1, tl.uint32)
+    if RADIX_BITS == 1:
+        candidate = threshold | (one << shift)
+        count = tl.sum((key >= candidate[:, None]).to(tl.int32), 1)
+        threshold = tl.where(count >= topk, candidate, threshold)
+        count_at = tl.where(count >= topk, count, count_at)
+    else:  # bits (shift + 1, shift): three candidates counted in 21-bit fields of one int64 sum
+        c1 = threshold | (one << shift)
+        c2 = threshold | ((one + one) << shift)
+        c3 = c1 | c2
+        packed = ((key >= c1[:, None]).to(tl.int64) + ((key >= c2[:, None]).to(tl.int64) << 21)
+                  + ((key >= c3[:, None]).to(tl.int64) << 42))
+        counts = tl.sum(packed, 1)
+        n1 = (counts & 0x1FFFFF).to(tl.int32)
+        n2 = ((counts >> 21) & 0x1FFFFF).to(tl.int32)
+        n3 = (counts >> 42).to(tl.int32)
+        threshold = tl.where(n3 >= topk, c3, tl.where(n2 >= topk, c2, tl.where(n1 >= topk, c1, threshold)))
+        count_at = tl.where(n3 >= topk, n3, tl.where(n2 >= topk, n2, tl.where(n1 >= topk, n1, count_at)))
+    return threshold, count_at
 
 
 @triton.jit
@@ -114,7 +177,7 @@ def _select_kernel(
     WRITE_SPANS: tl.constexpr,
     ROWS: tl.constexpr = 1,  # score rows per program
     RADIX_BITS: tl.constexpr = 1,  # key bits decided per counting pass: 1 (32 passes) or 2 (16, three counts each)
-    EARLY_EXIT: tl.constexpr = True,  # stop once every row's count at its threshold is exactly topk
+    EARLY_EXIT: tl.constexpr = False,  # stop once every row's count at its threshold is exactly topk (unmeasured)
     FULL_TILE: tl.constexpr = _TILE_TOKENS,
 ):
     """ROWS score rows per program: the topk largest of each, ties to the lower column (== a stable descending sort).
@@ -136,37 +199,20 @@ def _select_kernel(
     sign = tl.full((), 0x80000000, tl.uint32)
     key = tl.where((bits & sign) != 0, ~bits, bits | sign)  # uint32 order == float order (NaN on top)
     key = tl.where(ok, key, 0)  # pad columns: below every real score, never selected
-    # The largest t with count(key >= t) >= topk is the k-th largest key: decided bit by bit from the top. A row is
-    # settled once count(key >= t) == topk (then exactly the keys >= t are taken, whatever the lower bits), which
-    # random scores reach after about log2(C) + a few bits; ties run all 32.
+    # The largest t with count(key >= t) >= topk is the k-th largest key: decided bit by bit from the top.
     threshold = tl.zeros([ROWS], dtype=tl.uint32)
     count_at = tl.full([ROWS], -1, tl.int32)  # count(key >= threshold), once a candidate was accepted
-    one = tl.full((), 1, tl.uint32)
-    bit = 32 - RADIX_BITS
-    pending = ROWS
-    while (bit >= 0) & (pending > 0):
-        shift = bit.to(tl.uint32)
-        if RADIX_BITS == 1:
-            candidate = threshold | (one << shift)
-            count = tl.sum((key >= candidate[:, None]).to(tl.int32), 1)
-            accept = count >= topk
-            threshold = tl.where(accept, candidate, threshold)
-            count_at = tl.where(accept, count, count_at)
-        else:  # bits (bit + 1, bit): three candidates counted in 21-bit fields of one int64 sum
-            c1 = threshold | (one << shift)
-            c2 = threshold | ((one + one) << shift)
-            c3 = c1 | c2
-            packed = ((key >= c1[:, None]).to(tl.int64) + ((key >= c2[:, None]).to(tl.int64) << 21)
-                      + ((key >= c3[:, None]).to(tl.int64) << 42))
-            counts = tl.sum(packed, 1)
-            n1 = (counts & 0x1FFFFF).to(tl.int32)
-            n2 = ((counts >> 21) & 0x1FFFFF).to(tl.int32)
-            n3 = (counts >> 42).to(tl.int32)
-            threshold = tl.where(n3 >= topk, c3, tl.where(n2 >= topk, c2, tl.where(n1 >= topk, c1, threshold)))
-            count_at = tl.where(n3 >= topk, n3, tl.where(n2 >= topk, n2, tl.where(n1 >= topk, n1, count_at)))
-        if EARLY_EXIT:
+    if EARLY_EXIT:  # a row is settled once count(key >= t) == topk: exactly the keys >= t are taken, whatever the
+        # lower bits; random scores get there after about log2(C) + a few bits, ties run all 32
+        bit = 32 - RADIX_BITS
+        pending = ROWS
+        while (bit >= 0) & (pending > 0):
+            threshold, count_at = _radix_step(key, threshold, count_at, bit.to(tl.uint32), topk, RADIX_BITS)
             pending = tl.sum(((count_at != topk) & row_ok).to(tl.int32), 0)
-        bit -= RADIX_BITS
+            bit -= RADIX_BITS
+    else:
+        for bit in tl.static_range(32 - RADIX_BITS, -1, -RADIX_BITS):
+            threshold, count_at = _radix_step(key, threshold, count_at, bit, topk, RADIX_BITS)
     above = key > threshold[:, None]
     tied = (key == threshold[:, None]) & ok  # a pad row's keys all tie with its threshold 0: never taken
     slots_left = topk - tl.sum(above.to(tl.int32), 1)
@@ -248,11 +294,17 @@ def vsa_select_from_means(
     if interpret:
         config["COARSE_PRECISION"] = "ieee"
     block_q = config.pop("BLOCK_Q")
-    _coarse_kernel[(triton.cdiv(num_tiles, block_q), batch * heads)](
-        q_c, k_c, v_c, scores, coarse, num_tiles, 1.0 / math.sqrt(head_dim),
+    splits = config.setdefault("SPLITS", 1)
+    parts = coarse if splits == 1 else torch.empty(batch * heads, splits, num_tiles, head_dim + 2, device=device,
+                                                   dtype=torch.float32)
+    _coarse_kernel[(triton.cdiv(num_tiles, block_q), batch * heads, splits)](
+        q_c, k_c, v_c, scores, parts, num_tiles, 1.0 / math.sqrt(head_dim),
         HEAD_DIM=head_dim, BLOCK_Q=block_q, SCORE_PRECISION="ieee" if exact else "tf32",
         DOT_IN_FP32=dot_in_fp32, **config,
     )
+    if splits > 1:
+        _combine_kernel[(triton.cdiv(num_tiles, 16), batch * heads)](
+            parts, coarse, num_tiles, HEAD_DIM=head_dim, SPLITS=splits, BLOCK_R=16, num_warps=4)
     block_index, spans = _topk(scores.view(batch, heads, num_tiles, num_tiles), topk, None, tile_offsets)
     return block_index, coarse, spans
 
@@ -289,7 +341,7 @@ def _topk(
         spans = torch.empty_like(block_index)
     c_pad = triton.next_power_of_2(num_cols)
     groups = scores.numel() // max(1, num_rows * num_cols)
-    config = {"ROWS": 1, "RADIX_BITS": 1, "EARLY_EXIT": True, **(config or {})}
+    config = {"ROWS": 1, "RADIX_BITS": 1, "EARLY_EXIT": False, **(config or {})}
     _select_kernel[(triton.cdiv(num_rows, config["ROWS"]), groups)](
         scores, block_index, num_rows, num_cols, topk,
         tile_offsets if spans is not None else block_index, spans if spans is not None else block_index,

@@ -355,15 +355,17 @@ def time_coarse_variants(q, k, v, metadata, add) -> None:
                 return vsa_coarse_triton.vsa_tile_means(xs, metadata.tile_offsets, metadata.num_tiles, warps, heads)
             assert torch.equal(means_call(), means)
             add(f"tile means {layout} h{heads} w{warps} (graph)", graphed(means_call))
-    for block_q, block_k, precision, warps in ((16, 32, "tf32x3", 4), (32, 32, "tf32x3", 4), (32, 32, "tf32", 4),
-                                               (16, 64, "tf32x3", 4), (32, 64, "tf32x3", 8)):
-        config = dict(BLOCK_Q=block_q, BLOCK_K=block_k, COARSE_PRECISION=precision, num_warps=warps)
+    for block_q, block_k, precision, warps, splits in (
+            (16, 32, "tf32x3", 4, 1), (32, 32, "tf32x3", 4, 1), (32, 32, "tf32", 4, 1), (16, 64, "tf32x3", 4, 1),
+            (32, 64, "tf32x3", 8, 1), (32, 32, "tf32x3", 4, 2), (32, 32, "tf32x3", 4, 4), (32, 32, "tf32x3", 4, 8),
+            (16, 32, "tf32x3", 4, 4), (16, 32, "tf32x3", 4, 8), (32, 64, "tf32x3", 4, 4), (64, 32, "tf32x3", 4, 8)):
+        config = dict(BLOCK_Q=block_q, BLOCK_K=block_k, COARSE_PRECISION=precision, num_warps=warps, SPLITS=splits)
         def select(config=config):
             return vsa_coarse_triton.vsa_select_from_means(*means, metadata.topk, metadata.tile_offsets, config=config)
         got_index, got_coarse, _ = select()
         err = ((got_coarse - ref_coarse).norm() / ref_coarse.norm()).item()
         same = (got_index == ref_index).all(-1).float().mean().item()
-        add(f"coarse+topk q{block_q} k{block_k} {precision} w{warps} (graph)", graphed(select),
+        add(f"coarse+topk q{block_q} k{block_k} {precision} w{warps} splits={splits} (graph)", graphed(select),
             {"coarse_diff": err, "same_rows": same})
     scores = torch.randn(q.shape[0] * q.shape[1], metadata.num_tiles, metadata.num_tiles, device=q.device)
     ref_topk = vsa_coarse_triton.vsa_topk_lower_index_wins(scores, metadata.topk)

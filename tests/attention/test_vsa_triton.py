@@ -143,9 +143,9 @@ def _check_select() -> None:
         scores = _tied_scores((2, rows, cols), gen)
         for topk in sorted({1, max(1, cols // 10), cols - 1, cols}):
             spec = _topk_lower_index_wins(scores, topk)
-            # several rows per program (a partial last group of rows too), two key bits per counting pass, and
-            # all 32 bits searched (no stop once a row's count is exactly topk)
-            configs = ({}, {"ROWS": 2}, {"ROWS": 4, "RADIX_BITS": 2}, {"EARLY_EXIT": False})
+            # several rows per program (a partial last group of rows too), two key bits per counting pass, and the
+            # search stopped once a row's count is exactly topk
+            configs = ({}, {"ROWS": 2}, {"EARLY_EXIT": True}, {"ROWS": 4, "RADIX_BITS": 2, "EARLY_EXIT": True})
             for config in configs[:1] if cols > 1024 else configs:
                 got = vsa_topk_lower_index_wins(scores, topk, config=config)
                 assert got.dtype == torch.int32 and got.shape == (3, 2, rows, topk)
@@ -166,6 +166,11 @@ def _check_select() -> None:
         offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]).to(torch.int32)
         block_index, coarse, spans = vsa_select_from_means(*means, topk, offsets)
         spec_index, spec_coarse = select_from_tile_means(*means, topk)
+        for splits in (4,):  # key tiles split over programs, then combined (T = 9 and 40: some splits hold none)
+            split_index, split_coarse, _ = vsa_select_from_means(*means, topk, config=dict(SPLITS=splits, BLOCK_Q=16,
+                                                                                           BLOCK_K=16))
+            assert torch.equal(split_index, spec_index), f"T={num_tiles} splits={splits}"
+            torch.testing.assert_close(split_coarse, spec_coarse, rtol=1e-5, atol=1e-6)
         assert torch.equal(block_index, spec_index), f"T={num_tiles} {dtype}"
         starts, ends = offsets[spec_index.long()], offsets[spec_index.long() + 1]
         whole_first = torch.sort(((ends - starts) != 64).int(), dim=-1, stable=True).indices
