@@ -502,3 +502,43 @@ def test_host_desc_view_addresses_every_row(layout: str) -> None:
             for s in range(S):
                 col = b * col_b + n * col_n
                 assert torch.equal(rows[b * row_b + n * row_n + s, col : col + D], x[b, n, s]), (b, n, s)
+
+
+def _compile_coarse_for_hopper(kernel, types: dict, constants: dict, num_warps: int) -> str:
+    """PTX of one coarse-stage kernel compiled for sm_90 on this machine (no GPU needed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    return compiled.asm["ptx"]
+
+
+def test_coarse_kernels_and_their_variants_compile_for_hopper() -> None:
+    """Every coarse-stage config the GPU bench times compiles for sm_90 (the interpreter checks their numbers, not
+    their compilation); tile means over h heads per program issue h times the global loads of one head (the
+    addressing across heads keeps one head's vector width)."""
+    from tessera.attention import vsa_coarse_triton as coarse
+
+    def loads(ptx: str) -> int:
+        return ptx.count("ld.global")
+
+    means_types = dict(X0="*bf16", X1="*bf16", X2="*bf16", OUT="*bf16", TILE_OFFSETS="*i32", stride_xb="i64",
+                       stride_xn="i64", stride_xs="i64")
+    per_head = [loads(_compile_coarse_for_hopper(coarse._tile_means_kernel, means_types,
+                                                 dict(HEAD_DIM=128, BLOCK_M=64, HEADS=heads), 2)) - 2  # 2 offsets
+                for heads in (1, 2, 4)]
+    assert per_head == [per_head[0], 2 * per_head[0], 4 * per_head[0]], per_head
+    coarse_types = dict(QC="*bf16", KC="*bf16", VC="*bf16", SCORES="*fp32", COARSE="*fp32", scale="fp32")
+    for splits in (1, 4):
+        _compile_coarse_for_hopper(coarse._coarse_kernel, coarse_types, dict(
+            HEAD_DIM=128, BLOCK_Q=32, BLOCK_K=32, SCORE_PRECISION="tf32", COARSE_PRECISION="tf32x3",
+            DOT_IN_FP32=False, SPLITS=splits), 4)
+    _compile_coarse_for_hopper(coarse._combine_kernel, dict(PARTS="*fp32", COARSE="*fp32"),
+                               dict(HEAD_DIM=128, SPLITS=4, BLOCK_R=16), 4)
+    select_types = dict(SCORES="*fp32", OUT="*i32", TILE_OFFSETS="*i32", SPANS="*i32")
+    for rows, radix_bits, early in ((1, 1, False), (1, 1, True), (4, 1, False), (4, 2, True)):
+        _compile_coarse_for_hopper(coarse._select_kernel, select_types, dict(
+            C_PAD=1024, WRITE_SPANS=True, ROWS=rows, RADIX_BITS=radix_bits, EARLY_EXIT=early, FULL_TILE=64), 2 * rows)
