@@ -20,6 +20,23 @@ VSA_TILE = (4, 4, 4)  # tokens per tile along (frames, height, width): 64, FastV
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+class _ReferenceTable:
+    """A ``VSAMetadata`` table built on first read: every such table of the grid at once, moved to the metadata's
+    device and kept in its ``_reference`` dict."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, metadata: VSAMetadata | None, owner: type | None = None):
+        if metadata is None:
+            return self
+        if not metadata._reference:
+            tables = _index_tables(metadata.grid, metadata.tile_size)
+            names = [name for name, attr in vars(type(metadata)).items() if isinstance(attr, _ReferenceTable)]
+            metadata._reference.update({name: tables[name].to(metadata.device) for name in names})
+        return metadata._reference[self.name]
+
+
 @dataclass(eq=False)
 class VSAMetadata:
     """Per-request VSA index tables for one grid, sparsity and device (built once, reused by all steps).
@@ -50,34 +67,11 @@ class VSAMetadata:
         """Slots per tile in the padded layout (64 for 4x4x4 tiles)."""
         return math.prod(self.tile_size)
 
-    @property
-    def variable_block_sizes(self) -> torch.Tensor:
-        """int32 [T]: real tokens per tile."""
-        return self._reference_table("variable_block_sizes")
-
-    @property
-    def token_tile_ids(self) -> torch.Tensor:
-        """int64 [S]: tile-order position -> tile id."""
-        return self._reference_table("token_tile_ids")
-
-    @property
-    def non_pad_index(self) -> torch.Tensor:
-        """int64 [S]: tile-order position -> padded slot."""
-        return self._reference_table("non_pad_index")
-
-    @property
-    def untile_combined_index(self) -> torch.Tensor:
-        """int64 [S]: raster token -> padded slot."""
-        return self._reference_table("untile_combined_index")
-
-    def _reference_table(self, name: str) -> torch.Tensor:
-        if not self._reference:
-            tables = _index_tables(self.grid, self.tile_size)
-            self._reference.update({key: tables[key].to(self.device) for key in _REFERENCE_TABLES})
-        return self._reference[name]
-
-
-_REFERENCE_TABLES = ("variable_block_sizes", "token_tile_ids", "non_pad_index", "untile_combined_index")
+    # Built on first read (all four at once): only the plain-PyTorch reference and tile/untile read them.
+    variable_block_sizes = _ReferenceTable()  # int32 [T]: real tokens per tile
+    token_tile_ids = _ReferenceTable()  # int64 [S]: tile-order position -> tile id
+    non_pad_index = _ReferenceTable()  # int64 [S]: tile-order position -> padded slot
+    untile_combined_index = _ReferenceTable()  # int64 [S]: raster token -> padded slot
 
 
 def vsa_topk(sparsity: float, num_tiles: int) -> int:

@@ -321,7 +321,7 @@ def vsa_topk_lower_index_wins(scores: torch.Tensor, topk: int, num_warps: int | 
     """Triton equivalent of ``attention.vsa._topk_lower_index_wins`` on fp32 scores [..., R, C]:
     the ``topk`` largest per row, ties to the lower index, as int32 [..., R, topk] in ascending order.
     One launch; exactly equal to the torch spec on the same scores. ``num_warps`` per program: default by width;
-    ``config`` (benchmarks, tests): ``ROWS`` per program and ``RADIX_BITS`` per pass (see ``_select_kernel``)."""
+    ``config`` (benchmarks, tests): ``ROWS``, ``RADIX_BITS``, ``EARLY_EXIT`` (see ``_select_kernel``)."""
     return _topk(scores, topk, num_warps, None, config)[0]
 
 
