@@ -240,6 +240,7 @@ def vsa_tile_means(tensors: tuple[torch.Tensor, ...], tile_offsets: torch.Tensor
     num_warps 2: 0.16 / 0.84 ms at Wan-1.3B / 14B, against 0.19 / 1.06 with 4 and 0.28 / 1.77 with 8 (one warp
     measured the same as two).
     """
+    _check_power_of_two("heads_per_program", heads_per_program)
     if not 1 <= len(tensors) <= 3:
         raise ValueError(f"vsa_tile_means takes 1 to 3 tensors, got {len(tensors)}")
     first = tensors[0]
@@ -295,6 +296,7 @@ def vsa_select_from_means(
         config["COARSE_PRECISION"] = "ieee"
     block_q = config.pop("BLOCK_Q")
     splits = config.setdefault("SPLITS", 1)
+    _check_power_of_two("SPLITS", splits)
     parts = coarse if splits == 1 else torch.empty(batch * heads, splits, num_tiles, head_dim + 2, device=device,
                                                    dtype=torch.float32)
     _coarse_kernel[(triton.cdiv(num_tiles, block_q), batch * heads, splits)](
@@ -332,6 +334,10 @@ def _topk(
     """(block_index, key spans): with ``tile_offsets`` the same launch also writes each selected tile's packed
     span ``start << 7 | length`` for the fine kernel (None when the token count may not fit in 24 bits)."""
     num_rows, num_cols = scores.shape[-2:]
+    config = {"ROWS": 1, "RADIX_BITS": 1, "EARLY_EXIT": False, **(config or {})}
+    _check_power_of_two("ROWS", config["ROWS"])
+    if config["RADIX_BITS"] not in (1, 2):
+        raise ValueError(f"RADIX_BITS must be 1 or 2 (key bits per counting pass), got {config['RADIX_BITS']!r}")
     if not 1 <= topk <= num_cols:
         raise ValueError(f"topk must lie in [1, {num_cols}], got {topk}")
     scores = scores.contiguous()
@@ -341,7 +347,6 @@ def _topk(
         spans = torch.empty_like(block_index)
     c_pad = triton.next_power_of_2(num_cols)
     groups = scores.numel() // max(1, num_rows * num_cols)
-    config = {"ROWS": 1, "RADIX_BITS": 1, "EARLY_EXIT": False, **(config or {})}
     _select_kernel[(triton.cdiv(num_rows, config["ROWS"]), groups)](
         scores, block_index, num_rows, num_cols, topk,
         tile_offsets if spans is not None else block_index, spans if spans is not None else block_index,
@@ -349,3 +354,9 @@ def _topk(
         num_warps=num_warps or min(16, _select_warps(c_pad) * config["ROWS"]), **config,
     )
     return block_index, spans
+
+
+def _check_power_of_two(name: str, value) -> None:
+    """Block counts of the coarse kernels become tl.arange extents: a positive power of two."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value & (value - 1):
+        raise ValueError(f"{name} must be a positive power of two, got {value!r}")

@@ -221,6 +221,17 @@ def test_coarse_stage_rejects_mismatched_inputs() -> None:
         vsa_select_from_means(means, torch.zeros(1, 2, 6, 16), means, 2)
     with pytest.raises(ValueError, match="num_tiles \\+ 1 = 6"):
         vsa_select_from_means(means, means, means, 2, torch.zeros(5, dtype=torch.int32))
+    # the coarse kernels' configs name the key and what it must be, before any launch
+    from tessera.attention.vsa_coarse_triton import vsa_tile_means, vsa_topk_lower_index_wins
+
+    with pytest.raises(ValueError, match="SPLITS must be a positive power of two, got 3"):
+        vsa_select_from_means(means, means, means, 2, config=dict(SPLITS=3))
+    with pytest.raises(ValueError, match="heads_per_program must be a positive power of two, got 0"):
+        vsa_tile_means((means,), torch.zeros(6, dtype=torch.int32), 5, heads_per_program=0)
+    with pytest.raises(ValueError, match="ROWS must be a positive power of two, got 6"):
+        vsa_topk_lower_index_wins(torch.zeros(4, 5), 2, config=dict(ROWS=6))
+    with pytest.raises(ValueError, match="RADIX_BITS must be 1 or 2"):
+        vsa_topk_lower_index_wins(torch.zeros(4, 5), 2, config=dict(RADIX_BITS=4))
 
 
 def test_fake_impl_shape() -> None:
