@@ -24,7 +24,8 @@ class Backend:
     auto_problem(device) -> why ``attention.backend=auto`` should not pick it here although it can run, or None.
     build_metadata(grid_thw, sparsity, device, **options) -> its per-request metadata; None for backends without any.
         ``options`` are the attention-config fields named in ``config_keys`` (e.g. SLA's ``sla_topk``), as keywords.
-    token_order(metadata) -> (order, inverse) int64 [S] raster index per position and back, or None for any order.
+    token_order(metadata) -> (order, inverse) int64 [S] raster index per position and back, or None for any order;
+        on the host or the device (a host table is copied in where it is used, see ``ForwardContext``).
     build(metadata, dtype, head_dim) -> the callable (``AttentionBackend``) over the full sequence.
     bind_layer(attn, attention_module) -> a copy of ``attn`` bound to one transformer block's own weights (SLA's
         ``proj_l``), or None (the default) when every block shares the one callable.

@@ -41,10 +41,13 @@ class _ReferenceTable:
 class VSAMetadata:
     """Per-request VSA index tables for one grid, sparsity and device (built once, reused by all steps).
 
-    Built eagerly on ``device``: what a CUDA call and the DiT use every step (the token order, its inverse, the
-    tile offsets). The tables only the plain-PyTorch reference and tile/untile read (``variable_block_sizes``,
-    ``token_tile_ids``, ``non_pad_index``, ``untile_combined_index``) are built on first use and kept, so the
-    Triton path holds none of them (they took 1 MB of a 1.3B-480p forward's peak). ``tile_buf`` is the cached
+    Built eagerly: the tile offsets on ``device`` (every kernel of a call reads them); the token order and its
+    inverse on the host, pinned when ``device`` is CUDA (only the DiT reads them, once each per forward, to permute
+    its tokens in and out: it copies them in asynchronously, a copy a CUDA graph can hold, and drops the copy, so
+    between forwards, through the FFN's memory peak, a request holds no [S] table on its device). The tables only
+    the plain-PyTorch reference and tile/untile read (``variable_block_sizes``, ``token_tile_ids``,
+    ``non_pad_index``, ``untile_combined_index``) are built on first use and kept, so the Triton path holds none of
+    them (they took 1 MB of a 1.3B-480p forward's peak). ``tile_buf`` is the cached
     padded buffer used by :func:`tile`.
     """
 
@@ -53,8 +56,8 @@ class VSAMetadata:
     num_tiles_per_axis: tuple[int, int, int]
     num_tiles: int
     total_seq_length: int
-    tile_partition_indices: torch.Tensor  # int64 [S]: tile-order position -> raster token index
-    reverse_tile_partition_indices: torch.Tensor  # int64 [S]: raster token index -> tile-order position
+    tile_partition_indices: torch.Tensor  # int64 [S], host: tile-order position -> raster token index
+    reverse_tile_partition_indices: torch.Tensor  # int64 [S], host: raster token index -> tile-order position
     tile_offsets: torch.Tensor  # int32 [T + 1]: cumulative sizes, compact tile-order layout
     topk: int
     sparsity: float
@@ -120,14 +123,17 @@ def build_vsa_metadata(
     tables = _index_tables(grid, tile)
     num_tiles_per_axis = tuple(-(-g // t) for g, t in zip(grid, tile, strict=True))
     device = torch.device(device)
+    order, inverse = tables["tile_partition_indices"], tables["reverse_tile_partition_indices"]
+    if device.type == "cuda":  # pinned: the forward's copy to the device is asynchronous and graph-capturable
+        order, inverse = order.pin_memory(), inverse.pin_memory()
     return VSAMetadata(
         grid=grid,
         tile_size=tile,
         num_tiles_per_axis=num_tiles_per_axis,
         num_tiles=math.prod(num_tiles_per_axis),
         total_seq_length=math.prod(grid),
-        tile_partition_indices=tables["tile_partition_indices"].to(device),
-        reverse_tile_partition_indices=tables["reverse_tile_partition_indices"].to(device),
+        tile_partition_indices=order,
+        reverse_tile_partition_indices=inverse,
         tile_offsets=tables["tile_offsets"].to(device),
         topk=vsa_topk(sparsity, math.prod(num_tiles_per_axis)),
         sparsity=float(sparsity),
@@ -405,7 +411,7 @@ VSA_BACKEND = register_backend(Backend(
     check_supported=_vsa_backend_check,
     auto_problem=_vsa_auto_problem,
     build_metadata=build_vsa_metadata,
-    token_order=lambda m: (m.tile_partition_indices.to(m.device), m.reverse_tile_partition_indices.to(m.device)),
+    token_order=lambda m: (m.tile_partition_indices, m.reverse_tile_partition_indices),  # host tables
     # consume_q: q is dead after the DiT's self-attention, so the output may overwrite it
     build=lambda metadata, dtype, head_dim: VSAAttention(metadata, consume_q=True, dtype=dtype, head_dim=head_dim),
     # vsa_attention_reference: fp32 scores, their masked copy and the probabilities, and a bool mask: [B, N, S, S]

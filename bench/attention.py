@@ -400,7 +400,7 @@ def run_peer(name, sparsity, metadata, q, k, v, gate, add) -> None:
         print("peer: Hopper op not loaded (would fall back to Triton); skipped")
         return
     # q, k, v are in compact tile order; tile() takes raster order, so map back first.
-    to_raster = metadata.reverse_tile_partition_indices
+    to_raster = metadata.reverse_tile_partition_indices.to(q.device)  # a host table (VSAMetadata)
     padded = [attention.tile(x.index_select(2, to_raster), metadata).clone() for x in (q, k, v, gate)]
     sizes = metadata.variable_block_sizes
 

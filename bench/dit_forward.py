@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from _timing import cuda_time_ms  # noqa: E402
 from tessera.attention import MetadataCache  # noqa: E402
+from tessera.models.family import on_device  # noqa: E402
 from tessera.models.fp8 import quantize_blocks_fp8_  # noqa: E402
 from tessera.models.wan import WanConfig, build_wan_on_meta, materialize_random_  # noqa: E402
 from tessera.parallel import build_mesh  # noqa: E402
@@ -178,7 +179,8 @@ def bench_ours(model, cfg: WanConfig, backend: str, sparsity: float, inputs, ite
                         dtype=torch.bfloat16)
         y = torch.randn(1, num_tokens, cfg.out_channels * math.prod(cfg.patch_size), device=device,
                         dtype=torch.bfloat16)  # proj_out channels
-        layout_ms = cuda_time_ms(lambda: (x[:, ctx.token_order], y[:, ctx.token_order_inverse]), 2, 10)
+        layout_ms = cuda_time_ms(lambda: (x[:, on_device(ctx.token_order, x.device)],  # as the forward does
+                                          y[:, on_device(ctx.token_order_inverse, y.device)]), 2, 10)
     graphed_ms = None
     if graphs:  # the same forward replayed from a CUDA graph (runtime/graphs.py): no host launch work
         from tessera.runtime.graphs import GraphedForward

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tessera.attention import MetadataCache, get_backend
-from tessera.models.family import DiT, ForwardContext
+from tessera.models.family import DiT, ForwardContext, on_device
 from tessera.parallel import ParallelMesh, SequenceShardPlan, UlyssesAttention
 from tessera.runtime.plan import AttentionPlan
 
@@ -45,14 +45,16 @@ def build_request_state(
     head_dim = model.config.attention_head_dim
 
     token_order, token_order_inverse = _token_order(plan, grid_thw, device, metadata_cache)
+    order = None if token_order is None else on_device(token_order, device)  # dropped after this build
     cos, sin = model.rope_tables(grid_thw, device)
-    if token_order is not None:
-        cos, sin = cos[token_order], sin[token_order]
+    if order is not None:
+        cos, sin = cos[order], sin[order]
     local_rope = (seq_plan.shard(cos, dim=0), seq_plan.shard(sin, dim=0))
     local_clean = None
     if clean_first_frame:
         clean = model.first_frame_tokens(grid_thw, device)
-        local_clean = seq_plan.shard(clean if token_order is None else clean[token_order], dim=0).contiguous()
+        local_clean = seq_plan.shard(clean if order is None else clean[order], dim=0).contiguous()
+    del order
 
     callables: dict[tuple[str, float | None], UlyssesAttention] = {}  # (backend, sparsity) -> callable
     state = RequestState(grid_thw=grid_thw, plan=plan, seq_plan=seq_plan)

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tessera.attention.dense import DenseAttention
-from tessera.models.family import ForwardContext, SelfAttention
+from tessera.models.family import ForwardContext, SelfAttention, on_device
 from tessera.models.fp8 import Fp8Rows, quantize_activation, takes_fp8
 from tessera.models.wan.config import WanConfig, wan_param_dtype
 from tessera.models.wan.modulated_norm import add_modulated_layer_norm_, gated_residual, modulated_layer_norm
@@ -455,7 +455,7 @@ class WanTransformer(nn.Module):
         else:
             rope, attns = ctx.rope, ctx.attn
             if ctx.token_order is not None:
-                x_BSC = x_BSC[:, ctx.token_order]
+                x_BSC = x_BSC[:, on_device(ctx.token_order, x_BSC.device)]
             local_x_BSC = ctx.shard(x_BSC).contiguous()
         del x_BCTHW, x_BSC  # only the local shard lives on (the full or permuted copy would stay to the end)
 
@@ -505,7 +505,7 @@ class WanTransformer(nn.Module):
         if ctx is not None:
             out_BSP = ctx.gather(local_out_BSP)
             if ctx.token_order_inverse is not None:
-                out_BSP = out_BSP[:, ctx.token_order_inverse]
+                out_BSP = out_BSP[:, on_device(ctx.token_order_inverse, out_BSP.device)]
 
         # 6. Unpatchify [B, T*Hh*Ww, pt*ph*pw*C] -> [B, C, F, H, W].
         p_t, p_h, p_w = self.config.patch_size

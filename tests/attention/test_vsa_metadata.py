@@ -68,8 +68,9 @@ def test_indices_match_slow_tables(grid, tile_size):
 
 
 def test_reference_tables_are_built_on_first_use_only():
-    """A request on the Triton path keeps only the token order, its inverse and the tile offsets on its device; the
-    four tables of the plain-PyTorch reference and tile/untile appear (all at once, then cached) when first read."""
+    """A request on the Triton path keeps the token order and its inverse (on the host for a CUDA device, see
+    ``test_gpu_token_order_stays_on_the_host``) and the tile offsets; the four tables of the plain-PyTorch reference
+    and tile/untile appear (all at once, then cached) when first read."""
     m = build_vsa_metadata((21, 30, 52), 0.9, "cpu")
     assert not m._reference
     held = (m.tile_partition_indices, m.reverse_tile_partition_indices, m.tile_offsets)
@@ -182,3 +183,14 @@ def test_cache_is_keyed_by_backend_grid_sparsity_device():
     assert cache.get(dense, (5, 7, 9), 0.9, "cpu") is None  # dense builds no metadata
     assert len(cache) == 3 and a.device == torch.device("cpu") and a.grid == (5, 7, 9)
     assert MetadataCache().get(vsa, (5, 7, 9), 0.9, "cpu") is not a  # no hidden global state
+
+
+@pytest.mark.gpu
+def test_gpu_token_order_stays_on_the_host():
+    """For a CUDA request only the tile offsets (625 int32) live on the device; the token order and its inverse are
+    pinned host tables the DiT copies in per forward (the runtime's forwards, graphed too: tests/runtime)."""
+    m = build_vsa_metadata((21, 30, 52), 0.9, "cuda")
+    for table in (m.tile_partition_indices, m.reverse_tile_partition_indices):
+        assert table.device.type == "cpu" and table.is_pinned()
+    assert m.tile_offsets.is_cuda and m.tile_offsets.numel() == 625
+    assert torch.equal(m.tile_partition_indices, build_vsa_metadata((21, 30, 52), 0.9, "cpu").tile_partition_indices)

@@ -72,6 +72,8 @@ def test_gpu_replays_equal_the_eager_forward():
                 assert got.data_ptr() not in {entry[2].data_ptr() for entry in forward.graphs.values()}
                 assert torch.equal(got, expected), (rep, step, (got.float() - expected.float()).abs().max())
     assert forward.enabled and forward.disabled_because is None and len(forward.graphs) == 3
+    order = state.context_for_step(1).token_order  # VSA's: a pinned host table, copied in by each replay
+    assert order.device.type == "cpu" and order.is_pinned()
 
 
 @pytest.mark.gpu
