@@ -353,7 +353,8 @@ def time_coarse_variants(q, k, v, metadata, add) -> None:
         for heads, warps in ((1, 2), (1, 4), (2, 2), (2, 4), (4, 4), (4, 8)):
             def means_call(xs=xs, heads=heads, warps=warps):
                 return vsa_coarse_triton.vsa_tile_means(xs, metadata.tile_offsets, metadata.num_tiles, warps, heads)
-            assert torch.equal(means_call(), means)
+            # fp32 sums in another order (warps, head groups) can round to a neighbouring bf16 value
+            torch.testing.assert_close(means_call().float(), means.float(), rtol=2.0**-7, atol=1e-6)
             add(f"tile means {layout} h{heads} w{warps} (graph)", graphed(means_call))
     for block_q, block_k, precision, warps, splits in (
             (16, 32, "tf32x3", 4, 1), (32, 32, "tf32x3", 4, 1), (32, 32, "tf32", 4, 1), (16, 64, "tf32x3", 4, 1),

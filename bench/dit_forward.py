@@ -158,6 +158,8 @@ def bench_ours(model, cfg: WanConfig, backend: str, sparsity: float, inputs, ite
     torch.cuda.reset_peak_memory_stats()
     forward_ms = cuda_time_ms(lambda: model(latents, timestep, text, ctx=ctx), iters=iters)
     peak = torch.cuda.max_memory_allocated()
+    # the tensors' own bytes at the peak: the allocated figure above also counts a cached block's unsplit remainder
+    peak_requested = torch.cuda.memory_stats()["requested_bytes.all.peak"]
 
     events: list = []
     timed = dataclasses.replace(ctx, attn=tuple(_TimedAttention(a, events) for a in ctx.attn))
@@ -200,6 +202,7 @@ def bench_ours(model, cfg: WanConfig, backend: str, sparsity: float, inputs, ite
         "forward_ms": forward_ms, "graphed_forward_ms": graphed_ms, "attention_ms": attention_ms,
         "attention_share": attention_ms / forward_ms,
         "layout_ms": layout_ms, "layout_share": layout_ms / forward_ms, "peak_gib": peak / 2**30,
+        "peak_bytes": peak, "peak_requested_bytes": peak_requested,
         "peak_inside_attention_gib": peaks["attention"] / 2**30, "peak_outside_attention_gib": peaks["outside"] / 2**30,
     }
 
