@@ -177,7 +177,7 @@ def _select_kernel(
     WRITE_SPANS: tl.constexpr,
     ROWS: tl.constexpr = 1,  # score rows per program
     RADIX_BITS: tl.constexpr = 1,  # key bits decided per counting pass: 1 (32 passes) or 2 (16, three counts each)
-    EARLY_EXIT: tl.constexpr = False,  # stop once every row's count at its threshold is exactly topk (unmeasured)
+    EARLY_EXIT: tl.constexpr = False,  # stop once every row's count at its threshold is exactly topk
     FULL_TILE: tl.constexpr = _TILE_TOKENS,
 ):
     """ROWS score rows per program: the topk largest of each, ties to the lower column (== a stable descending sort).
@@ -312,10 +312,11 @@ def vsa_select_from_means(
 
 
 def _select_warps(c_pad: int) -> int:
-    """Warps per score row, measured: 1,024 columns 0.095 ms with 2 warps (1: 0.117,
-    4: 0.102) at Wan-1.3B; 2,048 columns 1.08 ms with 1 warp (2: 1.31, 4: 1.11) at Wan-14B. Wider rows keep
-    ~64 keys per thread."""
-    return 2 if c_pad <= 1024 else max(1, min(16, c_pad // 2048))
+    """Warps per score row for the early-stopping search (the default), measured on an H100 (`python
+    bench/attention.py --sparsity 0.9 --sla-topk --coarse`, CUDA graphs): 1,024 columns at Wan-1.3B 0.073 ms
+    with 2 warps (1: 0.082, 4: 0.077; all 32 passes with 2 warps: 0.104); 2,048 columns at Wan-14B 1.085 ms with 4
+    warps (1: 1.502, 2: 1.339; all 32 passes with 2 warps: 1.731)."""
+    return 2 if c_pad <= 1024 else min(16, c_pad // 512)
 
 
 def vsa_topk_lower_index_wins(scores: torch.Tensor, topk: int, num_warps: int | None = None,
@@ -334,7 +335,8 @@ def _topk(
     """(block_index, key spans): with ``tile_offsets`` the same launch also writes each selected tile's packed
     span ``start << 7 | length`` for the fine kernel (None when the token count may not fit in 24 bits)."""
     num_rows, num_cols = scores.shape[-2:]
-    config = {"ROWS": 1, "RADIX_BITS": 1, "EARLY_EXIT": False, **(config or {})}
+    # the early stop (about log2(C) + a few of the 32 passes on untied scores): 0.104 -> 0.073 ms at Wan-1.3B
+    config = {"ROWS": 1, "RADIX_BITS": 1, "EARLY_EXIT": True, **(config or {})}
     _check_power_of_two("ROWS", config["ROWS"])
     if config["RADIX_BITS"] not in (1, 2):
         raise ValueError(f"RADIX_BITS must be 1 or 2 (key bits per counting pass), got {config['RADIX_BITS']!r}")
