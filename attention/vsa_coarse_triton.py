@@ -177,7 +177,7 @@ def _select_kernel(
     WRITE_SPANS: tl.constexpr,
     ROWS: tl.constexpr = 1,  # score rows per program
     RADIX_BITS: tl.constexpr = 1,  # key bits decided per counting pass: 1 (32 passes) or 2 (16, three counts each)
-    EARLY_EXIT: tl.constexpr = False,  # stop once every row's count at its threshold is exactly topk
+    EARLY_EXIT: tl.constexpr = True,  # stop once every row's count at its threshold is exactly topk
     FULL_TILE: tl.constexpr = _TILE_TOKENS,
 ):
     """ROWS score rows per program: the topk largest of each, ties to the lower column (== a stable descending sort).
