@@ -1,6 +1,7 @@
 """Attention micro-benchmark on one GPU: dense SDPA (cuDNN, flash) vs our VSA (fine kernel, full call) and SLA.
 
 Run from the repo root:  python bench/attention.py --out bench_attention.json [--peer] [--sla-only]
+                         [--inputs dit --shapes wan1.3b-480p]  (a DiT forward's own inputs, bench/dit_capture.py)
 Shapes: Wan-1.3B 480p (grid 21x30x52, 12 heads) and Wan-14B 720p (grid 21x45x80, 40 heads), D=128, bf16, B=1.
 Legend: B batch, N heads, S tokens, T tiles, K selected tiles, D head dim; SLA: Q query blocks, J selected key blocks.
 """
@@ -207,6 +208,13 @@ def bench_shape(name: str, sparsities: list[float], args, results: dict) -> None
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, gate = (torch.randn(1, N, S, HEAD_DIM, device="cuda", generator=gen, dtype=torch.bfloat16)
                      for _ in range(4))
+    if args.inputs == "dit":  # a DiT forward's layer-15 inputs, laid out as the random ones ([B, N, S, D])
+        from dit_capture import GRID, HEADS, capture_attention_inputs
+
+        if (grid, N) != (GRID, HEADS):
+            raise SystemExit(f"--inputs dit captures the Wan-1.3B 480p forward only; use --shapes wan1.3b-480p "
+                             f"(got {name})")
+        q, k, v, gate = (x.transpose(1, 2).contiguous() for x in capture_attention_inputs((15,))[15])
     dense_flops = 4.0 * S * S * N * HEAD_DIM
     rows = []
 
@@ -420,6 +428,9 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--sparsity", nargs="+", type=float, default=[0.8, 0.9, 0.95])
     parser.add_argument("--peer", action="store_true", help="also time fastvideo_kernel if importable")
+    parser.add_argument("--inputs", choices=("random", "dit"), default="random",
+                        help="dit: q, k, v, gate of a 1.3B DiT forward's layer 15 (bench/dit_capture.py; its "
+                             "selection moves more real keys than random inputs'), with --shapes wan1.3b-480p")
     parser.add_argument("--variants", action="store_true",
                         help="time kernel variants at s=0.9 (VSA) and at the first --sla-topk (SLA)")
     parser.add_argument("--coarse", action="store_true",
@@ -430,7 +441,7 @@ def main() -> None:
                         help="SLA top-k fractions to time (none: no SLA rows)")
     parser.add_argument("--sla-only", action="store_true", help="time dense SDPA and SLA only (no VSA rows)")
     args = parser.parse_args()
-    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "inputs": args.inputs}
     if not args.sla_only:
         check_correctness(results)
     if args.sla_topk:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from dit_capture import capture_attention_inputs  # noqa: E402
 from tessera import attention  # noqa: E402
 from torch.profiler import ProfilerActivity, profile
 
@@ -90,22 +91,6 @@ def main() -> None:
             table(lambda: model(latents, t, text, ctx=ctx), "one DiT forward, VSA 0.9, model.quant=fp8", rows=30)
 
 
-def _dit_model_and_context():
-    from tessera.models.wan import WanConfig, build_wan_on_meta, materialize_random_
-    from tessera.parallel import build_mesh
-    from tessera.runtime import AttentionConfig, build_attention_plan
-    from tessera.runtime.request import build_request_state
-
-    cfg = WanConfig(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30, gate_compress=True)
-    model = materialize_random_(build_wan_on_meta(cfg), seed=0, device="cuda", dtype=torch.bfloat16).eval()
-    model.use_fast_stages(compile=False)
-    device = torch.device("cuda")
-    plan = build_attention_plan(AttentionConfig(backend="vsa", sparsity=0.9), num_layers=30, num_steps=1,
-                                grid_thw=GRID, head_dim=128, dtype=torch.bfloat16, device=device)
-    state = build_request_state(model, plan, GRID, build_mesh(cfg=1, sp=1, device=device), attention.MetadataCache())
-    return model, state.context_for_step(0)
-
-
 def graph_ms(fn, replays: int = 20) -> float:
     """GPU milliseconds of one ``fn()`` as a CUDA-graph replay (median of 5 runs of ``replays`` replays)."""
     side = torch.cuda.Stream()
@@ -133,26 +118,8 @@ def dit_inputs(metadata, random_qkvg) -> None:
     """The fine kernel on a DiT forward's own q, k, v, gate against random ones (see the module docstring)."""
     from tessera.attention import vsa_coarse_triton, vsa_triton
 
-    model, ctx = _dit_model_and_context()
-    layers, captured = (0, 15, 29), {}
-
-    class Capture:
-        def __init__(self, inner, index):
-            self.inner, self.index, self.uses_gate = inner, index, inner.uses_gate
-
-        def __call__(self, q, k, v, gate):
-            if self.index in layers:
-                captured[self.index] = tuple(x.clone() for x in (q, k, v, gate))
-            return self.inner(q, k, v, gate)
-
-    gen = torch.Generator("cpu").manual_seed(0)
-    latents = torch.randn(1, 16, 21, 60, 104, generator=gen).to("cuda", torch.bfloat16)
-    text = torch.randn(1, 512, 4096, generator=gen).to("cuda", torch.bfloat16)
-    import dataclasses
-    probe = dataclasses.replace(ctx, attn=tuple(Capture(a, i) for i, a in enumerate(ctx.attn)))
-    with torch.inference_mode():
-        model(latents, torch.tensor([500.0], device="cuda"), text, ctx=probe)
-    torch.cuda.synchronize()
+    layers = (0, 15, 29)
+    captured = capture_attention_inputs(layers)
     m = metadata
 
     def selection(qkvg):
