@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 for part in $parts; do
   case $part in
-    tests) python3 -m pytest -q -m gpu tests/attention/test_vsa_triton.py tests/models/test_qk_norm_rope.py tests/models/test_modulated_norm.py tests/models/test_wan.py tests/models/test_fp8.py tests/runtime/test_scheduler.py tests/runtime/test_graphs.py 2>&1 | tee "$OUT/tests.log" ;;
+    tests) python3 -m pytest -q -m gpu tests/attention/test_vsa_triton.py tests/attention/test_vsa_metadata.py tests/models/test_qk_norm_rope.py tests/models/test_modulated_norm.py tests/models/test_wan.py tests/models/test_fp8.py tests/runtime/test_scheduler.py tests/runtime/test_graphs.py 2>&1 | tee "$OUT/tests.log" ;;
     fp8_tests) python3 -m pytest -q -m gpu tests/models/test_fp8.py tests/models/test_modulated_norm.py tests/models/test_wan.py 2>&1 | tee "$OUT/fp8_tests.log" ;;
     product) python3 -m pytest -q -m gpu -s -rA tests/launch/test_cli_gpu.py 2>&1 | tee "$OUT/product.log" ;;
     families_tests) python3 -m pytest -q -m gpu -s -rA tests/launch/test_families_gpu.py 2>&1 | tee "$OUT/families_tests.log" ;;
