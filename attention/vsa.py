@@ -8,6 +8,7 @@ Legend: B batch, N heads, S tokens, T tiles (``num_tiles``), K selected tiles (`
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -41,10 +42,10 @@ class _ReferenceTable:
 class VSAMetadata:
     """Per-request VSA index tables for one grid, sparsity and device (built once, reused by all steps).
 
-    Built eagerly: the tile offsets on ``device`` (every kernel of a call reads them); the token order and its
-    inverse on the host, pinned when ``device`` is CUDA (only the DiT reads them, once each per forward, to permute
-    its tokens in and out: it copies them in asynchronously, a copy a CUDA graph can hold, and drops the copy, so
-    between forwards, through the FFN's memory peak, a request holds no [S] table on its device). The tables only
+    Built eagerly on the host, pinned when ``device`` is CUDA: the token order and its inverse (the DiT copies each
+    in once per forward, to permute its tokens in and out) and the tile offsets (a ``VSAAttention`` call copies them
+    in for its kernels). The copies are asynchronous, a CUDA graph captures them, and they are dropped after use, so
+    between calls, through the FFN's memory peak, a request holds no table on its device. The tables only
     the plain-PyTorch reference and tile/untile read (``variable_block_sizes``, ``token_tile_ids``,
     ``non_pad_index``, ``untile_combined_index``) are built on first use and kept, so the Triton path holds none of
     them (they took 1 MB of a 1.3B-480p forward's peak). ``tile_buf`` is the cached
@@ -58,12 +59,18 @@ class VSAMetadata:
     total_seq_length: int
     tile_partition_indices: torch.Tensor  # int64 [S], host: tile-order position -> raster token index
     reverse_tile_partition_indices: torch.Tensor  # int64 [S], host: raster token index -> tile-order position
-    tile_offsets: torch.Tensor  # int32 [T + 1]: cumulative sizes, compact tile-order layout
+    tile_offsets_host: torch.Tensor  # int32 [T + 1], host: cumulative tile sizes, compact tile-order layout
     topk: int
     sparsity: float
     device: torch.device
     tile_buf: torch.Tensor | None = field(default=None, repr=False)
     _reference: dict = field(default_factory=dict, repr=False)
+
+    @functools.cached_property
+    def tile_offsets(self) -> torch.Tensor:
+        """``tile_offsets_host`` on ``device``, kept once read (benchmarks, tests and the kernels' direct callers; a
+        ``VSAAttention`` call copies in its own, so a request holds no table on the device between calls)."""
+        return self.tile_offsets_host.to(self.device)
 
     @property
     def tile_volume(self) -> int:
@@ -123,9 +130,10 @@ def build_vsa_metadata(
     tables = _index_tables(grid, tile)
     num_tiles_per_axis = tuple(-(-g // t) for g, t in zip(grid, tile, strict=True))
     device = torch.device(device)
-    order, inverse = tables["tile_partition_indices"], tables["reverse_tile_partition_indices"]
-    if device.type == "cuda":  # pinned: the forward's copy to the device is asynchronous and graph-capturable
-        order, inverse = order.pin_memory(), inverse.pin_memory()
+    host = (tables["tile_partition_indices"], tables["reverse_tile_partition_indices"], tables["tile_offsets"])
+    if device.type == "cuda":  # pinned: the copies to the device are asynchronous and graph-capturable
+        host = tuple(t.pin_memory() for t in host)
+    order, inverse, offsets = host
     return VSAMetadata(
         grid=grid,
         tile_size=tile,
@@ -134,7 +142,7 @@ def build_vsa_metadata(
         total_seq_length=math.prod(grid),
         tile_partition_indices=order,
         reverse_tile_partition_indices=inverse,
-        tile_offsets=tables["tile_offsets"].to(device),
+        tile_offsets_host=offsets,
         topk=vsa_topk(sparsity, math.prod(num_tiles_per_axis)),
         sparsity=float(sparsity),
         device=device,
@@ -362,13 +370,16 @@ class VSAAttention:
             result = vsa_attention_reference(q_BNSD, k_BNSD, v_BNSD, gate_BNSD, self.metadata)
             return result if out_BNSD is None else out_BNSD.copy_(result)
         m = self.metadata
-        q_c, k_c, v_c = self._tile_means((q_BNSD, k_BNSD, v_BNSD), m.tile_offsets, m.num_tiles)
-        block_index_BNTK, coarse_BNTD, key_spans = self._select(q_c, k_c, v_c, m.topk, m.tile_offsets)
+        # this call's own copy of the tile offsets (2.5 KB at 1.3B-480p): none lives on the device between calls,
+        # so a VSA forward's memory peak (the FFN's) holds nothing a dense one does not
+        offsets = m.tile_offsets_host.to(q_BNSD.device, non_blocking=True)
+        q_c, k_c, v_c = self._tile_means((q_BNSD, k_BNSD, v_BNSD), offsets, m.num_tiles)
+        block_index_BNTK, coarse_BNTD, key_spans = self._select(q_c, k_c, v_c, m.topk, offsets)
         return self._fine(
             q_BNSD,
             k_BNSD,
             v_BNSD,
-            m.tile_offsets,
+            offsets,
             block_index_BNTK,
             coarse_BNTD if gate_BNSD is not None else None,
             gate_BNSD,

@@ -5,7 +5,15 @@ import time
 
 import pytest
 import torch
-from tessera.attention import MetadataCache, build_vsa_metadata, get_backend, tile, untile, vsa_topk
+from tessera.attention import (
+    MetadataCache,
+    VSAAttention,
+    build_vsa_metadata,
+    get_backend,
+    tile,
+    untile,
+    vsa_topk,
+)
 
 
 def _slow_tiles(grid, tile_size):
@@ -68,13 +76,14 @@ def test_indices_match_slow_tables(grid, tile_size):
 
 
 def test_reference_tables_are_built_on_first_use_only():
-    """A request on the Triton path keeps the token order and its inverse (on the host for a CUDA device, see
-    ``test_gpu_token_order_stays_on_the_host``) and the tile offsets; the four tables of the plain-PyTorch reference
-    and tile/untile appear (all at once, then cached) when first read."""
+    """A request keeps the token order, its inverse and the tile offsets (on the host for a CUDA device, see
+    ``test_gpu_tables_stay_on_the_host``); the four tables of the plain-PyTorch reference and tile/untile appear (all
+    at once, then cached) when first read, and so does the device copy of the tile offsets."""
     m = build_vsa_metadata((21, 30, 52), 0.9, "cpu")
-    assert not m._reference
-    held = (m.tile_partition_indices, m.reverse_tile_partition_indices, m.tile_offsets)
+    assert not m._reference and "tile_offsets" not in vars(m)
+    held = (m.tile_partition_indices, m.reverse_tile_partition_indices, m.tile_offsets_host)
     assert sum(t.numel() * t.element_size() for t in held) == 2 * 32760 * 8 + 625 * 4
+    assert m.tile_offsets is m.tile_offsets  # read once, then kept
     sizes = m.variable_block_sizes
     assert set(m._reference) == {"variable_block_sizes", "token_tile_ids", "non_pad_index", "untile_combined_index"}
     assert m.variable_block_sizes is sizes and sizes.device == m.device and int(sizes.sum()) == 32760
@@ -186,11 +195,20 @@ def test_cache_is_keyed_by_backend_grid_sparsity_device():
 
 
 @pytest.mark.gpu
-def test_gpu_token_order_stays_on_the_host():
-    """For a CUDA request only the tile offsets (625 int32) live on the device; the token order and its inverse are
-    pinned host tables the DiT copies in per forward (the runtime's forwards, graphed too: tests/runtime)."""
+def test_gpu_tables_stay_on_the_host():
+    """A CUDA request holds no table on the device: the token order, its inverse and the tile offsets are pinned host
+    tables that the DiT (per forward) and each VSA call copy in (the runtime's forwards, graphed too: tests/runtime);
+    the device copy of the offsets exists only once read (benchmarks, direct kernel calls)."""
     m = build_vsa_metadata((21, 30, 52), 0.9, "cuda")
-    for table in (m.tile_partition_indices, m.reverse_tile_partition_indices):
+    for table in (m.tile_partition_indices, m.reverse_tile_partition_indices, m.tile_offsets_host):
         assert table.device.type == "cpu" and table.is_pinned()
-    assert m.tile_offsets.is_cuda and m.tile_offsets.numel() == 625
-    assert torch.equal(m.tile_partition_indices, build_vsa_metadata((21, 30, 52), 0.9, "cpu").tile_partition_indices)
+    q, k, v, gate = (torch.randn(1, 12, 32760, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    vsa = VSAAttention(m, impl="triton")
+    vsa(q, k, v, gate)  # the first call compiles (its output is freed at once)
+    allocated = torch.cuda.memory_allocated()
+    expected = vsa(q, k, v, gate)
+    assert torch.cuda.memory_allocated() == allocated + expected.numel() * expected.element_size()
+    assert "tile_offsets" not in vars(m)  # the calls made their own copies
+    assert m.tile_offsets.is_cuda and torch.equal(m.tile_offsets.cpu(), m.tile_offsets_host)
+    cpu = build_vsa_metadata((21, 30, 52), 0.9, "cpu")
+    assert torch.equal(m.tile_partition_indices, cpu.tile_partition_indices)
