@@ -38,6 +38,12 @@ class _ReferenceTable:
         return metadata._reference[self.name]
 
 
+def on_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An index table on ``device``: as is when it lives there, else an asynchronous copy (from pinned host memory:
+    ordered on the current stream, and a copy a CUDA graph captures). How VSA's host tables reach the device."""
+    return index if index.device == device else index.to(device, non_blocking=True)
+
+
 @dataclass(eq=False)
 class VSAMetadata:
     """Per-request VSA index tables for one grid, sparsity and device (built once, reused by all steps).
@@ -372,7 +378,7 @@ class VSAAttention:
         m = self.metadata
         # this call's own copy of the tile offsets (2.5 KB at 1.3B-480p): none lives on the device between calls,
         # so a VSA forward's memory peak (the FFN's) holds nothing a dense one does not
-        offsets = m.tile_offsets_host.to(q_BNSD.device, non_blocking=True)
+        offsets = on_device(m.tile_offsets_host, q_BNSD.device)
         q_c, k_c, v_c = self._tile_means((q_BNSD, k_BNSD, v_BNSD), offsets, m.num_tiles)
         block_index_BNTK, coarse_BNTD, key_spans = self._select(q_c, k_c, v_c, m.topk, offsets)
         return self._fine(

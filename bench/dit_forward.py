@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from _timing import cuda_time_ms  # noqa: E402
 from tessera.attention import MetadataCache  # noqa: E402
-from tessera.models.family import on_device  # noqa: E402
+from tessera.attention.vsa import on_device  # noqa: E402
 from tessera.models.fp8 import quantize_blocks_fp8_  # noqa: E402
 from tessera.models.wan import WanConfig, build_wan_on_meta, materialize_random_  # noqa: E402
 from tessera.parallel import build_mesh  # noqa: E402

@@ -96,20 +96,15 @@ def _identity(x: Tensor) -> Tensor:
     return x
 
 
-def on_device(index: Tensor, device: torch.device) -> Tensor:
-    """An index table on ``device``: as is when it lives there, else an asynchronous copy (from pinned host memory:
-    ordered on the current stream, and a copy a CUDA graph captures)."""
-    return index if index.device == device else index.to(device, non_blocking=True)
-
-
 @dataclass(frozen=True, kw_only=True)
 class ForwardContext:
     """Everything a forward needs beyond the weights, built once per request (and step plan) by the runtime.
 
     token_order: [S] processing position -> raster token index (None = raster order).
     token_order_inverse: [S] raster token index -> processing position (None = raster order).
-        Either may live on the host (pinned, for a CUDA forward): the forward copies it to the tokens' device
-        where it permutes them (``on_device``) and drops the copy, so it takes no device memory between forwards.
+        Either may live on the host (pinned, for a CUDA forward): the forward copies it to the tokens' device where
+        it permutes them (``attention.vsa.on_device``) and drops the copy, so it takes no device memory between
+        forwards.
     shard / gather: full sequence [B, S, C] <-> this rank's contiguous shard [B, S_local, C] (dim 1);
         gather is a collective when sp > 1. Identity on one device.
     rope: (cos, sin) from the DiT's ``rope_tables``, already permuted by token_order and sharded.

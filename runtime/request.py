@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tessera.attention import MetadataCache, get_backend
-from tessera.models.family import DiT, ForwardContext, on_device
+from tessera.attention.vsa import on_device
+from tessera.models.family import DiT, ForwardContext
 from tessera.parallel import ParallelMesh, SequenceShardPlan, UlyssesAttention
 from tessera.runtime.plan import AttentionPlan
 

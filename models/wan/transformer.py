@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tessera.attention.dense import DenseAttention
-from tessera.models.family import ForwardContext, SelfAttention, on_device
+from tessera.attention.vsa import on_device
+from tessera.models.family import ForwardContext, SelfAttention
 from tessera.models.fp8 import Fp8Rows, quantize_activation, takes_fp8
 from tessera.models.wan.config import WanConfig, wan_param_dtype
 from tessera.models.wan.modulated_norm import add_modulated_layer_norm_, gated_residual, modulated_layer_norm
