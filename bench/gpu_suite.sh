@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session: carried wheels, GPU-tier tests, attention micro-benchmark (with the FastVideo peer),
 # DiT forward benchmarks. Run from the repo root on the device machine; results land in ${OUT:-bench_out}.
-#   bash bench/gpu_suite.sh [tests] [fp8_tests] [product] [families_tests] [attention] [variants] [coarse] [profile] [dit_inputs] [attention_dit] [dit13] [dit14] [dit14_fp8] [sp13] [e2e] [stages] [vae] [fp8]
+#   bash bench/gpu_suite.sh [tests] [fp8_tests] [product] [families_tests] [attention] [variants] [coarse] [profile] [block_ops] [dit_inputs] [attention_dit] [dit13] [dit14] [dit14_fp8] [sp13] [e2e] [stages] [vae] [fp8]
 #       [sla] [fastwan] [fastwan_fp8] [families] [experts] [sp2 (2 GPUs)]   (default: tests attention dit13 dit14)
 set -uo pipefail
 OUT=${OUT:-bench_out}
@@ -28,6 +28,7 @@ for part in $parts; do
     variants) python3 bench/attention.py --sparsity 0.9 --variants --out "$OUT/variants.json" 2>&1 | tee "$OUT/variants.log" ;;
     coarse) python3 bench/attention.py --sparsity 0.9 --sla-topk --coarse --out "$OUT/coarse.json" 2>&1 | tee "$OUT/coarse.log" ;;
     profile) python3 bench/profile_vsa.py --forward --fp8 2>&1 | tee "$OUT/profile.log" ;;
+    block_ops) python3 bench/block_ops.py --out "$OUT/block_ops.json" 2>&1 | tee "$OUT/block_ops.log" ;;
     dit_inputs) python3 bench/profile_vsa.py --dit-inputs 2>&1 | tee "$OUT/dit_inputs.log" ;;
     attention_dit) python3 bench/attention.py --peer --inputs dit --shapes wan1.3b-480p --sparsity 0.9 --sla-topk \
                      --out "$OUT/attention_dit.json" 2>&1 | tee "$OUT/attention_dit.log" ;;

@@ -84,7 +84,7 @@ def main() -> None:
         text = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
         t = torch.tensor([500.0], device="cuda")
         ctx = state.context_for_step(0)
-        table(lambda: model(latents, t, text, ctx=ctx), "one DiT forward, VSA 0.9", rows=30)
+        table(lambda: model(latents, t, text, ctx=ctx), "one DiT forward, VSA 0.9", rows=45)
         if args.fp8:
             from tessera.models.fp8 import quantize_blocks_fp8_
             quantize_blocks_fp8_(model)  # the model already runs the eager fast stages, as the runtime's FP8 does
