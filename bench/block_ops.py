@@ -5,10 +5,10 @@ could lose.
 
 Cross-attention, by SDPA backend:
 A Wan block's cross-attention is SDPA with S video queries and L = 512 text keys, q a [B, S, N, D] projection
-viewed as [B, N, S, D]. torch's default order picks flash attention; the dense self-attention backend asks for
-cuDNN first. Times each backend's SDPA and the whole ``WanAttention.cross_attention`` (projections, q/k RMSNorm,
-SDPA, output projection) as the model calls it (cuDNN first, through ``tessera.attention.dense.sdpa``); every
-backend's output checked against the default's first.
+viewed as [B, N, S, D]. The dense self-attention backend asks for cuDNN first; cross-attention takes torch's
+default order. Times each backend's SDPA and the whole ``WanAttention.cross_attention`` (projections, q/k RMSNorm,
+SDPA, output projection) as the model calls it (torch's default order; torch 2.11 picks cuDNN there, so the
+model does not ask); every backend's output checked against the default's first.
 
 Gated residual ``x + gate * (h @ W^T + b)``, closing each half of a block: the GEMM then the Triton pass (today)
 against the gate folded into W and the GEMM accumulating into x in place (``x.addmm_``, cuBLAS's beta = 1; the bias
@@ -53,7 +53,7 @@ def bench_shape(shape: str, seq: int, heads: int) -> list[dict]:
 
     ref_sdpa = sdpa()
     layer_ms = graph_ms(whole)
-    print(f"{shape} cross_attention as the model calls it (cuDNN first): {layer_ms:.3f} ms")
+    print(f"{shape} cross_attention as the model calls it: {layer_ms:.3f} ms")
     variants = {
         "default": None,
         "cudnn first": (_GPU_PRIORITY, True),
