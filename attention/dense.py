@@ -22,17 +22,6 @@ _GPU_PRIORITY = [
 ]
 
 
-def sdpa(q_BNSD: torch.Tensor, k_BNLD: torch.Tensor, v_BNLD: torch.Tensor) -> torch.Tensor:
-    """Exact softmax attention, scale ``1/sqrt(D)``, no mask: SDPA with cuDNN's kernel first on CUDA (torch's own
-    order starts with flash), the math kernel on CPUs. Self-attention (L = S) and the DiT's cross-attention to the
-    text tokens (L = 512) both call it."""
-    scale = 1.0 / math.sqrt(q_BNSD.shape[-1])
-    if not q_BNSD.is_cuda:
-        return F.scaled_dot_product_attention(q_BNSD, k_BNLD, v_BNLD, scale=scale)
-    with sdpa_kernel(_GPU_PRIORITY, set_priority=True):
-        return F.scaled_dot_product_attention(q_BNSD, k_BNLD, v_BNLD, scale=scale)
-
-
 class DenseAttention:
     """Exact softmax attention, scale ``1/sqrt(D)``, no mask, no gate.
 
@@ -54,7 +43,11 @@ class DenseAttention:
         if gate_BNSD is not None:
             # Internal contract: callers compute a gate only for backends with uses_gate=True.
             raise ValueError("DenseAttention has uses_gate=False; the caller must pass gate_BNSD=None")
-        return sdpa(q_BNSD, k_BNSD, v_BNSD)
+        scale = 1.0 / math.sqrt(q_BNSD.shape[-1])
+        if not q_BNSD.is_cuda:
+            return F.scaled_dot_product_attention(q_BNSD, k_BNSD, v_BNSD, scale=scale)
+        with sdpa_kernel(_GPU_PRIORITY, set_priority=True):
+            return F.scaled_dot_product_attention(q_BNSD, k_BNSD, v_BNSD, scale=scale)
 
     def __repr__(self) -> str:
         return "DenseAttention()"

@@ -8,7 +8,7 @@ A Wan block's cross-attention is SDPA with S video queries and L = 512 text keys
 viewed as [B, N, S, D]. The dense self-attention backend asks for cuDNN first; cross-attention takes torch's
 default order. Times each backend's SDPA and the whole ``WanAttention.cross_attention`` (projections, q/k RMSNorm,
 SDPA, output projection) as the model calls it (torch's default order; torch 2.11 picks cuDNN there, so the
-model does not ask); every backend's output checked against the default's first.
+model does not ask); every backend's output compared with the default's (rel err).
 
 Gated residual ``x + gate * (h @ W^T + b)``, closing each half of a block: the GEMM then the Triton pass (today)
 against the gate folded into W and the GEMM accumulating into x in place (``x.addmm_``, cuBLAS's beta = 1; the bias
@@ -22,7 +22,7 @@ import json
 
 import torch
 import torch.nn.functional as F
-from profile_vsa import graph_ms  # noqa: E402
+from _timing import graph_replay_ms  # noqa: E402
 from tessera.attention.dense import _GPU_PRIORITY
 from tessera.models.wan import WanConfig
 from tessera.models.wan.transformer import WanAttention
@@ -52,7 +52,7 @@ def bench_shape(shape: str, seq: int, heads: int) -> list[dict]:
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
     ref_sdpa = sdpa()
-    layer_ms = graph_ms(whole)
+    layer_ms = graph_replay_ms(whole)
     print(f"{shape} cross_attention as the model calls it: {layer_ms:.3f} ms")
     variants = {
         "default": None,
@@ -74,7 +74,7 @@ def bench_shape(shape: str, seq: int, heads: int) -> list[dict]:
         except RuntimeError as error:
             print(f"{shape} {label}: unsupported ({str(error).splitlines()[0][:100]})")
             continue
-        sdpa_err, sdpa_ms = rel_err(out, ref_sdpa), graph_ms(run)
+        sdpa_err, sdpa_ms = rel_err(out, ref_sdpa), graph_replay_ms(run)
         out_contiguous = out.transpose(1, 2).is_contiguous()
         print(f"{shape} {label:15s}: sdpa {sdpa_ms:.3f} ms (rel err vs default {sdpa_err:.1e}; "
               f"output BSND-contiguous {out_contiguous})")
@@ -88,6 +88,7 @@ def bench_residual(shape: str, seq: int, heads: int) -> list[dict]:
 
     dim = heads * 128
     gen = torch.Generator(device="cuda").manual_seed(1)
+
     def one(name: str, width: int) -> dict:
         x = torch.randn(1, seq, dim, device="cuda", generator=gen, dtype=torch.bfloat16)
         h = torch.randn(1, seq, width, device="cuda", generator=gen, dtype=torch.bfloat16)
@@ -96,15 +97,14 @@ def bench_residual(shape: str, seq: int, heads: int) -> list[dict]:
         gate = torch.randn(1, 1, dim, device="cuda", generator=gen)
         x_acc = x.clone()
         w_gated = (w.float() * gate[0, 0, :, None]).to(torch.bfloat16)
-        gemm_ms = graph_ms(lambda: F.linear(h, w, b))
-        today_ms = graph_ms(lambda: gated_residual_triton(x, F.linear(h, w, b), gate))
-        fold_ms = graph_ms(lambda: x_acc.view(-1, dim).addmm_(h.view(-1, width), w_gated.t()))
+        gemm_ms = graph_replay_ms(lambda: F.linear(h, w, b))
+        today_ms = graph_replay_ms(lambda: gated_residual_triton(x, F.linear(h, w, b), gate))
+        fold_ms = graph_replay_ms(lambda: x_acc.view(-1, dim).addmm_(h.view(-1, width), w_gated.t()))
         print(f"{shape} {name:8s}: GEMM {gemm_ms:.3f} ms, GEMM + gated residual pass {today_ms:.3f} ms, "
               f"gate folded + addmm_ into x {fold_ms:.3f} ms")
         return dict(shape=shape, op=name, gemm_ms=gemm_ms, gemm_and_pass_ms=today_ms, folded_ms=fold_ms)
 
-    results = [one("to_out", dim), one("ffn down", 13824 if heads == 40 else 8960)]
-    return results
+    return [one("to_out", dim), one("ffn down", 13824 if heads == 40 else 8960)]
 
 
 @torch.inference_mode()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from _timing import graph_replay_ms  # noqa: E402
 from dit_capture import capture_attention_inputs  # noqa: E402
 from tessera import attention  # noqa: E402
 from torch.profiler import ProfilerActivity, profile
@@ -91,29 +92,6 @@ def main() -> None:
             table(lambda: model(latents, t, text, ctx=ctx), "one DiT forward, VSA 0.9, model.quant=fp8", rows=30)
 
 
-def graph_ms(fn, replays: int = 20) -> float:
-    """GPU milliseconds of one ``fn()`` as a CUDA-graph replay (median of 5 runs of ``replays`` replays)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / replays)
-    return sorted(times)[2]
-
-
 def dit_inputs(metadata, random_qkvg) -> None:
     """The fine kernel on a DiT forward's own q, k, v, gate against random ones (see the module docstring)."""
     from tessera.attention import vsa_coarse_triton, vsa_triton
@@ -146,20 +124,20 @@ def dit_inputs(metadata, random_qkvg) -> None:
         return (f"partial share {share_partial:.3f}, next-tile overlap {overlap:.3f}, "
                 f"most-picked tile {hubs.max().item() / block_index[..., 0].numel():.2f} of rows")
 
-    print(f"random inputs: {graph_ms(fine(random_qkvg, random_sel)):.3f} ms; {stats(random_sel)}")
+    print(f"random inputs: {graph_replay_ms(fine(random_qkvg, random_sel)):.3f} ms; {stats(random_sel)}")
     for layer in layers:
         # BSND -> the BNSD views the backend gets
         dit = tuple(x.transpose(1, 2) for x in captured[layer])
         dit_sel = selection(dit)
-        print(f"layer {layer:2d}: dit values + dit selection {graph_ms(fine(dit, dit_sel)):.3f}, "
-              f"random values + dit selection {graph_ms(fine(random_qkvg, dit_sel)):.3f}, "
-              f"dit values + random selection {graph_ms(fine(dit, random_sel)):.3f}; {stats(dit_sel)}")
+        print(f"layer {layer:2d}: dit values + dit selection {graph_replay_ms(fine(dit, dit_sel)):.3f}, "
+              f"random values + dit selection {graph_replay_ms(fine(random_qkvg, dit_sel)):.3f}, "
+              f"dit values + random selection {graph_replay_ms(fine(dit, random_sel)):.3f}; {stats(dit_sel)}")
     a = torch.randn(32760, 1536, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(8960, 1536, device="cuda", dtype=torch.bfloat16)
     call = fine(random_qkvg, random_sel)
     for _ in range(200):  # the forward's GEMM load (seconds), then the random-input kernel at once
         a @ w.t()
-    print(f"random inputs right after 200 FFN-size GEMMs: {graph_ms(call):.3f} ms")
+    print(f"random inputs right after 200 FFN-size GEMMs: {graph_replay_ms(call):.3f} ms")
 
 
 if __name__ == "__main__":

@@ -99,8 +99,6 @@ class DeviceWarmup:
 
     def _cuda_libraries(self) -> None:
         """Tiny calls of what the DiT calls: cuBLAS(Lt) GEMMs, cuDNN's attention and 3-D convolution."""
-        from tessera.attention.dense import sdpa
-
         with torch.inference_mode(), torch.cuda.device(self.device):
             stream = torch.cuda.Stream(self.device)
             with torch.cuda.stream(stream):
@@ -110,7 +108,7 @@ class DeviceWarmup:
                 torch.addmm(bias, x, w)
                 torch._addmm_activation(bias, x, w, use_gelu=True)  # the FFN's cuBLASLt epilogue
                 q = torch.randn(1, 2, 64, 128, device=self.device, dtype=dtype)
-                sdpa(q, q, q)  # cuDNN's attention first, as the DiT calls it
+                torch.nn.functional.scaled_dot_product_attention(q, q, q)
                 video = torch.randn(1, 4, 1, 4, 4, device=self.device, dtype=dtype)
                 kernel = torch.randn(8, 4, 1, 2, 2, device=self.device, dtype=dtype)
                 torch.nn.functional.conv3d(video, kernel, stride=(1, 2, 2))  # the patch embedding's
